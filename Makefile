@@ -1,0 +1,35 @@
+# The two commands a new user needs: `make demo` and `make test`.
+# Both create (or reuse) .venv and install the project into it; nothing else is needed.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WORLD ?= worlds/demo
+
+.PHONY: demo test lint venv bench-world clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/specalign world build --out $(WORLD) --train 256 --test 64 --workers 2
+	$(BIN)/specalign world show --dataset $(WORLD)/my_egpt_dsec_seq_1s --sample 0 --out $(WORLD)/contact_sheet.png
+
+test: $(STAMP)
+	$(BIN)/ruff check specalign tests benchmarks
+	$(BIN)/python -m pytest -n 2 -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check specalign tests benchmarks
+	$(BIN)/ruff format --check specalign tests benchmarks
+
+bench-world: $(STAMP)
+	$(BIN)/python benchmarks/world_build.py
+
+clean:
+	rm -rf $(VENV) worlds
