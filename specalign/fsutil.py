@@ -1,0 +1,66 @@
+"""Writes that never leave a half-written file: write to a temp file beside the target, then rename."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from specalign.errors import fail
+
+
+def ensure_dir(path: str | Path) -> Path:
+    """mkdir -p with a one-line error when the place cannot be written."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise fail(path, f"cannot create directory ({e.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise fail(path, "directory is not writable")
+    return path
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temp path in the same directory; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    ensure_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
+    write_bytes(path, (json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode())
+
+
+def read_json(path: str | Path):
+    path = Path(path)
+    if not path.is_file():
+        raise fail(path, "file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise fail(path, f"not valid JSON ({e})") from None
+
+
+def write_png(path: str | Path, image) -> None:
+    """Write an HxWx3 (or HxW) uint8 array as PNG, atomically. Same array -> same bytes."""
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG", optimize=False, compress_level=6)
