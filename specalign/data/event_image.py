@@ -43,6 +43,5 @@ def event_images(events: dict, n: int = 5, size: tuple[int, int] | None = None, 
     if total == 0:
         raise fail(path, "event stream has no events: cannot make event images")
     return [
-        event_image(events["x"][a:b], events["y"][a:b], events["p"][a:b], size)
-        for a, b in split_by_count(total, n)
+        event_image(events["x"][a:b], events["y"][a:b], events["p"][a:b], size) for a, b in split_by_count(total, n)
     ]
