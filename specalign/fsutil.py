@@ -10,6 +10,9 @@ from pathlib import Path
 
 from specalign.errors import fail
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def ensure_dir(path: str | Path) -> Path:
     """mkdir -p with a one-line error when the place cannot be written."""
@@ -30,6 +33,7 @@ def atomic_path(path: str | Path):
     ensure_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; finished files get the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -58,9 +62,17 @@ def read_json(path: str | Path):
         raise fail(path, f"not valid JSON ({e})") from None
 
 
-def write_png(path: str | Path, image) -> None:
-    """Write an HxWx3 (or HxW) uint8 array as PNG, atomically. Same array -> same bytes."""
+def png_bytes(image) -> bytes:
+    """PNG encoding of an HxWx3 (or HxW) uint8 array. Same array -> same bytes."""
+    import io
+
     from PIL import Image
 
-    with atomic_path(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG", optimize=False, compress_level=6)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def write_png(path: str | Path, image) -> None:
+    """Write an HxWx3 (or HxW) uint8 array as PNG, atomically."""
+    write_bytes(path, png_bytes(image))

@@ -23,7 +23,7 @@ import numpy as np
 from specalign.data.event_image import event_images
 from specalign.data.event_npy import save_event_npy
 from specalign.errors import SpecalignError, fail
-from specalign.fsutil import atomic_path, write_png
+from specalign.fsutil import atomic_path, write_bytes, write_png
 
 INDEX_NAME = "EventGPT_Instruction_Subset.json"
 DURATIONS_US = {"500ms": 500_000, "1s": 1_000_000, "2s": 2_000_000, "4s": 4_000_000}
@@ -41,6 +41,14 @@ def split_dir_name(split: str, duration: str) -> str:
     """The reference's folder names: train -> my_egpt_dsec_train_1s, test -> my_egpt_dsec_seq_1s."""
     kind = {"train": "train", "test": "seq"}[split]
     return f"my_egpt_dsec_{kind}_{duration}"
+
+
+@dataclass
+class EncodedFrame:
+    """A frame with its PNG bytes, so a frame shared by two overlapping clips is encoded once."""
+
+    image: np.ndarray  # uint8 [H, W, 3]
+    png: bytes
 
 
 @dataclass
@@ -131,8 +139,8 @@ def write_clip(
 ) -> dict:
     """Write one clip of the derived layout and return its index entry.
 
-    events: dict x, y, t (absolute us), p for the window. frames: the window's RGB frames, each either a
-    uint8 [H, W, 3] array or the path of a PNG to copy; frame_names: their file names. sensor_size is
+    events: dict x, y, t (absolute us), p for the window. frames: the window's RGB frames, each a uint8
+    [H, W, 3] array, an EncodedFrame, or the path of a PNG to copy; frame_names: their file names. sensor_size is
     (width, height) of the event camera; it sizes the event images.
     """
     root = Path(root)
@@ -144,7 +152,10 @@ def write_clip(
     arrays = []
     for img, name in zip(frames, frame_names, strict=True):
         dst = root / "video" / seq / clip / name
-        if isinstance(img, np.ndarray):
+        if isinstance(img, EncodedFrame):
+            write_bytes(dst, img.png)
+            arrays.append(img.image)
+        elif isinstance(img, np.ndarray):
             write_png(dst, img)
             arrays.append(img)
         else:

@@ -1,0 +1,112 @@
+"""specalign: cross-modal speculative decoding (event-camera draft VLM, RGB-video target VLM)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from specalign.errors import SpecalignError
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
+    return w, h
+
+
+def cmd_world_build(args) -> None:
+    from specalign.world.build import WorldConfig, build_world
+
+    w, h = args.size
+    cfg = WorldConfig(
+        out=args.out, duration=args.duration, train=args.train, test=args.test, seed=args.seed,
+        width=w, height=h, clips_per_sequence=args.clips_per_sequence, mp4=not args.no_mp4,
+        raw_dsec=args.raw_dsec, workers=args.workers,
+    )  # fmt: skip
+    summary = build_world(cfg, progress=not args.quiet)
+    print_world_summary(summary)
+
+
+def print_world_summary(summary: dict) -> None:
+    print(f"minidsec world in {summary['out']}  (duration {summary['duration']}, seed {summary['seed']})")
+    for split, s in summary["splits"].items():
+        print(f"  {split:5s}  {s['clips']:6d} clips  {s['sequences']:5d} sequences  -> {s['dir']}/")
+    print(f"  tokenizer: {summary['vocab_size']} tokens; questions: questions.json; built in {summary['seconds']} s")
+
+
+def cmd_world_show(args) -> None:
+    from specalign.world.show import contact_sheet
+
+    path = contact_sheet(args.dataset, args.sample, args.out, question=args.question)
+    print(f"wrote {path}")
+
+
+def cmd_data_build_dsec(args) -> None:
+    from specalign.data.dsec import build_dsec
+
+    summary = build_dsec(
+        args.raw_dir, args.out_dir, duration=args.duration, mp4=not args.no_mp4, workers=args.workers,
+        sensor_size=args.sensor_size, progress=not args.quiet,
+    )  # fmt: skip
+    for k, v in summary.items():
+        print(f"  {k}: {v}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specalign", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    world = sub.add_parser("world", help="the built-in miniature DSEC world (minidsec)")
+    wsub = world.add_subparsers(dest="world_command", required=True, metavar="COMMAND")
+    b = wsub.add_parser("build", help="simulate drives and write them in the reference derived layout")
+    b.add_argument("--out", required=True, help="output directory (resumes if it holds a partial build)")
+    b.add_argument("--duration", default="1s", help="clip duration: 500ms | 1s | 2s | 4s (default 1s)")
+    b.add_argument("--train", type=int, default=5208, help="train clips (default 5208, the reference's 1 s size)")
+    b.add_argument("--test", type=int, default=1100, help="test clips (default 1100)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--workers", type=int, default=2, help="processes (default 2)")
+    b.add_argument("--size", type=_size, default=(128, 96), help="frame and event-sensor size WxH (default 128x96)")
+    b.add_argument("--clips-per-sequence", type=int, default=8, help="50%%-overlap clips cut from one drive")
+    b.add_argument("--raw-dsec", action="store_true", help="also write raw DSEC-layout sequences (events.h5, ...)")
+    b.add_argument("--no-mp4", action="store_true", help="skip the mp4 copies of the clips")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_world_build)
+
+    s = wsub.add_parser("show", help="contact sheet of one sample: RGB frames, event images, scene, answers")
+    s.add_argument("--dataset", required=True, help="a split folder, e.g. WORLD/my_egpt_dsec_seq_1s")
+    s.add_argument("--sample", type=int, default=0, help="sample index in the split")
+    s.add_argument("--out", required=True, help="PNG to write")
+    s.add_argument("--question", default=None, help="question to show answers for (default: the sample's own)")
+    s.set_defaults(func=cmd_world_show)
+
+    data = sub.add_parser("data", help="dataset layouts")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    d = dsub.add_parser("build-dsec", help="build the derived layout from a raw DSEC tree")
+    d.add_argument("raw_dir", help="a DSEC sequence folder, or a folder of them (e.g. DSEC/train)")
+    d.add_argument("out_dir", help="derived split folder to write, e.g. my_egpt_dsec_train_1s")
+    d.add_argument("--duration", default="1s", help="500ms | 1s | 2s | 4s (default 1s)")
+    d.add_argument("--workers", type=int, default=1)
+    d.add_argument("--sensor-size", type=_size, default=None, help="event sensor WxH (default: from h5, else 640x480)")
+    d.add_argument("--no-mp4", action="store_true")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_data_build_dsec)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SpecalignError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""`specalign world build`: simulate drives and write them in the reference study's derived layout.
+
+A drive (sequence) is one scene seen for (clips + 1) * D / 2 seconds. The scene is rendered on a time grid;
+each render feeds the event simulator (luminance) and, inside a frame's exposure window, the frame's
+exposure average (RGB). Windows of D with 50% overlap are then cut from the sequence exactly as the DSEC
+builder cuts real recordings (`data.layout.plan_windows`), and written through the same clip writer.
+Every sequence has its own seed, so builds are reproducible whatever the number of workers, and a finished
+sequence leaves a marker in `<split>/.build/`, so an interrupted build resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from specalign.data.layout import (
+    INDEX_NAME,
+    VIDEO_FPS,
+    EncodedFrame,
+    parse_duration,
+    plan_windows,
+    split_dir_name,
+    write_clip,
+)
+from specalign.errors import SpecalignError
+from specalign.fsutil import ensure_dir, png_bytes, read_json, write_json
+from specalign.world.camera import FrameCameraConfig, expose, exposure_window
+from specalign.world.events import EventCameraConfig, EventSimulator
+from specalign.world.qa import QUESTIONS, all_answers, question_counts
+from specalign.world.render import render
+from specalign.world.scene import LUMA, Scene, sample_scene
+from specalign.world.tokenizer import save_tokenizer, train_tokenizer
+
+TOWNS = ("zurich_city", "interlaken", "thun")
+RENDER_HZ = {"stopped": 100, "slow": 200, "fast": 200}  # must divide into the 20 Hz frame grid
+NOISE_HZ = {"day": 0.03, "dusk": 0.06, "night": 0.15}  # background events per pixel per second
+SPLIT_IDS = {"train": 0, "test": 1}
+
+
+@dataclass
+class WorldConfig:
+    out: str
+    duration: str = "1s"
+    train: int = 5208
+    test: int = 1100
+    seed: int = 0
+    width: int = 128  # frames and event sensor share one size, so one render serves both
+    height: int = 96
+    clips_per_sequence: int = 8
+    mp4: bool = True
+    raw_dsec: bool = False
+    workers: int = 1
+    event: EventCameraConfig = field(default_factory=EventCameraConfig)
+    frame: FrameCameraConfig = field(default_factory=FrameCameraConfig)
+
+    def __post_init__(self):
+        parse_duration(self.duration)
+        self.event.width, self.event.height = self.width, self.height
+        if self.width % 2 or self.height % 2 or self.width < 16 or self.height < 16:
+            raise SpecalignError(f"frame size {self.width}x{self.height}: need even sizes of at least 16")
+
+    def settings(self) -> dict:
+        """What must match for a resumed build to continue the same data."""
+        d = asdict(self)
+        for k in ("out", "workers"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class SequenceTask:
+    split: str
+    index: int
+    n_clips: int
+    name: str
+
+
+def sequence_name(split: str, j: int) -> str:
+    return f"{TOWNS[j % len(TOWNS)]}_{j // len(TOWNS):02d}_{'a' if split == 'train' else 'b'}"
+
+
+def plan_sequences(split: str, n_clips: int, per_seq: int) -> list[SequenceTask]:
+    tasks, j = [], 0
+    while n_clips > 0:
+        k = min(per_seq, n_clips)
+        tasks.append(SequenceTask(split, j, k, sequence_name(split, j)))
+        n_clips -= k
+        j += 1
+    return tasks
+
+
+def simulate_sequence(scene: Scene, seconds: float, cfg: WorldConfig, rng: np.random.Generator):
+    """Render the drive, run both cameras.
+
+    Returns (events dict with t in us from the start, image timestamps int64 [N] in us, frames list of
+    uint8 [H, W, 3]).
+    """
+    frame_step_us = int(1e6 / VIDEO_FPS)
+    render_step_us = int(1e6 / RENDER_HZ[scene.ego])
+    image_ts = np.arange(0, int(round(seconds * 1e6)) + 1, frame_step_us, dtype=np.int64) + frame_step_us
+    windows = [exposure_window(scene, ts * 1e-6) for ts in image_ts]
+    sums = [None] * len(image_ts)
+    counts = [0] * len(image_ts)
+    sim = EventSimulator(cfg.event, rng, noise_hz=NOISE_HZ[scene.time_of_day])
+    grid = np.arange(0, int(image_ts[-1] + render_step_us), render_step_us, dtype=np.int64)
+    first = 0
+    for t_us in grid.tolist():
+        t = t_us * 1e-6
+        rgb = render(scene, t, cfg.width, cfg.height, 3)
+        sim.step(t_us, rgb @ LUMA.astype(np.float32))
+        while first < len(windows) and windows[first][1] < t - 1e-9:
+            first += 1
+        for i in range(first, len(windows)):
+            lo, hi = windows[i]
+            if lo - 1e-9 > t:
+                break
+            if t <= hi + 1e-9:
+                sums[i] = rgb.copy() if sums[i] is None else sums[i] + rgb
+                counts[i] += 1
+    frames = []
+    for i, ts in enumerate(image_ts.tolist()):
+        if sums[i] is None:  # exposure shorter than the render step: take the render at the timestamp
+            sums[i], counts[i] = render(scene, ts * 1e-6, cfg.width, cfg.height, 3), 1
+        frames.append(expose(sums[i] / counts[i], scene, cfg.frame, rng))
+    return sim.events(), image_ts, frames
+
+
+def build_sequence(task: SequenceTask, cfg: WorldConfig) -> dict:
+    """Simulate one drive and write its clips (and its raw DSEC copy); returns its marker."""
+    split_name = split_dir_name(task.split, cfg.duration)
+    root = Path(cfg.out) / split_name
+    duration_us = parse_duration(cfg.duration)
+    rng = np.random.default_rng([cfg.seed, SPLIT_IDS[task.split], task.index])
+    scene = sample_scene(rng)
+    seconds = (task.n_clips + 1) * duration_us / 2 / 1e6
+    events, image_ts, frames = simulate_sequence(scene, seconds, cfg, rng)
+    t_offset = 50_000_000_000 + 1_000_000_000 * task.index  # DSEC-like absolute clock (us)
+    events["t"] = events["t"] + t_offset
+    image_ts = image_ts + t_offset
+    qa = all_answers(scene)
+    weights = np.array([c["count"] for c in question_counts()], dtype=np.float64)
+    encoded = [EncodedFrame(f, png_bytes(f)) for f in frames]
+    entries = []
+    windows = plan_windows(image_ts, duration_us)
+    assert len(windows) == task.n_clips, (len(windows), task.n_clips)
+    for w in windows:
+        a, b = np.searchsorted(events["t"], [w.time_start, w.time_end], side="left")
+        clip_events = {k: events[k][a:b] for k in ("x", "y", "t", "p")}
+        q = int(rng.choice(len(QUESTIONS), p=weights / weights.sum()))
+        conversations = [
+            {"from": "human", "value": "<event>\n" + qa[q]["question"]},
+            {"from": "gpt", "value": qa[q]["target"]},
+        ]
+        entry = write_clip(
+            root, split_name, task.name, w, duration_us, clip_events,
+            frames=[encoded[i] for i in w.image_indices],
+            frame_names=[f"{i:06d}.png" for i in w.image_indices],
+            sensor_size=(cfg.width, cfg.height), conversations=conversations, mp4=cfg.mp4,
+        )  # fmt: skip
+        truth = {
+            "sequence": task.name,
+            "clip": w.name,
+            "window_us": [w.time_start, w.time_end],
+            "scene": scene.to_dict(),
+            "qa": qa,
+        }
+        write_json(root / "scene" / task.name / f"{w.name}.json", truth, indent=1)
+        entries.append(entry)
+    if cfg.raw_dsec:
+        from specalign.data.dsec import write_raw_sequence
+
+        raw = Path(cfg.out) / "raw_dsec" / task.split / task.name
+        write_raw_sequence(raw, events, image_ts, frames, t_offset, (cfg.width, cfg.height))
+    texts = sorted({a["target"] for a in qa} | {a["draft"] for a in qa})
+    marker = {"sequence": task.name, "entries": entries, "texts": texts}
+    write_json(root / ".build" / f"{task.name}.json", marker, indent=None)
+    return marker
+
+
+def _worker(args):
+    task, cfg = args
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return build_sequence(task, cfg)
+
+
+def build_world(cfg: WorldConfig, progress: bool = True) -> dict:
+    """Build (or resume) both splits; returns a summary dict."""
+    started = time.time()
+    out = ensure_dir(cfg.out)
+    tasks = []
+    for split, n in (("train", cfg.train), ("test", cfg.test)):
+        split_root = ensure_dir(out / split_dir_name(split, cfg.duration))
+        settings_path = split_root / ".build" / "settings.json"
+        if settings_path.exists():
+            if read_json(settings_path) != _jsonable(cfg.settings()):
+                raise SpecalignError(
+                    f"{settings_path}: this split was built with other settings; use another --out or delete it"
+                )
+        else:
+            write_json(settings_path, _jsonable(cfg.settings()))
+        tasks += plan_sequences(split, n, cfg.clips_per_sequence)
+    todo = [t for t in tasks if not _marker_path(cfg, t).exists()]
+    done_clips = sum(t.n_clips for t in tasks) - sum(t.n_clips for t in todo)
+    bar = tqdm(total=sum(t.n_clips for t in tasks), initial=done_clips, unit="clip", desc="world build",
+               disable=not progress, smoothing=0.05)  # fmt: skip
+    if cfg.workers > 1 and len(todo) > 1:
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(cfg.workers) as pool:
+            for marker in pool.imap_unordered(_worker, [(t, cfg) for t in todo]):
+                bar.update(len(marker["entries"]))
+    else:
+        for t in todo:
+            bar.update(len(build_sequence(t, cfg)["entries"]))
+    bar.close()
+
+    summary = {"out": str(out), "duration": cfg.duration, "seed": cfg.seed, "splits": {}}
+    texts = set()
+    for split in ("train", "test"):
+        split_name = split_dir_name(split, cfg.duration)
+        entries = []
+        for t in (t for t in tasks if t.split == split):
+            marker = read_json(_marker_path(cfg, t))
+            entries += marker["entries"]
+            if split == "train":
+                texts.update(marker["texts"])
+        write_json(out / split_name / INDEX_NAME, entries)
+        summary["splits"][split] = {"dir": split_name, "clips": len(entries),
+                                    "sequences": sum(1 for t in tasks if t.split == split)}  # fmt: skip
+    write_json(out / "questions.json", question_counts())
+    tok = train_tokenizer(texts | {q for q, _ in QUESTIONS})
+    save_tokenizer(tok, out / "tokenizer.json")
+    summary["vocab_size"] = tok.get_vocab_size()
+    summary["seconds"] = round(time.time() - started, 1)
+    manifest = {"settings": _jsonable(cfg.settings()), "summary": summary, "sensor_size": [cfg.width, cfg.height]}
+    write_json(out / "world.json", manifest)
+    return summary
+
+
+def _marker_path(cfg: WorldConfig, t: SequenceTask) -> Path:
+    return Path(cfg.out) / split_dir_name(t.split, cfg.duration) / ".build" / f"{t.name}.json"
+
+
+def _jsonable(obj):
+    import json
+
+    return json.loads(json.dumps(obj))
