@@ -34,12 +34,12 @@ from specalign.world.camera import FrameCameraConfig, expose, exposure_window
 from specalign.world.events import EventCameraConfig, EventSimulator
 from specalign.world.qa import QUESTIONS, all_answers, question_counts
 from specalign.world.render import render
-from specalign.world.scene import LUMA, Scene, sample_scene
+from specalign.world.scene import Scene, sample_scene
 from specalign.world.tokenizer import save_tokenizer, train_tokenizer
 
 TOWNS = ("zurich_city", "interlaken", "thun")
 RENDER_HZ = {"stopped": 100, "slow": 200, "fast": 200}  # must divide into the 20 Hz frame grid
-NOISE_HZ = {"day": 0.03, "dusk": 0.06, "night": 0.15}  # background events per pixel per second
+NOISE_SCALE = {"day": 1.0, "dusk": 2.0, "night": 5.0}  # background activity rises in the dark
 SPLIT_IDS = {"train": 0, "test": 1}
 
 
@@ -107,13 +107,14 @@ def simulate_sequence(scene: Scene, seconds: float, cfg: WorldConfig, rng: np.ra
     windows = [exposure_window(scene, ts * 1e-6) for ts in image_ts]
     sums = [None] * len(image_ts)
     counts = [0] * len(image_ts)
-    sim = EventSimulator(cfg.event, rng, noise_hz=NOISE_HZ[scene.time_of_day])
+    sim = EventSimulator(cfg.event, rng, noise_hz=cfg.event.noise_hz * NOISE_SCALE[scene.time_of_day])
     grid = np.arange(0, int(image_ts[-1] + render_step_us), render_step_us, dtype=np.int64)
     first = 0
     for t_us in grid.tolist():
         t = t_us * 1e-6
-        rgb = render(scene, t, cfg.width, cfg.height, 3)
-        sim.step(t_us, rgb @ LUMA.astype(np.float32))
+        img = render(scene, t, cfg.width, cfg.height, 4)
+        rgb = img[..., :3]
+        sim.step(t_us, img[..., 3])
         while first < len(windows) and windows[first][1] < t - 1e-9:
             first += 1
         for i in range(first, len(windows)):

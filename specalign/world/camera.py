@@ -12,15 +12,15 @@ import numpy as np
 
 from specalign.world.scene import Scene
 
-EXPOSURE_S = {"day": 0.004, "dusk": 0.012, "night": 0.030}
-GAIN = {"day": 1.0, "dusk": 1.0, "night": 1.5}
+EXPOSURE_S = {"day": 0.004, "dusk": 0.015, "night": 0.045}
+GAIN = {"day": 1.0, "dusk": 1.0, "night": 1.0}
 
 
 @dataclass
 class FrameCameraConfig:
     fps: float = 20.0
-    full_well: float = 2500.0  # electrons at radiance 1 over the day exposure
-    read_noise: float = 4.0  # electrons
+    full_well: float = 1500.0  # electrons at radiance 1 over the day exposure
+    read_noise: float = 8.0  # electrons
 
 
 def exposure_window(scene: Scene, t_mid: float) -> tuple[float, float]:

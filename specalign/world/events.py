@@ -23,7 +23,7 @@ class EventCameraConfig:
     c_neg: float = 0.3
     c_sigma: float = 0.03  # per-pixel spread of the thresholds
     refractory_us: int = 500
-    noise_hz: float = 0.1  # background events per pixel per second
+    noise_hz: float = 0.03  # background events per pixel per second (daylight)
     eps: float = 0.002  # dark signal added before the log; sets how contrast fades in the dark
 
 

@@ -59,9 +59,11 @@ class Canvas:
         """Albedo times illumination (or emitted light), in the canvas's channels."""
         key = (tuple(np.asarray(rgb, dtype=np.float64).tolist()), emissive)
         if key not in self._colours:
-            c = np.asarray(rgb, dtype=np.float64) * (1.0 if emissive else self.illum)
-            c = c if self.img.shape[2] == 3 else np.array([LUMA @ c])
-            self._colours[key] = c.astype(np.float32)
+            albedo = np.asarray(rgb, dtype=np.float64)
+            # Rounded so that colours of equal luminance give bit-identical luminance images.
+            lum = round(float(LUMA @ albedo), 6)
+            c = np.append(albedo, lum) * (1.0 if emissive else self.illum)
+            self._colours[key] = c[{1: [3], 3: [0, 1, 2], 4: [0, 1, 2, 3]}[self.img.shape[2]]].astype(np.float32)
         return self._colours[key]
 
     def project(self, x, y, z):
@@ -273,7 +275,8 @@ def _draw_traffic_light(c: Canvas, x: float, z: float, state: str):
 def render(scene: Scene, t: float, width: int, height: int, channels: int = 3) -> np.ndarray:
     """The scene at time t (seconds) as linear radiance, float32 [height, width, channels].
 
-    channels=3 gives RGB for the frame camera; channels=1 gives luminance for the event camera.
+    channels=3 gives RGB for the frame camera, 1 luminance for the event camera, 4 both (RGB + luminance):
+    luminance is composited from each colour's own luminance, so equal-luminance colours give equal images.
     """
     illum = ILLUMINATION[scene.time_of_day]
     night = scene.time_of_day == "night"

@@ -26,7 +26,7 @@ TARGET_COLOUR = "#1b7837"
 DRAFT_COLOUR = "#2c5aa0"
 ANSWER_WRAP = 62  # characters per line in an answer column
 SCENE_WRAP = 72
-MAX_SCENE_LINES = 40
+MAX_SCENE_LINES = 30  # about what fits the panel at 8 pt
 
 
 def _fmt(v) -> str:
@@ -152,7 +152,9 @@ def contact_sheet(dataset_dir: str | Path, sample: int, out_png: str | Path, que
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
     FigureCanvasAgg(fig)  # no pyplot: no global state, no display needed
     fig.suptitle(f"{ds.split_name} · sample {int(sample)} of {len(ds)} · {s.id}", fontsize=13, fontweight="bold")
-    outer = fig.add_gridspec(3, 1, height_ratios=[1.1, 1.1, 2.0], left=0.02, right=0.99, top=0.92, bottom=0.01)
+    outer = fig.add_gridspec(
+        3, 1, height_ratios=[1, 1, 3.1], hspace=0.14, left=0.025, right=0.99, top=0.925, bottom=0.01
+    )
     _rgb_row(fig, list(outer[0].subgridspec(1, 8, wspace=0.06)), s)
     _event_row(fig, list(outer[1].subgridspec(1, 8, wspace=0.06)), s)
     left, mid, right = outer[2].subgridspec(1, 3, wspace=0.04, width_ratios=[1.15, 1, 1])
@@ -175,7 +177,7 @@ def contact_sheet(dataset_dir: str | Path, sample: int, out_png: str | Path, que
             (right, "draft (sees events)", "draft", DRAFT_COLOUR),
         ):
             answer = qa.get(key, "(missing)") if qa is not None else "(no ground-truth answer to this question)"
-            _text(fig.add_subplot(cell), who, _wrap(head) + "\n\nA: " + _wrap(answer), colour=colour)
+            _text(fig.add_subplot(cell), who, _wrap(head) + "\n\nA: " + _wrap(answer), colour=colour, size=10)
 
     out_png = Path(out_png)
     try:
