@@ -54,7 +54,10 @@ def load_event_npy(path: str | Path, validate: bool = True) -> dict:
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(f)
             if dtype.hasobject:
                 obj = _SafeUnpickler(io.BufferedReader(f)).load()
                 if isinstance(obj, np.ndarray) and obj.shape == ():
