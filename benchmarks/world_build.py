@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ def main() -> None:
     args = p.parse_args()
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="world_bench_"))
-    cmd = ["specalign", "world", "build", "--out", str(out / "world"), "--train", str(args.train),
+    cmd = [sys.executable, "-m", "specalign", "world", "build", "--out", str(out / "world"), "--train", str(args.train),
            "--test", str(args.test), "--workers", str(args.workers)]  # fmt: skip
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
