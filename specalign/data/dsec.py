@@ -144,11 +144,13 @@ class RawSequence:
 
     def _file(self) -> h5py.File:
         if self._h5 is None:
-            self._h5 = _open_h5(self.h5_path)
+            f = _open_h5(self.h5_path)
             try:
-                self._ms_to_idx = self._h5["ms_to_idx"][()].astype(np.int64)
+                self._ms_to_idx = f["ms_to_idx"][()].astype(np.int64)
             except Exception as e:
+                f.close()
                 raise fail(self.h5_path, f"cannot read ms_to_idx ({_one_line(e)})") from None
+            self._h5 = f
         return self._h5
 
     def events_between(self, t0_abs: int, t1_abs: int) -> dict:

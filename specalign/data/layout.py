@@ -33,7 +33,7 @@ VIDEO_FPS = 20
 def parse_duration(text: str) -> int:
     """'500ms' | '1s' | '2s' | '4s' -> microseconds."""
     if text not in DURATIONS_US:
-        raise SpecalignError(f"unknown duration {text!r}: choose one of {', '.join(DURATIONS_US)}")
+        raise SpecalignError(f"--duration: unknown duration {text!r}: choose one of {', '.join(DURATIONS_US)}")
     return DURATIONS_US[text]
 
 

@@ -238,7 +238,10 @@ def build_world(cfg: WorldConfig, progress: bool = True) -> dict:
     save_tokenizer(tok, out / "tokenizer.json")
     summary["vocab_size"] = tok.get_vocab_size()
     summary["seconds"] = round(time.time() - started, 1)
-    manifest = {"settings": _jsonable(cfg.settings()), "summary": summary, "sensor_size": [cfg.width, cfg.height]}
+    # one world folder can hold several durations; world.json keeps a record of each
+    manifest = read_json(out / "world.json") if (out / "world.json").exists() else {}
+    manifest["sensor_size"] = [cfg.width, cfg.height]
+    manifest.setdefault("builds", {})[cfg.duration] = {"settings": _jsonable(cfg.settings()), "summary": summary}
     write_json(out / "world.json", manifest)
     return summary
 

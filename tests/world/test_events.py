@@ -44,7 +44,9 @@ def test_reconstruction_from_events_tracks_log_intensity():
         sim.step(k * 5000, f)
     ev = sim.events()
     recon = np.log(frames[0]).copy()
-    np.add.at(recon, (ev["y"][ev["p"] == 1], ev["x"][ev["p"] == 1]), sim.c_pos[ev["y"][ev["p"] == 1], ev["x"][ev["p"] == 1]])
+    np.add.at(
+        recon, (ev["y"][ev["p"] == 1], ev["x"][ev["p"] == 1]), sim.c_pos[ev["y"][ev["p"] == 1], ev["x"][ev["p"] == 1]]
+    )
     neg = ev["p"] == 0
     np.add.at(recon, (ev["y"][neg], ev["x"][neg]), -sim.c_neg[ev["y"][neg], ev["x"][neg]])
     err = np.abs(np.log(frames[-1]) - recon)

@@ -77,7 +77,9 @@ def test_static_objects_are_invisible_to_events_when_stopped():
 
 def test_night_rgb_is_dark_and_noisy_while_events_still_show_motion():
     day_ev, _, day = simulate_sequence(_scene("stopped", "day"), 0.5, _cfg(noise_hz=0.0), np.random.default_rng(0))
-    night_ev, _, night = simulate_sequence(_scene("stopped", "night"), 0.5, _cfg(noise_hz=0.0), np.random.default_rng(0))
+    night_ev, _, night = simulate_sequence(
+        _scene("stopped", "night"), 0.5, _cfg(noise_hz=0.0), np.random.default_rng(0)
+    )
     day_mean, night_mean = np.mean(day), np.mean(night)
     assert night_mean < 0.35 * day_mean, "night frames are dark"
 
