@@ -54,6 +54,36 @@ def cmd_data_build_dsec(args) -> None:
         print(f"  {k}: {v}")
 
 
+def cmd_train_mini(args) -> None:
+    from specalign.models.mini import SIZES, TrainConfig, train_mini
+
+    cfg = TrainConfig(
+        role=args.role, world=args.world, out=args.out or f"assets/mini-{args.role}", duration=args.duration,
+        steps=args.steps, clips_per_batch=args.clips_per_batch, lr=args.lr, seed=args.seed,
+        eval_clips=args.eval_clips, max_train_clips=args.max_train_clips, sizes=SIZES.get(args.role),
+        time_budget=args.time_budget,
+        **({"device": args.device} if args.device else {}),
+    )  # fmt: skip
+    manifest = train_mini(cfg, progress=not args.quiet)
+    held = manifest["held_out"]
+    print(f"mini-{args.role}: {manifest['parameters']:,} parameters, {manifest['train_seconds']} s training")
+    print(f"  held-out: exact match {held['exact_match']:.3f}, fact accuracy {held['fact_accuracy']:.3f}")
+    for k, v in held["per_fact"].items():
+        print(f"    {k:28s} {v:.3f}  ({held['facts'][k]} facts)")
+
+
+def cmd_answer(args) -> None:
+    from specalign.data import open_dataset
+    from specalign.models import Sampling, load_model
+
+    vlm = load_model(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
+    sample = open_dataset(args.dataset)[args.sample]
+    question = args.question or sample.question
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    print(f"Q: {question}")
+    print(f"A: {vlm.answer(sample, question, max_new_tokens=args.max_new_tokens, sampling=sampling)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specalign", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -92,6 +122,38 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-mp4", action="store_true")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_data_build_dsec)
+
+    models = sub.add_parser("models", help="draft and target models")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+    t = msub.add_parser("train-mini", help="train the mini target (Video-LLaVA) or draft (EventGPT) on a world")
+    t.add_argument("--role", required=True, choices=["target", "draft"])
+    t.add_argument("--world", required=True, help="a minidsec world folder (from `world build`)")
+    t.add_argument("--out", default=None, help="checkpoint folder (default assets/mini-ROLE); resumes if present")
+    t.add_argument("--duration", default="1s")
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--clips-per-batch", type=int, default=32, help="clips per step (x4 questions each)")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--eval-clips", type=int, default=200, help="held-out clips scored (x50 questions)")
+    t.add_argument("--max-train-clips", type=int, default=None)
+    t.add_argument("--time-budget", type=float, default=None, help="seconds of training (fits the step count)")
+    t.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train_mini)
+
+    a = sub.add_parser("answer", help="print one model's answer for one sample")
+    a.add_argument("--model", default="mini-target", help="bundled name (mini-target, mini-draft) or checkpoint")
+    a.add_argument("--backend", default=None, help="video-llava | eventgpt | llava (default: from config.json)")
+    a.add_argument("--dataset", required=True, help="a split folder")
+    a.add_argument("--sample", type=int, default=0)
+    a.add_argument("--question", default=None, help="default: the sample's own question")
+    a.add_argument("--max-new-tokens", type=int, default=72)
+    a.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    a.add_argument("--top-p", type=float, default=1.0)
+    a.add_argument("--seed", type=int, default=None)
+    a.add_argument("--device", default="cpu")
+    a.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
+    a.set_defaults(func=cmd_answer)
     return p
 
 

@@ -234,7 +234,7 @@ def build_world(cfg: WorldConfig, progress: bool = True) -> dict:
         summary["splits"][split] = {"dir": split_name, "clips": len(entries),
                                     "sequences": sum(1 for t in tasks if t.split == split)}  # fmt: skip
     write_json(out / "questions.json", question_counts())
-    tok = train_tokenizer(texts | {q for q, _ in QUESTIONS})
+    tok = train_tokenizer(texts, [q for q, _ in QUESTIONS])
     save_tokenizer(tok, out / "tokenizer.json")
     summary["vocab_size"] = tok.get_vocab_size()
     summary["seconds"] = round(time.time() - started, 1)

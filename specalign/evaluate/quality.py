@@ -1,0 +1,79 @@
+"""Answer quality on the world: exact match and per-fact accuracy against the scene graph's answers.
+
+A *fact* is a phrase of the ground-truth answer (in the model's own voice) that states one thing about the
+scene: "red car", "two pedestrians", "oncoming", "curving to the left", "night". An answer gets a fact right
+when it contains that phrase. A model that cannot see colour and guesses gets a colour fact right about once
+in seven (the palette), which is the chance level the draft should fall to.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+COLOURS = r"(?:red|orange|yellow|green|blue|purple|grey)"
+NUMBER = r"(?:no|one|two|three|four|five|six|seven|eight|nine|ten)"
+FACT_PATTERNS = {
+    "colour": [
+        rf"\b{COLOURS} (?:car|van|truck|bus|buildings|houses)\b",
+        rf"\bshowing {COLOURS}\b",
+        rf"\bis {COLOURS}\b",
+        rf"\bit is {COLOURS}\b",
+        rf"\b{COLOURS} on the (?:left|right)\b",
+    ],
+    "count": [rf"\b{NUMBER} (?:vehicles?|pedestrians?|cars?|persons?|person)\b"],
+    "vehicle_state": [
+        r"\bparked on the (?:left|right)\b",
+        r"\bdriving ahead in the same direction\b",
+        r"\boncoming\b",
+        r"\bcrossing the intersection from the (?:left|right)\b",
+        r"\bmoving in front of us\b",
+        r"\bcoming towards us\b",
+        r"\bcrosses from the (?:left|right)\b",
+    ],
+    "road_layout": [r"\b(?:straight|curving to the (?:left|right)|bends to the (?:left|right)|intersection)\b"],
+    "ego_motion": [r"\b(?:stopped and not moving|moving slowly|driving fast|standing still|driving slowly)\b"],
+    "time_of_day": [r"\b(?:daytime|dusk|night)\b"],
+    "pedestrian": [r"\b(?:walking|standing|crossing the road|walks|stands|crosses the road)\b"],
+}
+_COMPILED = {k: [re.compile(p) for p in ps] for k, ps in FACT_PATTERNS.items()}
+
+
+def facts(text: str) -> list[tuple[str, str]]:
+    """(fact type, phrase) pairs stated by a ground-truth answer."""
+    out = []
+    for kind, patterns in _COMPILED.items():
+        for pat in patterns:
+            out += [(kind, m.group(0)) for m in pat.finditer(text)]
+    return sorted(set(out))
+
+
+@dataclass
+class QualityReport:
+    answers: int = 0
+    exact: int = 0
+    fact_total: dict = field(default_factory=lambda: defaultdict(int))
+    fact_right: dict = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, predicted: str, truth: str, group: str = "") -> None:
+        """Score one answer. group (e.g. 'day') adds a second tally '<type>/<group>'."""
+        self.answers += 1
+        self.exact += int(predicted.strip() == truth.strip())
+        for kind, phrase in facts(truth):
+            right = int(re.search(rf"\b{re.escape(phrase)}\b", predicted) is not None)
+            for key in (kind, f"{kind}/{group}") if group else (kind,):
+                self.fact_total[key] += 1
+                self.fact_right[key] += right
+
+    def summary(self) -> dict:
+        acc = {k: round(self.fact_right[k] / n, 4) for k, n in sorted(self.fact_total.items()) if n}
+        total = sum(v for k, v in self.fact_total.items() if "/" not in k)
+        right = sum(v for k, v in self.fact_right.items() if "/" not in k)
+        return {
+            "answers": self.answers,
+            "exact_match": round(self.exact / max(self.answers, 1), 4),
+            "fact_accuracy": round(right / max(total, 1), 4),
+            "per_fact": acc,
+            "facts": {k: n for k, n in sorted(self.fact_total.items())},
+        }

@@ -1,0 +1,286 @@
+"""The bundled mini-world models: a tiny Video-LLaVA target and a tiny EventGPT draft, trained from scratch.
+
+`specalign models train-mini --role target|draft --world DIR` trains one of them on a minidsec world:
+target: 8 RGB frames + question -> the target-voice answer; draft: the 1f event image + question -> the
+draft-voice answer. Both use the world's shared tokenizer. The result is a checkpoint directory in the real
+model's own layout (so it loads through the same code path as a user's 7B checkpoint) plus `manifest.json`
+with the command, data seed, commit and held-out metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import os  # noqa: E402
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from specalign.data import open_dataset
+from specalign.errors import SpecalignError
+from specalign.evaluate.quality import QualityReport
+from specalign.fsutil import write_json
+
+# SPECALIGN_ASSETS points at another assets folder (the GPU machine trains into /tmp)
+ASSETS = Path(os.environ.get("SPECALIGN_ASSETS") or Path(__file__).resolve().parents[2] / "assets")
+BUNDLED = {"mini-target": ASSETS / "mini-target", "mini-draft": ASSETS / "mini-draft"}
+
+
+@dataclass
+class MiniSizes:
+    image_size: int = 112
+    patch_size: int = 14
+    vision_hidden: int = 192
+    vision_layers: int = 4
+    vision_heads: int = 4
+    lm_hidden: int = 256
+    lm_layers: int = 4
+    lm_heads: int = 4
+    lm_intermediate: int = 768
+
+
+SIZES = {
+    "target": MiniSizes(),
+    # the draft is cheaper: one event image instead of 8 frames, and a smaller LM
+    "draft": MiniSizes(vision_hidden=128, vision_layers=3, lm_hidden=192, lm_layers=3, lm_intermediate=512),
+}
+
+
+@dataclass
+class TrainConfig:
+    role: str
+    world: str
+    out: str
+    duration: str = "1s"
+    steps: int = 2000
+    clips_per_batch: int = 32
+    questions_per_clip: int = 4
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    seed: int = 0
+    eval_clips: int = 200
+    checkpoint_every: int = 250
+    max_train_clips: int | None = None
+    time_budget: float | None = None  # seconds of training; sets the step count after a few measured steps
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    sizes: MiniSizes = field(default_factory=MiniSizes)
+
+
+def voice(role: str) -> str:
+    return {"target": "target", "draft": "draft"}[role]
+
+
+def new_model(role: str, tokenizer_file: Path, sizes: MiniSizes):
+    """A freshly initialised VLM of the role's architecture, as a backend object (see models.base.VLM)."""
+    if role == "target":
+        from specalign.models.video_llava import build_video_llava
+
+        return build_video_llava(tokenizer_file, sizes)
+    if role == "draft":
+        from specalign.models.eventgpt import build_eventgpt
+
+        return build_eventgpt(tokenizer_file, sizes)
+    raise SpecalignError(f"--role: unknown role {role!r}: choose target or draft")
+
+
+def save_model(vlm, out_dir: Path) -> None:
+    if vlm.kind == "video-llava":
+        from specalign.models.video_llava import save_video_llava
+
+        save_video_llava(vlm, out_dir)
+    else:
+        from specalign.models.eventgpt import save_eventgpt
+
+        save_eventgpt(vlm, out_dir)
+
+
+def _pairs(dataset, role: str, max_clips: int | None):
+    """Per clip: its ground-truth QA list [(question, answer in the role's voice)]."""
+    clips = []
+    n = len(dataset) if max_clips is None else min(max_clips, len(dataset))
+    for i in range(n):
+        truth = dataset[i].ground_truth()
+        if truth is None:
+            raise SpecalignError(f"{dataset.root}: sample {i} has no ground truth (train-mini needs a minidsec world)")
+        clips.append([(qa["question"], qa[voice(role)]) for qa in truth["qa"]])
+    return clips
+
+
+def _encode_batch(vlm, prompts_answers):
+    """[(prompt ids [T], answer ids [A])] -> right-padded input_ids, attention_mask, labels (prompt = -100)."""
+    seqs = [torch.cat([p, a]) for p, a in prompts_answers]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), vlm.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, ((p, a), s) in enumerate(zip(prompts_answers, seqs, strict=True)):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+        labels[i, len(p) : len(s)] = a
+    return ids, mask, labels
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+    except Exception:
+        return "unknown"
+
+
+def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Train one mini model; returns its manifest. Resumes from out/train_state.pt when present."""
+    from specalign.data.layout import split_dir_name
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    world = Path(cfg.world)
+    tokenizer_file = world / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise SpecalignError(f"{world}: not a minidsec world (tokenizer.json is missing)")
+    train = open_dataset(world / split_dir_name("train", cfg.duration))
+    test = open_dataset(world / split_dir_name("test", cfg.duration))
+    device = torch.device(cfg.device)
+    vlm = new_model(cfg.role, tokenizer_file, cfg.sizes)
+    vlm.model.to(device)
+
+    qa = _pairs(train, cfg.role, cfg.max_train_clips)
+    n_clips = len(qa)
+    print(f"[train-mini {cfg.role}] {n_clips} clips x {len(qa[0])} questions; preparing visual inputs", flush=True)
+    visual = []
+    for i in tqdm(range(n_clips), disable=not progress, desc="visual inputs", unit="clip"):
+        v = vlm.visual_inputs(train[i])
+        visual.append({k: t.to(device) for k, t in v.items()})
+    eos = vlm.eos_token_id
+    prompt_ids = {q: vlm.expand_prompt(vlm.prompt_text(q), visual[0]) for q, _ in qa[0]}
+    answer_ids = {}
+
+    def answer_tokens(text):
+        if text not in answer_ids:
+            ids = vlm.tokenizer(" " + text, add_special_tokens=False)["input_ids"] + [eos]
+            answer_ids[text] = torch.tensor(ids, dtype=torch.long)
+        return answer_ids[text]
+
+    params = sum(p.numel() for p in vlm.model.parameters())
+    opt = torch.optim.AdamW(vlm.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+
+    def lr_at(step):
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "train_state.pt"
+    start, history = 0, []
+    if state_path.exists():  # resume
+        st = torch.load(state_path, map_location=device, weights_only=True)
+        vlm.model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        start, history = int(st["step"]), [tuple(h) for h in st["history"].tolist()]
+        rng = np.random.default_rng([cfg.seed, start])
+        print(f"[train-mini {cfg.role}] resuming at step {start}", flush=True)
+
+    vlm.model.train()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.steps), disable=not progress, desc=f"train {cfg.role}", initial=start, total=cfg.steps)
+    for step in bar:
+        clips = rng.choice(n_clips, size=min(cfg.clips_per_batch, n_clips), replace=False)
+        items, vis = [], []
+        for c in clips:
+            for k in rng.choice(len(qa[c]), size=cfg.questions_per_clip, replace=False):
+                q, a = qa[c][k]
+                items.append((prompt_ids[q], answer_tokens(a)))
+                vis.append(visual[c])
+        ids, mask, labels = _encode_batch(vlm, items)
+        batch_visual = {k: torch.cat([v[k] for v in vis]) for k in vis[0]}
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        with autocast:
+            loss = vlm.model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device),
+                             **vlm.visual_kwargs(batch_visual)).loss  # fmt: skip
+        if not torch.isfinite(loss):
+            raise SpecalignError(f"{out}: loss became {loss.item()} at step {step}; last checkpoint kept")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vlm.model.parameters(), 1.0)
+        opt.step()
+        history.append((step, float(loss)))
+        if cfg.time_budget and step == start + 20:  # measured: fit the schedule into the time budget
+            per_step = (time.time() - t0) / 21
+            cfg.steps = max(step + 2, min(cfg.steps, int(cfg.time_budget / per_step)))
+            bar.total = cfg.steps
+            print(f"[train-mini {cfg.role}] {per_step * 1e3:.0f} ms/step -> {cfg.steps} steps", flush=True)
+        if step + 1 >= cfg.steps:
+            break
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            tmp = state_path.with_suffix(".tmp")
+            torch.save({"model": vlm.model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
+                        "history": torch.tensor(history)}, tmp)  # fmt: skip
+            tmp.replace(state_path)
+    train_seconds = time.time() - t0
+
+    # Bundle in bf16 (small), then measure the bundled weights, not the fp32 master copy.
+    vlm.model.eval()
+    vlm.model.to(torch.bfloat16)
+    save_model(vlm, out)
+    vlm.model.to(torch.float32)
+    metrics = evaluate_quality(vlm, test, cfg.role, cfg.eval_clips, progress=progress)
+    world_meta = json.loads((world / "world.json").read_text()) if (world / "world.json").exists() else {}
+    manifest = {
+        "name": f"mini-{cfg.role}",
+        "role": cfg.role,
+        "command": " ".join(["specalign", *sys.argv[1:]]) if sys.argv and "specalign" in sys.argv[0] else None,
+        "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("out",)},
+        "world": {
+            "path": str(world),
+            "seed": world_meta.get("builds", {}).get(cfg.duration, {}).get("settings", {}).get("seed"),
+        },
+        "commit": git_commit(),
+        "parameters": params,
+        "train_seconds": round(train_seconds, 1),
+        "final_loss": round(float(np.mean([h[1] for h in history[-50:]])), 4) if history else None,
+        "held_out": metrics,
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+    }
+    write_json(out / "manifest.json", manifest)
+    state_path.unlink(missing_ok=True)
+    return manifest
+
+
+@torch.inference_mode()
+def evaluate_quality(vlm, dataset, role: str, max_clips: int, batch_size: int = 100, progress: bool = True) -> dict:
+    """Greedy answers to all 50 questions on `max_clips` held-out clips, scored against the ground truth."""
+    from specalign.models.base import Prompt
+
+    report = QualityReport()
+    n = min(max_clips, len(dataset))
+    jobs = []  # (prompt, truth, group); one visual encode input per clip, shared by its 50 questions
+    for i in range(n):
+        s = dataset[i]
+        truth = s.ground_truth()
+        vis = vlm.visual_inputs(s)
+        for qa in truth["qa"]:
+            text = vlm.prompt_text(qa["question"])
+            jobs.append(
+                (Prompt(vlm.expand_prompt(text, vis), vis, text), qa[voice(role)], truth["scene"]["time_of_day"])
+            )
+    for b in tqdm(range(0, len(jobs), batch_size), disable=not progress, desc=f"eval {role}", unit="batch"):
+        chunk = jobs[b : b + batch_size]
+        outs = vlm.generate([p for p, _, _ in chunk], max_new_tokens=72)
+        for (_, truth, group), ids in zip(chunk, outs, strict=True):
+            report.add(vlm.decode(ids), truth, group)
+    return report.summary()
