@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import os  # noqa: E402
 import subprocess
 import sys
 import time
