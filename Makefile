@@ -8,9 +8,14 @@ WORLD ?= worlds/demo
 
 .PHONY: demo test lint venv bench-world clean
 
+# TORCH: the wheel to install when the venv has no torch yet. 2.13.0 is a CPU build on our machines' disk;
+# on a GPU box, set TORCH=torch (or install your CUDA build into .venv first).
+TORCH ?= torch==2.13.0
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
