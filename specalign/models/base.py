@@ -182,6 +182,7 @@ class VLM:
         hidden = out.hidden_states[-1] if return_hidden else None
         return out, hidden
 
+
     @torch.inference_mode()
     def prefill(self, batch: Batch, return_hidden: bool = False, all_logits: bool = False):
         """Encode the visual input and the prompt. Returns (state, Step with logits [B, 1, V]; all
@@ -194,10 +195,10 @@ class VLM:
         logits = out.logits if all_logits else out.logits[:, -1:]
         if hidden is not None and not all_logits:
             hidden = hidden[:, -1:]
-        cache_len = out.past_key_values.get_seq_length()
+        cache_len = _cache(out).get_seq_length()
         if cache_len != mask.shape[1]:  # backends expand visual placeholders in input_ids, never inside the model
             raise RuntimeError(f"{self.name}: cache holds {cache_len} slots for a {mask.shape[1]}-token prompt")
-        state = DecodeState(out.past_key_values, mask, cache_len)
+        state = DecodeState(_cache(out), mask, cache_len)
         return state, Step(logits.float(), hidden)
 
     @torch.inference_mode()
@@ -208,7 +209,7 @@ class VLM:
         ones = torch.ones_like(tokens, dtype=state.attention_mask.dtype)
         state.attention_mask = torch.cat([state.attention_mask, ones], dim=1)
         out, hidden = self._run(state, tokens, state.attention_mask, return_hidden)
-        state.cache = out.past_key_values
+        state.cache = _cache(out)
         state.length += tokens.shape[1]
         return Step(out.logits.float(), hidden)
 
@@ -216,7 +217,7 @@ class VLM:
         """Keep the first `length` cache slots (drop rejected tokens)."""
         if length > state.length:
             raise ValueError(f"cannot roll forward: cache holds {state.length}, asked for {length}")
-        state.cache.crop(length)
+        state.cache.crop(length - state.length)  # a negative count drops from the end (transformers 5.17-5.24)
         state.attention_mask = state.attention_mask[:, :length]
         state.length = length
 
@@ -247,3 +248,9 @@ class VLM:
 
     def answer(self, sample, question: str, max_new_tokens: int = 60, sampling: Sampling | None = None) -> str:
         return self.decode(self.generate([self.prepare(sample, question)], max_new_tokens, sampling)[0])
+
+
+def _cache(out):
+    """The KV cache of a model output (renamed from past_key_values to cache in transformers 5.24)."""
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values

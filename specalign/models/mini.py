@@ -96,9 +96,7 @@ def save_model(vlm, out_dir: Path) -> None:
 
         save_video_llava(vlm, out_dir)
     else:
-        from specalign.models.eventgpt import save_eventgpt
-
-        save_eventgpt(vlm, out_dir)
+        vlm.save(out_dir)
 
 
 def _pairs(dataset, role: str, max_clips: int | None):
