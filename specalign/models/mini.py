@@ -214,7 +214,7 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vlm.model.parameters(), 1.0)
         opt.step()
-        history.append((step, float(loss)))
+        history.append((step, loss.item()))
         if cfg.time_budget and step == start + 20:  # measured: fit the schedule into the time budget
             per_step = (time.time() - t0) / 21
             cfg.steps = max(step + 2, min(cfg.steps, int(cfg.time_budget / per_step)))
@@ -222,7 +222,7 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
             print(f"[train-mini {cfg.role}] {per_step * 1e3:.0f} ms/step -> {cfg.steps} steps", flush=True)
         if step + 1 >= cfg.steps:
             break
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{history[-1][1]:.3f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             tmp = state_path.with_suffix(".tmp")
             torch.save({"model": vlm.model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
