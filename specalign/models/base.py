@@ -21,6 +21,15 @@ import torch
 
 from specalign.errors import SpecalignError
 
+try:  # transformers 5.24 renamed the KV-cache argument past_key_values -> cache; 5.17 knows only the old name
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    _CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+except ImportError:  # pragma: no cover
+    _CACHE_KW = "past_key_values"
+
 
 @dataclass
 class Prompt:
@@ -124,7 +133,8 @@ class VLM:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """Compute dtype: the first floating parameter's (quantized weights are integer)."""
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
 
     @property
     def vocab_size(self) -> int:
@@ -173,15 +183,14 @@ class VLM:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions[:, -input_ids.shape[1] :],
-            past_key_values=None if state is None else state.cache,
             use_cache=True,
             output_hidden_states=return_hidden,
             return_dict=True,
+            **{_CACHE_KW: None if state is None else state.cache},
             **visual,
         )
         hidden = out.hidden_states[-1] if return_hidden else None
         return out, hidden
-
 
     @torch.inference_mode()
     def prefill(self, batch: Batch, return_hidden: bool = False, all_logits: bool = False):
@@ -252,5 +261,5 @@ class VLM:
 
 def _cache(out):
     """The KV cache of a model output (renamed from past_key_values to cache in transformers 5.24)."""
-    cache = out.get("cache") if hasattr(out, "get") else None
+    cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values

@@ -77,26 +77,23 @@ def voice(role: str) -> str:
     return {"target": "target", "draft": "draft"}[role]
 
 
-def new_model(role: str, tokenizer_file: Path, sizes: MiniSizes):
-    """A freshly initialised VLM of the role's architecture, as a backend object (see models.base.VLM)."""
+def new_model(role: str, tokenizer_file: Path, sizes: MiniSizes, seed: int = 0):
+    """A freshly initialised VLM of the role's architecture (a models.base.VLM backend object)."""
+    vision = dict(image_size=sizes.image_size, patch_size=sizes.patch_size, hidden_size=sizes.vision_hidden,
+                  intermediate_size=4 * sizes.vision_hidden, num_hidden_layers=sizes.vision_layers,
+                  num_attention_heads=sizes.vision_heads)  # fmt: skip
     if role == "target":
-        from specalign.models.video_llava import build_video_llava
+        from specalign.models.video_llava import build_video_llava, video_llava_from_parts
 
-        return build_video_llava(tokenizer_file, sizes)
+        text = dict(hidden_size=sizes.lm_hidden, intermediate_size=sizes.lm_intermediate,
+                    num_hidden_layers=sizes.lm_layers, num_attention_heads=sizes.lm_heads)  # fmt: skip
+        model, processor = build_video_llava(tokenizer_file, vision=vision, text=text, seed=seed)
+        return video_llava_from_parts(model, processor, name="mini-target")
     if role == "draft":
         from specalign.models.eventgpt import build_eventgpt
 
-        return build_eventgpt(tokenizer_file, sizes)
+        return build_eventgpt(tokenizer_file, sizes, seed=seed)
     raise SpecalignError(f"--role: unknown role {role!r}: choose target or draft")
-
-
-def save_model(vlm, out_dir: Path) -> None:
-    if vlm.kind == "video-llava":
-        from specalign.models.video_llava import save_video_llava
-
-        save_video_llava(vlm, out_dir)
-    else:
-        vlm.save(out_dir)
 
 
 def _pairs(dataset, role: str, max_clips: int | None):
@@ -146,7 +143,7 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
     train = open_dataset(world / split_dir_name("train", cfg.duration))
     test = open_dataset(world / split_dir_name("test", cfg.duration))
     device = torch.device(cfg.device)
-    vlm = new_model(cfg.role, tokenizer_file, cfg.sizes)
+    vlm = new_model(cfg.role, tokenizer_file, cfg.sizes, cfg.seed)
     vlm.model.to(device)
 
     qa = _pairs(train, cfg.role, cfg.max_train_clips)
@@ -233,7 +230,7 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
     # Bundle in bf16 (small), then measure the bundled weights, not the fp32 master copy.
     vlm.model.eval()
     vlm.model.to(torch.bfloat16)
-    save_model(vlm, out)
+    vlm.save(out)
     vlm.model.to(torch.float32)
     metrics = evaluate_quality(vlm, test, cfg.role, cfg.eval_clips, progress=progress)
     world_meta = json.loads((world / "world.json").read_text()) if (world / "world.json").exists() else {}
