@@ -6,14 +6,14 @@
 set -euo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-BUDGET=${1:-180}
+BUDGET=${1:-300}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 start=$(date +%s)
-python3 -m specalign world build --out /tmp/world --workers "$(nproc)" --no-mp4 --quiet | tee "$OUT/world.txt"
+python3 -m specalign world build --out /tmp/world --test 200 --workers "$(nproc)" --no-mp4 --quiet | tee "$OUT/world.txt"
 echo "world built in $(( $(date +%s) - start )) s" | tee -a "$OUT/world.txt"
 for role in target draft; do
   python3 -m specalign models train-mini --role "$role" --world /tmp/world --out "/tmp/mini-$role" \
-    --time-budget "$BUDGET" --eval-clips 150 --quiet > "$OUT/train-$role.log" 2>&1 &
+    --time-budget "$BUDGET" --eval-clips 100 --steps 100000 --quiet > "$OUT/train-$role.log" 2>&1 &
 done
 wait
 tail -n 30 "$OUT"/train-*.log

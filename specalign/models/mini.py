@@ -212,9 +212,12 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
         torch.nn.utils.clip_grad_norm_(vlm.model.parameters(), 1.0)
         opt.step()
         history.append((step, loss.item()))
-        if cfg.time_budget and step == start + 20:  # measured: fit the schedule into the time budget
-            per_step = (time.time() - t0) / 21
-            cfg.steps = max(step + 2, min(cfg.steps, int(cfg.time_budget / per_step)))
+        if cfg.time_budget and step == start + 10:  # warm-up (kernel selection, allocator) is over
+            t_warm = time.time()
+        if cfg.time_budget and step == start + 40:  # measured: fit the schedule into the time budget
+            per_step = (time.time() - t_warm) / 30
+            remaining = cfg.time_budget - (time.time() - t0)
+            cfg.steps = max(step + 2, min(cfg.steps, step + int(remaining / per_step)))
             bar.total = cfg.steps
             print(f"[train-mini {cfg.role}] {per_step * 1e3:.0f} ms/step -> {cfg.steps} steps", flush=True)
         if step + 1 >= cfg.steps:
