@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--eval-clips", type=int, default=200, help="held-out clips scored (x50 questions)")
     t.add_argument("--max-train-clips", type=int, default=None)
-    t.add_argument("--time-budget", type=float, default=None, help="seconds of training (fits the step count)")
+    t.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds (saves)")
     t.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train_mini)

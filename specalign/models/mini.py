@@ -68,7 +68,7 @@ class TrainConfig:
     eval_clips: int = 200
     checkpoint_every: int = 250
     max_train_clips: int | None = None
-    time_budget: float | None = None  # seconds of training; sets the step count after a few measured steps
+    time_budget: float | None = None  # seconds of training at most: stops early (and saves) when reached
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     sizes: MiniSizes = field(default_factory=MiniSizes)
 
@@ -212,14 +212,9 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
         torch.nn.utils.clip_grad_norm_(vlm.model.parameters(), 1.0)
         opt.step()
         history.append((step, loss.item()))
-        if cfg.time_budget and step == start + 10:  # warm-up (kernel selection, allocator) is over
-            t_warm = time.time()
-        if cfg.time_budget and step == start + 40:  # measured: fit the schedule into the time budget
-            per_step = (time.time() - t_warm) / 30
-            remaining = cfg.time_budget - (time.time() - t0)
-            cfg.steps = max(step + 2, min(cfg.steps, step + int(remaining / per_step)))
-            bar.total = cfg.steps
-            print(f"[train-mini {cfg.role}] {per_step * 1e3:.0f} ms/step -> {cfg.steps} steps", flush=True)
+        if cfg.time_budget and time.time() - t0 > cfg.time_budget:  # hard cap: stop and save what we have
+            print(f"[train-mini {cfg.role}] time budget reached at step {step + 1} of {cfg.steps}", flush=True)
+            cfg.steps = step + 1
         if step + 1 >= cfg.steps:
             break
         bar.set_postfix(loss=f"{history[-1][1]:.3f}")
