@@ -1,0 +1,94 @@
+"""Mini-model training (a few CPU steps on a tiny world), the bundled models, and the loader's errors."""
+
+import json
+
+import pytest
+import torch
+
+from specalign.cli import main
+from specalign.data import open_dataset
+from specalign.errors import SpecalignError
+from specalign.models import load_model
+from specalign.models.mini import BUNDLED, SIZES, MiniSizes, TrainConfig, train_mini
+from specalign.world.build import WorldConfig, build_world
+
+TINY = MiniSizes(image_size=28, patch_size=14, vision_hidden=32, vision_layers=1, vision_heads=2, lm_hidden=32,
+                 lm_layers=1, lm_heads=2, lm_intermediate=64)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    build_world(WorldConfig(out=str(out), duration="500ms", train=4, test=2, width=32, height=24,
+                            clips_per_sequence=2, mp4=False), progress=False)  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("role", ["target", "draft"])
+def test_train_mini_runs_saves_and_loads(world, tmp_path, role):
+    out = tmp_path / role
+    cfg = TrainConfig(role=role, world=str(world), out=str(out), duration="500ms", steps=6, clips_per_batch=2,
+                      questions_per_clip=2, lr=3e-3, warmup=1, eval_clips=1, checkpoint_every=3, device="cpu",
+                      sizes=TINY)  # fmt: skip
+    manifest = train_mini(cfg, progress=False)
+    assert manifest["role"] == role and manifest["parameters"] > 0
+    assert manifest["held_out"]["answers"] == 50
+    assert json.loads((out / "manifest.json").read_text())["train_config"]["steps"] == 6
+    vlm = load_model(str(out))  # the same code path as a user's checkpoint
+    assert vlm.kind == ("video-llava" if role == "target" else "eventgpt")
+    sample = open_dataset(world / "my_egpt_dsec_seq_500ms")[0]
+    assert isinstance(vlm.answer(sample, "Describe the scene.", max_new_tokens=5), str)
+
+
+def test_killed_training_resumes(world, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "resume"
+    cfg = dict(role="draft", world=str(world), out=str(out), duration="500ms", steps=6, clips_per_batch=2,
+               questions_per_clip=2, warmup=1, eval_clips=1, checkpoint_every=2, device="cpu", sizes=TINY)  # fmt: skip
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def step_then_die(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # killed during the 5th step
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_mini(TrainConfig(**cfg), progress=False)
+    state = out / "train_state.pt"
+    assert torch.load(state, weights_only=True)["step"] == 4, "finished steps are kept"
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    manifest = train_mini(TrainConfig(**cfg), progress=False)
+    assert "resuming at step 4" in capsys.readouterr().out
+    assert manifest["train_config"]["steps"] == 6 and not state.exists()
+
+
+def test_bundled_models_load_by_name_and_answer():
+    if not all((p / "config.json").is_file() for p in BUNDLED.values()):
+        pytest.skip("bundled models not present")
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        build_world(WorldConfig(out=d, train=0, test=1, clips_per_sequence=1, mp4=False), progress=False)
+        sample = open_dataset(Path(d) / "my_egpt_dsec_seq_1s")[0]
+        for name, kind in (("mini-target", "video-llava"), ("mini-draft", "eventgpt")):
+            vlm = load_model(name)
+            assert vlm.kind == kind
+            manifest = json.loads((BUNDLED[name] / "manifest.json").read_text())
+            assert manifest["parameters"] == sum(p.numel() for p in vlm.model.parameters())
+            answer = vlm.answer(sample, "What are the key elements in this scene?")
+            assert len(answer.split()) >= 8
+    assert SIZES["draft"].lm_hidden < SIZES["target"].lm_hidden, "the draft is the cheaper model"
+
+
+def test_loader_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SpecalignError, match="no such model"):
+        load_model(str(tmp_path / "nope"))
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(SpecalignError, match="unknown model_type 'bert'"):
+        load_model(str(tmp_path / "ck"))
+    assert main(["answer", "--model", str(tmp_path / "ck"), "--dataset", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "config.json" in err
