@@ -24,6 +24,9 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/specalign world build --out $(WORLD) --train 256 --test 64 --workers 2
 	$(BIN)/specalign world show --dataset $(WORLD)/my_egpt_dsec_seq_1s --sample 0 --out $(WORLD)/contact_sheet.png
+	@echo "--- the bundled target (sees 8 RGB frames) and draft (sees the event image) on test sample 0:"
+	$(BIN)/specalign answer --model mini-target --dataset $(WORLD)/my_egpt_dsec_seq_1s --sample 0
+	$(BIN)/specalign answer --model mini-draft --dataset $(WORLD)/my_egpt_dsec_seq_1s --sample 0
 
 test: $(STAMP)
 	$(BIN)/ruff check specalign tests benchmarks
