@@ -259,9 +259,10 @@ def evaluate_quality(vlm, dataset, role: str, max_clips: int, batch_size: int = 
     from specalign.models.base import Prompt
 
     report = QualityReport()
-    n = min(max_clips, len(dataset))
+    # clips of one drive share a scene: spread the picks over the split so they cover many drives
+    picks = np.unique(np.linspace(0, len(dataset) - 1, min(max_clips, len(dataset))).round().astype(int))
     jobs = []  # (prompt, truth, group); one visual encode input per clip, shared by its 50 questions
-    for i in range(n):
+    for i in picks.tolist():
         s = dataset[i]
         truth = s.ground_truth()
         vis = vlm.visual_inputs(s)
