@@ -11,11 +11,11 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.t
 start=$(date +%s)
 python3 -m specalign world build --out /tmp/world --test 800 --workers "$(nproc)" --no-mp4 --quiet | tee "$OUT/world.txt"
 echo "world built in $(( $(date +%s) - start )) s" | tee -a "$OUT/world.txt"
-# steps fit BUDGET seconds when both share the GPU (about 78 and 46 ms/step on an H200); BUDGET is a hard cap
-python3 -m specalign models train-mini --role target --world /tmp/world --out /tmp/mini-target --steps 4000 \
-  --lr 1.5e-3 --time-budget "$BUDGET" --eval-clips 100 --quiet > "$OUT/train-target.log" 2>&1 &
-python3 -m specalign models train-mini --role draft --world /tmp/world --out /tmp/mini-draft --steps 6500 \
-  --lr 1.5e-3 --time-budget "$BUDGET" --eval-clips 100 --quiet > "$OUT/train-draft.log" 2>&1 &
+# the recipe of the bundled assets (lr 1e-3, 2606 and 1864 steps); BUDGET is a hard cap in seconds
+python3 -m specalign models train-mini --role target --world /tmp/world --out /tmp/mini-target --steps 2606 \
+  --time-budget "$BUDGET" --eval-clips 100 --quiet > "$OUT/train-target.log" 2>&1 &
+python3 -m specalign models train-mini --role draft --world /tmp/world --out /tmp/mini-draft --steps 1864 \
+  --time-budget "$BUDGET" --eval-clips 100 --quiet > "$OUT/train-draft.log" 2>&1 &
 wait
 tail -n 30 "$OUT"/train-*.log
 for role in target draft; do tar -C /tmp -cf "$OUT/mini-$role.tar" "mini-$role"; done
