@@ -19,7 +19,7 @@ from specalign.data.layout import VIDEO_FPS
 from specalign.errors import SpecalignError, fail
 from specalign.fsutil import atomic_path
 
-FIGSIZE = (16, 10)  # inches; at DPI this is 1600 x 1000 px
+FIGSIZE = (16, 8.4)  # inches; at DPI this is 1600 x 840 px
 DPI = 100
 N_FRAMES = 8
 TARGET_COLOUR = "#1b7837"
@@ -153,7 +153,7 @@ def contact_sheet(dataset_dir: str | Path, sample: int, out_png: str | Path, que
     FigureCanvasAgg(fig)  # no pyplot: no global state, no display needed
     fig.suptitle(f"{ds.split_name} · sample {int(sample)} of {len(ds)} · {s.id}", fontsize=13, fontweight="bold")
     outer = fig.add_gridspec(
-        3, 1, height_ratios=[1, 1, 3.1], hspace=0.14, left=0.025, right=0.99, top=0.925, bottom=0.01
+        3, 1, height_ratios=[1, 1, 2.2], hspace=0.16, left=0.025, right=0.99, top=0.915, bottom=0.01
     )
     _rgb_row(fig, list(outer[0].subgridspec(1, 8, wspace=0.06)), s)
     _event_row(fig, list(outer[1].subgridspec(1, 8, wspace=0.06)), s)

@@ -77,7 +77,7 @@ def test_contact_sheet_is_a_readable_png(tmp_path, with_truth):
     out = contact_sheet(split, 1, tmp_path / "sheets" / "sheet.png")
     assert out == tmp_path / "sheets" / "sheet.png"
     img = Image.open(out)
-    assert img.format == "PNG" and img.size == (1600, 1000)
+    assert img.format == "PNG" and img.size == (1600, 840)
     assert np.asarray(img.convert("L")).std() > 10  # not blank
     assert [p.name for p in out.parent.iterdir()] == ["sheet.png"]  # no temp file left behind
 
@@ -85,7 +85,7 @@ def test_contact_sheet_is_a_readable_png(tmp_path, with_truth):
 def test_contact_sheet_with_a_question_not_in_the_ground_truth(tmp_path):
     split = _split(tmp_path / "split", with_truth=True)
     out = contact_sheet(split, 0, tmp_path / "q.png", question="Is there a giraffe?")
-    assert Image.open(out).size == (1600, 1000)
+    assert Image.open(out).size == (1600, 840)
 
 
 def test_contact_sheet_bad_sample(tmp_path):
