@@ -88,12 +88,18 @@ def new_model(role: str, tokenizer_file: Path, sizes: MiniSizes, seed: int = 0):
         text = dict(hidden_size=sizes.lm_hidden, intermediate_size=sizes.lm_intermediate,
                     num_hidden_layers=sizes.lm_layers, num_attention_heads=sizes.lm_heads)  # fmt: skip
         model, processor = build_video_llava(tokenizer_file, vision=vision, text=text, seed=seed)
-        return video_llava_from_parts(model, processor, name="mini-target")
-    if role == "draft":
+        vlm = video_llava_from_parts(model, processor, name="mini-target")
+    elif role == "draft":
         from specalign.models.eventgpt import build_eventgpt
 
-        return build_eventgpt(tokenizer_file, sizes, seed=seed)
-    raise SpecalignError(f"--role: unknown role {role!r}: choose target or draft")
+        vlm = build_eventgpt(tokenizer_file, sizes, seed=seed)
+    else:
+        raise SpecalignError(f"--role: unknown role {role!r}: choose target or draft")
+    # CLIP's shortest-edge resize + centre crop would cut 12 % off each side of a 4:3 frame, where the parked
+    # cars and buildings are: squash the whole frame into the square instead.
+    vlm.image_processor.do_center_crop = False
+    vlm.image_processor.size = {"height": sizes.image_size, "width": sizes.image_size}
+    return vlm
 
 
 def _pairs(dataset, role: str, max_clips: int | None):
