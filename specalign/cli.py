@@ -84,6 +84,21 @@ def cmd_answer(args) -> None:
     print(f"A: {vlm.answer(sample, question, max_new_tokens=args.max_new_tokens, sampling=sampling)}")
 
 
+def cmd_extract(args) -> None:
+    from specalign.align.extract import ExtractConfig, extract
+
+    cfg = ExtractConfig(
+        dataset=args.dataset, out=args.out, draft=args.draft, target=args.target, questions=args.questions,
+        questions_file=args.questions_file, max_samples=args.max_samples, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, mode=args.mode, dtype=args.dtype,
+        **({"device": args.device} if args.device else {}),
+    )  # fmt: skip
+    m = extract(cfg, progress=not args.quiet)
+    if "pairs" in m:
+        print(f"{m['pairs']} pairs in {args.out}/pairs.jsonl  ({m['samples']} samples x {len(m['questions'])} "
+              f"questions, {m['seconds_rank0']} s, peak memory {m['peak_memory_gb']} GB)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specalign", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -140,6 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train_mini)
+
+    e = sub.add_parser("extract", help="paired draft/target generations for every (sample, question)")
+    e.add_argument("--dataset", required=True, help="a split folder")
+    e.add_argument("--out", required=True, help="output folder (resumes if it holds a partial run)")
+    e.add_argument("--draft", default="mini-draft")
+    e.add_argument("--target", default="mini-target")
+    e.add_argument("--questions", type=int, default=1, help="the first N questions of the {question, count} list")
+    e.add_argument("--questions-file", default=None, help="a {question, count} JSON list (the reference format)")
+    e.add_argument("--max-samples", type=int, default=None)
+    e.add_argument("--max-new-tokens", type=int, default=50)
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--mode", default="sequential", choices=["sequential", "parallel"])
+    e.add_argument("--device", default=None)
+    e.add_argument("--dtype", default=None)
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_extract)
 
     a = sub.add_parser("answer", help="print one model's answer for one sample")
     a.add_argument("--model", default="mini-target", help="bundled name (mini-target, mini-draft) or checkpoint")

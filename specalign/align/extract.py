@@ -1,0 +1,167 @@
+"""`specalign extract`: paired greedy generations of the draft and the target for every (sample, question).
+
+Output folder (our token store, read by `align.tokens.read_pairs`):
+
+    draft.rank<R>.jsonl / target.rank<R>.jsonl   append-only: one line per finished generation
+    pairs.jsonl                                  the merged pairs, reference keys (egpt_* = draft, vl_* = target)
+    manifest.json                                settings, counts, vocab size, timing, peak memory
+
+Every finished batch is appended and flushed before the next starts, so a killed run loses at most the batch in
+flight; a re-run skips what is on disk (a torn last line is ignored), so no pair is lost or duplicated.
+`--mode sequential` loads one model at a time (peak memory about one model's); `--mode parallel` loads both.
+Under torchrun each rank takes every WORLD_SIZE-th job and writes its own files; rank 0 merges.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from specalign.data import open_dataset
+from specalign.errors import SpecalignError, fail
+from specalign.fsutil import ensure_dir, read_json, write_bytes, write_json
+from specalign.models.base import Prompt
+
+ROLES = ("draft", "target")
+
+
+@dataclass
+class ExtractConfig:
+    dataset: str
+    out: str
+    draft: str = "mini-draft"
+    target: str = "mini-target"
+    questions: int = 1  # the first N questions of the dataset's {question, count} list
+    questions_file: str | None = None
+    max_samples: int | None = None
+    max_new_tokens: int = 50
+    batch_size: int = 32
+    mode: str = "sequential"
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str | None = None
+
+
+def load_questions(cfg: ExtractConfig, dataset) -> list[str]:
+    """The question list: a {question, count} JSON (the reference's format) or the dataset's own top-N."""
+    if cfg.questions_file:
+        items = read_json(cfg.questions_file)
+        if not isinstance(items, list) or not all(isinstance(q, dict) and "question" in q for q in items):
+            raise fail(cfg.questions_file, "expected a list of {question, count} objects")
+        qs = [q["question"] for q in items]
+    else:
+        qs = [q["question"] for q in dataset.questions()] or ["What are the key elements in this scene?"]
+    if cfg.questions < 1:
+        raise SpecalignError(f"--questions: need at least 1, got {cfg.questions}")
+    return qs[: cfg.questions]
+
+
+def _rank() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _done(path: Path) -> dict[tuple[int, int], dict]:
+    """Finished records of one shard file; a torn last line (killed mid-write) is dropped."""
+    out = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        out[(r["sample_idx"], r["question_idx"])] = r
+    return out
+
+
+def _generate_role(vlm, role: str, dataset, questions, jobs, shard: Path, cfg: ExtractConfig, progress: bool):
+    done = _done(shard)
+    todo = [j for j in jobs if j not in done]
+    if shard.exists() and todo:  # rewrite without a torn tail before appending
+        write_bytes(shard, "".join(json.dumps(r) + "\n" for r in done.values()).encode())
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"extract {role}", unit="pair",
+               disable=not progress)  # fmt: skip
+    visual_cache: dict[int, dict] = {}
+    with open(shard, "a") as f:
+        for b in range(0, len(todo), cfg.batch_size):
+            chunk = todo[b : b + cfg.batch_size]
+            prompts = []
+            for s_idx, q_idx in chunk:
+                if s_idx not in visual_cache:  # the visual input is shared by all questions of a sample
+                    visual_cache = {s_idx: vlm.visual_inputs(dataset[s_idx])}
+                text = vlm.prompt_text(questions[q_idx])
+                prompts.append(Prompt(vlm.expand_prompt(text, visual_cache[s_idx]), visual_cache[s_idx], text))
+            outs = vlm.generate(prompts, max_new_tokens=cfg.max_new_tokens)
+            for (s_idx, q_idx), ids in zip(chunk, outs, strict=True):
+                rec = {"sample_idx": s_idx, "question_idx": q_idx, "sample_id": dataset[s_idx].id,
+                       "query": questions[q_idx], "tokens": ids, "text": vlm.decode(ids)}  # fmt: skip
+                f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(chunk))
+    bar.close()
+
+
+def _peak_memory_gb(device: str) -> float:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB (Linux)
+
+
+def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
+    """Run (or resume) an extraction; returns the manifest."""
+    from specalign.models import load_model
+
+    if cfg.mode not in ("sequential", "parallel"):
+        raise SpecalignError(f"--mode: unknown mode {cfg.mode!r}: choose sequential or parallel")
+    dataset = open_dataset(cfg.dataset)
+    questions = load_questions(cfg, dataset)
+    n = len(dataset) if cfg.max_samples is None else min(cfg.max_samples, len(dataset))
+    rank, world = _rank()
+    jobs = [(s, q) for s in range(n) for q in range(len(questions))][rank::world]
+    out = ensure_dir(cfg.out)
+    t0 = time.time()
+    names = {"draft": cfg.draft, "target": cfg.target}
+    vocab = {}
+    if cfg.mode == "parallel":
+        models = {r: load_model(names[r], device=cfg.device, dtype=cfg.dtype) for r in ROLES}
+    for role in ROLES:
+        vlm = models[role] if cfg.mode == "parallel" else load_model(names[role], device=cfg.device, dtype=cfg.dtype)
+        vocab[role] = vlm.vocab_size
+        _generate_role(vlm, role, dataset, questions, jobs, out / f"{role}.rank{rank}.jsonl", cfg, progress)
+        if cfg.mode == "sequential":
+            del vlm
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    seconds = time.time() - t0
+    manifest = {"settings": asdict(cfg), "questions": questions, "samples": n, "world_size": world,
+                "vocab_size": max(vocab.values()), "vocab_sizes": vocab, "seconds_rank0": round(seconds, 1),
+                "peak_memory_gb": round(_peak_memory_gb(cfg.device), 3)}  # fmt: skip
+    if rank == 0:
+        manifest["pairs"] = merge(out, world)
+        write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def merge(out: Path, world_size: int) -> int:
+    """Join the draft and target shards of every rank into pairs.jsonl (reference keys); returns the count."""
+    records = {r: {} for r in ROLES}
+    for role in ROLES:
+        for rank in range(world_size):
+            records[role].update(_done(Path(out) / f"{role}.rank{rank}.jsonl"))
+    keys = sorted(set(records["draft"]) & set(records["target"]))
+    lines = []
+    for k in keys:
+        d, t = records["draft"][k], records["target"][k]
+        lines.append(json.dumps({"sample_idx": k[0], "question_idx": k[1], "sample_id": d["sample_id"],
+                                 "query": d["query"], "egpt_tokens": d["tokens"], "egpt_text": d["text"],
+                                 "vl_tokens": t["tokens"], "vl_text": t["text"]}) + "\n")  # fmt: skip
+    write_bytes(Path(out) / "pairs.jsonl", "".join(lines).encode())
+    return len(keys)
