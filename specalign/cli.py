@@ -99,6 +99,48 @@ def cmd_extract(args) -> None:
               f"questions, {m['seconds_rank0']} s, peak memory {m['peak_memory_gb']} GB)")  # fmt: skip
 
 
+def cmd_train(args) -> None:
+    from specalign.align.train import AdapterTrainConfig, train_adapter
+
+    cfg = AdapterTrainConfig(
+        train=args.train, test=args.test, task_name=args.task_name, out_root=args.out_root, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, early_stopping=args.early_stopping, vocab_size=args.vocab_size,
+        embed_dim=args.embed_dim, num_layers=args.num_layers, num_heads=args.num_heads, token_bias=args.token_bias,
+        seed=args.seed, resume=args.resume, **({"device": args.device} if args.device else {}),
+    )  # fmt: skip
+    r = train_adapter(cfg)
+    best = r["best"]
+    print(f"{r['status']}: best epoch {r['best_epoch']}  top-1 {best['top1']:.4f}  top-5 {best['top5']:.4f}  "
+          f"baseline {best['baseline']:.4f}  ({r['seconds']:.1f} s)")  # fmt: skip
+    print(f"task folder: {r.get('task_dir', args.out_root)}")
+
+
+def cmd_tokens(args) -> None:
+    from specalign.align.tokens import read_pairs, write_pairs, write_reference_json
+
+    pairs = read_pairs(args.source)
+    if args.tokens_command == "import":
+        path = write_pairs(pairs, args.dest)
+    else:
+        path = write_reference_json(pairs, args.dest)
+    print(f"{len(pairs)} pairs -> {path}")
+
+
+def cmd_star(args) -> None:
+    import os
+    from pathlib import Path
+
+    task = Path(args.task).resolve()
+    if not (task / "results.json").is_file():
+        raise SpecalignError(f"{task}: not a task folder (results.json is missing)")
+    starred = task.parent / "starred"
+    starred.mkdir(exist_ok=True)
+    link = starred / task.name
+    if not link.exists():
+        os.symlink(os.path.relpath(task, starred), link)
+    print(f"starred: {link}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specalign", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -171,6 +213,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default=None)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_extract)
+
+    tr = sub.add_parser("train", help="train a TokenAdapter on token pairs (the reference recipe by default)")
+    tr.add_argument("--train", required=True, help="token pairs: our store folder or a reference JSON")
+    tr.add_argument("--test", required=True)
+    tr.add_argument("--task-name", default="adapter")
+    tr.add_argument("--out-root", default="task", help="task folders go here (default task/)")
+    tr.add_argument("--epochs", type=int, default=50)
+    tr.add_argument("--batch-size", type=int, default=32)
+    tr.add_argument("--lr", type=float, default=1e-4)
+    tr.add_argument("--early-stopping", type=int, default=10, help="patience in epochs; 999 disables")
+    tr.add_argument("--vocab-size", type=int, default=None, help="default: largest token id + 1")
+    tr.add_argument("--embed-dim", type=int, default=512)
+    tr.add_argument("--num-layers", type=int, default=4)
+    tr.add_argument("--num-heads", type=int, default=8)
+    tr.add_argument("--token-bias", action="store_true", help="the reference's token_bias variant")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--resume", default=None, help="a task folder to continue")
+    tr.add_argument("--device", default=None)
+    tr.set_defaults(func=cmd_train)
+
+    tok = sub.add_parser("tokens", help="convert token pairs between our store and the reference JSON")
+    toksub = tok.add_subparsers(dest="tokens_command", required=True, metavar="COMMAND")
+    for verb, helptext in (("import", "reference JSON (or folder of them) -> our store folder"),
+                           ("export", "our store folder -> one reference JSON file")):  # fmt: skip
+        tp = toksub.add_parser(verb, help=helptext)
+        tp.add_argument("source")
+        tp.add_argument("dest")
+        tp.set_defaults(func=cmd_tokens)
+
+    st = sub.add_parser("star", help="link a task folder under task/starred/")
+    st.add_argument("task")
+    st.set_defaults(func=cmd_star)
 
     a = sub.add_parser("answer", help="print one model's answer for one sample")
     a.add_argument("--model", default="mini-target", help="bundled name (mini-target, mini-draft) or checkpoint")

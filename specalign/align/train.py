@@ -1,0 +1,328 @@
+"""Train the TokenAdapter on draft/target token pairs with the reference recipe (DESIGN.md §3).
+
+AdamW (lr 1e-4, weight decay 0.01), linear warm-up then cosine decay, batch 32, 50 epochs, early stopping on test
+top-1 (patience 10), loss = `adapter_loss` (draft[:, :-1] predicts target[:, 1:], pad 0 ignored, smoothing 0.1).
+
+Writes `<out_root>/<task_name>_YYYYMMDD_HHMMSS/`: best_model/ (save_adapter), results.json, RESULTS.md,
+training_curves.png, loss_curve.png, accuracy_curve.png, and last_state.pt (for `resume=<task dir>`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from specalign.align.token_adapter import (
+    TokenAdapter,
+    TokenAdapterConfig,
+    adapter_loss,
+    save_adapter,
+    shifted_targets,
+    topk_accuracy,
+)
+from specalign.align.tokens import TokenPairs, pad_batch, read_pairs
+from specalign.errors import SpecalignError, fail
+from specalign.fsutil import atomic_path, ensure_dir, write_bytes, write_json
+
+STATE_NAME = "last_state.pt"
+PAD_ID = 0
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class AdapterTrainConfig:
+    train: str
+    test: str
+    task_name: str = "adapter"
+    out_root: str = "task"
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    early_stopping: int = 10  # patience in epochs on test top-1; 999 disables
+    vocab_size: int | None = None  # None: max token id + 1 over both files (pass 32010 for the reference size)
+    embed_dim: int = 512
+    num_layers: int = 4
+    num_heads: int = 8
+    ffn_dim: int = 2048
+    dropout: float = 0.1
+    token_bias: bool = False
+    max_len: int | None = None  # None: longest pair, capped at the adapter's max_positions (128, or 64 w/ token_bias)
+    seed: int = 0
+    device: str = field(default_factory=_default_device)
+    bf16: bool = True  # autocast on CUDA only
+    resume: str | None = None  # a task dir holding last_state.pt
+
+
+# ---------------------------------------------------------------- data
+
+
+def _load(path: str, role: str) -> TokenPairs:
+    pairs = read_pairs(path)
+    if not len(pairs):
+        raise fail(path, f"{role} set has no token pairs")
+    return pairs
+
+
+def _tensors(pairs: TokenPairs, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> draft [N, L], target [N, L], both right-padded with 0 and truncated to L."""
+    return pad_batch(pairs.draft, PAD_ID, length), pad_batch(pairs.target, PAD_ID, length)
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _autocast(cfg: AdapterTrainConfig):
+    on_cuda = torch.device(cfg.device).type == "cuda"
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and on_cuda)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(adapter: TokenAdapter, draft: torch.Tensor, target: torch.Tensor, cfg: AdapterTrainConfig) -> dict:
+    """Teacher-forced metrics over draft/target [N, L] with the training shift (logits[i] vs target[i+1]).
+
+    - top1 / top5: `topk_accuracy`, pooled over all non-pad labels;
+    - baseline: fraction of those label positions j = i+1 where the draft token at the same position already
+      equals the target token (draft[j] == target[j]): what "use the draft as is" gets, the reference's baseline;
+    - per_position: top-1 at draft position i (predicting target[i+1]), None where no label exists.
+    """
+    adapter.eval()
+    device = torch.device(cfg.device)
+    loss_sum = n_lab = hit1 = hit5 = base = 0.0
+    L = draft.shape[1]
+    pos_hit = torch.zeros(L)
+    pos_n = torch.zeros(L)
+    for s in range(0, len(draft), cfg.batch_size):
+        d, t = draft[s : s + cfg.batch_size].to(device), target[s : s + cfg.batch_size].to(device)
+        with _autocast(cfg):
+            logits = adapter(d)
+        logits = logits.float()
+        labels = shifted_targets(d, t, PAD_ID)
+        keep = labels != PAD_ID
+        k = int(keep.sum())
+        if not k:
+            continue
+        # the helpers return means over a batch's labels; weight by label count to pool over the whole set
+        loss_sum += adapter_loss(logits, d, t, PAD_ID).item() * k
+        hit1 += topk_accuracy(logits, d, t, 1, PAD_ID) * k
+        hit5 += topk_accuracy(logits, d, t, min(5, logits.shape[-1]), PAD_ID) * k
+        same = torch.zeros_like(keep)
+        same[:, :-1] = d[:, 1:] == t[:, 1:]
+        base += (same & keep).sum().item()
+        hit = (logits.argmax(-1) == labels) & keep
+        pos_hit += hit.sum(0).float().cpu()
+        pos_n += keep.sum(0).float().cpu()
+        n_lab += k
+    n = max(n_lab, 1)
+    per_pos = [(h / c) if c else None for h, c in zip(pos_hit.tolist(), pos_n.tolist(), strict=True)]
+    return {"test_loss": loss_sum / n, "top1": hit1 / n, "top5": hit5 / n, "baseline": base / n,
+            "labels": int(n_lab), "per_position": per_pos}  # fmt: skip
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _task_dir(cfg: AdapterTrainConfig) -> Path:
+    if cfg.resume:
+        path = Path(cfg.resume)
+        if not (path / STATE_NAME).is_file():
+            raise fail(path, f"cannot resume: no {STATE_NAME} in this directory")
+        return path
+    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+    root = ensure_dir(cfg.out_root)
+    path, n = root / f"{cfg.task_name}_{stamp}", 1
+    while path.exists():  # two runs in the same second
+        path, n = root / f"{cfg.task_name}_{stamp}_{n}", n + 1
+    return ensure_dir(path)
+
+
+def _save_fig(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+def _plots(task: Path, history: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+
+    def loss(ax):
+        ax.plot(ep, [h["train_loss"] for h in history], marker="o", label="train")
+        ax.plot(ep, [h["test_loss"] for h in history], marker="o", label="test")
+        ax.set(xlabel="epoch", ylabel="loss", title="Loss")
+        ax.legend()
+
+    def acc(ax):
+        ax.plot(ep, [h["top1"] for h in history], marker="o", label="top-1")
+        ax.plot(ep, [h["top5"] for h in history], marker="o", label="top-5")
+        ax.plot(ep, [h["baseline"] for h in history], linestyle="--", label="baseline (draft as is)")
+        ax.set(xlabel="epoch", ylabel="accuracy", title="Test accuracy (next target token)", ylim=(0, 1))
+        ax.legend()
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    loss(axes[0])
+    acc(axes[1])
+    fig.tight_layout()
+    _save_fig(fig, task / "training_curves.png")
+    plt.close(fig)
+    for name, draw in (("loss_curve.png", loss), ("accuracy_curve.png", acc)):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        draw(ax)
+        fig.tight_layout()
+        _save_fig(fig, task / name)
+        plt.close(fig)
+
+
+def _results_md(res: dict) -> str:
+    b = res["best"] or {}
+    lines = [f"# TokenAdapter training: {res['task_dir']}", "",
+             f"status: {res['status']}; best epoch {res['best_epoch']}; test top-1 {b.get('top1', 0):.2%}, "
+             f"top-5 {b.get('top5', 0):.2%}, baseline {b.get('baseline', 0):.2%}; {res['seconds']:.1f} s", "",
+             "| epoch | train loss | test loss | top-1 | top-5 |", "|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for h in res["history"]:
+        lines.append(f"| {h['epoch']} | {h['train_loss']:.4f} | {h['test_loss']:.4f} | {h['top1']:.2%} "
+                     f"| {h['top5']:.2%} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _finish(task: Path, cfg: AdapterTrainConfig, history, best, best_epoch, status, seconds, extra) -> dict:
+    res = {"task_dir": str(task), "status": status, "config": dataclasses.asdict(cfg), **extra,
+           "history": history, "best_epoch": best_epoch, "best": best, "final": best, "seconds": seconds}  # fmt: skip
+    write_json(task / "results.json", res)
+    write_bytes(task / "RESULTS.md", _results_md(res).encode())
+    if history:
+        _plots(task, history)
+    return res
+
+
+# ---------------------------------------------------------------- training
+
+
+def train_adapter(cfg: AdapterTrainConfig) -> dict:
+    """Train, evaluate each epoch on the test set, keep the best (test top-1) in best_model/. Returns results.json's
+    dict. NaN/inf loss -> stops, keeps the best checkpoint and results, raises SpecalignError."""
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    train, test = _load(cfg.train, "train"), _load(cfg.test, "test")
+    vocab = cfg.vocab_size
+    if vocab is None:
+        vocab = max(train.vocab_size or 0, test.vocab_size or 0, train.max_token_id() + 1, test.max_token_id() + 1)
+    for path, pairs in ((cfg.train, train), (cfg.test, test)):
+        if pairs.max_token_id() >= vocab:  # a different tokenizer, or a vocab_size set too small
+            raise fail(path, f"token id {pairs.max_token_id()} is outside the vocabulary of size {vocab} "
+                             "(train and test from different vocabularies?)")  # fmt: skip
+        if pairs.vocab_size is not None and pairs.vocab_size != vocab:
+            raise fail(path, f"vocab_size {pairs.vocab_size} differs from the configured {vocab}")
+    acfg = TokenAdapterConfig(vocab_size=vocab, embed_dim=cfg.embed_dim, num_layers=cfg.num_layers,
+                              num_heads=cfg.num_heads, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout,
+                              token_bias=cfg.token_bias, pad_id=PAD_ID)  # fmt: skip
+    if cfg.max_len is not None:
+        acfg.max_positions = max(acfg.max_positions, cfg.max_len)
+        length = cfg.max_len
+    else:
+        longest = max(len(s) for s in train.draft + train.target + test.draft + test.target)
+        length = min(max(longest, 2), acfg.max_positions)
+    train_d, train_t = _tensors(train, length)
+    test_d, test_t = _tensors(test, length)
+
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    adapter = TokenAdapter(acfg).to(device)
+    opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_d) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.epochs * steps_per_epoch))
+
+    task = _task_dir(cfg)
+    history: list[dict] = []
+    best, best_epoch, bad_epochs, start = None, 0, 0, 1
+    seconds_before = 0.0
+    if cfg.resume:
+        try:
+            state = torch.load(task / STATE_NAME, map_location="cpu", weights_only=True)
+            adapter.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+        except Exception as e:  # truncated file, or a state saved with another model size / vocabulary
+            problem = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise fail(task / STATE_NAME, f"cannot resume from this state ({problem})") from None
+        history, best, best_epoch = state["history"], state["best"], state["best_epoch"]
+        bad_epochs, start, seconds_before = state["bad_epochs"], state["epoch"] + 1, state["seconds"]
+    extra = {"vocab_size": vocab, "max_len": length, "train_pairs": len(train_d), "test_pairs": len(test_d),
+             "adapter_config": dataclasses.asdict(acfg)}  # fmt: skip
+
+    status = "completed"
+    bar = tqdm(range(start, cfg.epochs + 1), desc=cfg.task_name, unit="epoch", initial=start - 1, total=cfg.epochs)
+    for epoch in bar:
+        adapter.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # per-epoch order: a resume repeats it
+        order = torch.randperm(len(train_d), generator=gen)
+        total, count = 0.0, 0
+        for s in range(0, len(order), cfg.batch_size):
+            idx = order[s : s + cfg.batch_size]
+            d, t = train_d[idx].to(device), train_t[idx].to(device)
+            # no attention mask: padding is on the right, so causal attention never lets a real token see it
+            with _autocast(cfg):
+                logits = adapter(d)
+            loss = adapter_loss(logits, d, t, PAD_ID)
+            if not torch.isfinite(loss):
+                status = "nan"
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item()
+            count += 1
+        if status == "nan":
+            break
+        metrics = evaluate(adapter, test_d, test_t, cfg)
+        row = {"epoch": epoch, "train_loss": total / max(count, 1), "lr": sched.get_last_lr()[0],
+               **{k: metrics[k] for k in ("test_loss", "top1", "top5", "baseline")}}  # fmt: skip
+        history.append(row)
+        if best is None or metrics["top1"] > best["top1"]:
+            best, best_epoch, bad_epochs = {**metrics, "epoch": epoch}, epoch, 0
+            save_adapter(adapter, task / "best_model")
+        else:
+            bad_epochs += 1
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", top1=f"{metrics['top1']:.3f}", best=best_epoch)
+        state = {"model": adapter.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "rng": torch.get_rng_state(), "epoch": epoch, "history": history, "best": best,
+                 "best_epoch": best_epoch, "bad_epochs": bad_epochs,
+                 "seconds": seconds_before + time.time() - t0}  # fmt: skip
+        with atomic_path(task / STATE_NAME) as tmp:
+            torch.save(state, tmp)
+        if bad_epochs >= cfg.early_stopping:
+            status = "early_stopped"
+            break
+    bar.close()
+
+    res = _finish(task, cfg, history, best, best_epoch, status, seconds_before + time.time() - t0, extra)
+    if status == "nan":
+        kept = f"best checkpoint (epoch {best_epoch}) kept in {task / 'best_model'}" if best else "no checkpoint"
+        raise SpecalignError(f"{task}: training stopped at epoch {epoch}: loss became NaN/inf; {kept}")
+    return res

@@ -1,0 +1,41 @@
+"""The alignment commands end to end: tokens import/export, train, star."""
+
+import json
+
+import numpy as np
+
+from specalign.cli import main
+
+
+def write_reference(path, n, seed):
+    rng = np.random.default_rng(seed)
+    perm = np.random.default_rng(0).permutation(np.arange(1, 30))  # the mapping to learn (0 is the pad)
+    results = []
+    for i in range(n):
+        draft = rng.integers(1, 30, size=12).tolist()
+        target = [int(rng.integers(1, 30))] + [int(perm[d - 1]) for d in draft[:-1]]  # target[i+1] = f(draft[i])
+        results.append({"sample_idx": i, "question_idx": 0, "sample_id": f"s/{i:06d}", "query": "q",
+                        "egpt_tokens": draft, "egpt_text": "", "vl_tokens": target, "vl_text": ""})  # fmt: skip
+    path.write_text(json.dumps({"results": results}))
+
+
+def test_tokens_train_star(tmp_path, capsys):
+    write_reference(tmp_path / "train.json", 200, 1)
+    write_reference(tmp_path / "test.json", 40, 2)
+    assert main(["tokens", "import", str(tmp_path / "train.json"), str(tmp_path / "store")]) == 0
+    assert main(["tokens", "export", str(tmp_path / "store"), str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())["results"]
+    original = json.loads((tmp_path / "train.json").read_text())["results"]
+    assert [r["egpt_tokens"] for r in again] == [r["egpt_tokens"] for r in original]
+    args = ["train", "--train", str(tmp_path / "store"), "--test", str(tmp_path / "test.json"), "--task-name", "t",
+            "--out-root", str(tmp_path / "task"), "--epochs", "6", "--embed-dim", "32", "--num-layers", "1",
+            "--num-heads", "2", "--lr", "3e-3", "--batch-size", "16", "--device", "cpu",
+            "--vocab-size", "30"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    task = next((tmp_path / "task").glob("t_*"))
+    res = json.loads((task / "results.json").read_text())
+    assert res["best"]["top1"] > 0.8 > res["best"]["baseline"] and str(task) in out
+    assert main(["star", str(task)]) == 0
+    assert (tmp_path / "task" / "starred" / task.name / "results.json").is_file()
+    assert main(["star", str(tmp_path)]) == 2
