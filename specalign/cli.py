@@ -141,6 +141,35 @@ def cmd_star(args) -> None:
     print(f"starred: {link}")
 
 
+def cmd_evaluate(args) -> None:
+    import json
+
+    from specalign.evaluate.adapter import evaluate_adapter, latest_adapter
+    from specalign.fsutil import write_json
+
+    adapter = args.adapter or latest_adapter(args.task_root)
+    r = evaluate_adapter(adapter, args.pairs)
+    tf, ar = r["teacher_forced"], r["independent_generations_AR_comparison"]
+    print(f"adapter {adapter} on {r['count']} pairs")
+    print(
+        f"  teacher-forced: top-1 {tf['top1']:.4f}  baseline {tf['baseline']:.4f}  improvement {tf['improvement']:+.4f}"
+    )
+    print(f"  AR comparison of independent generations (not acceptance): mean consecutive matches "
+          f"{ar['mean_consecutive_matches']}, first token {ar['first_token_accuracy']:.4f}, "
+          f"total {ar['total_match_rate']:.4f}")  # fmt: skip
+    if args.out:
+        write_json(args.out, r)
+    else:
+        print(json.dumps(tf["per_position"][:20]))
+
+
+def cmd_debug_tokens(args) -> None:
+    from specalign.evaluate.adapter import debug_tokens, latest_adapter
+
+    adapter = args.adapter or latest_adapter(args.task_root)
+    print(f"wrote {debug_tokens(adapter, args.pairs, args.out, args.tokenizer, args.samples)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specalign", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -241,6 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
         tp.add_argument("source")
         tp.add_argument("dest")
         tp.set_defaults(func=cmd_tokens)
+
+    ev = sub.add_parser("evaluate", help="teacher-forced adapter metrics + the reference's AR comparison")
+    ev.add_argument("--pairs", required=True, help="token pairs (our store or reference JSON)")
+    ev.add_argument("--adapter", default=None, help="adapter folder/checkpoint (default: the latest task's)")
+    ev.add_argument("--task-root", default="task")
+    ev.add_argument("--out", default=None, help="write the full metrics JSON here")
+    ev.set_defaults(func=cmd_evaluate)
+
+    dt = sub.add_parser("debug-tokens", help="write TOKEN_ALIGNMENT_ANALYSIS.md (token-by-token comparison)")
+    dt.add_argument("--pairs", required=True)
+    dt.add_argument("--adapter", default=None)
+    dt.add_argument("--task-root", default="task")
+    dt.add_argument("--tokenizer", default=None, help="tokenizer.json to decode ids (e.g. assets/mini-target/)")
+    dt.add_argument("--samples", type=int, default=5)
+    dt.add_argument("--out", default="TOKEN_ALIGNMENT_ANALYSIS.md")
+    dt.set_defaults(func=cmd_debug_tokens)
 
     st = sub.add_parser("star", help="link a task folder under task/starred/")
     st.add_argument("task")

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from specalign.cli import main
 
@@ -39,3 +40,27 @@ def test_tokens_train_star(tmp_path, capsys):
     assert main(["star", str(task)]) == 0
     assert (tmp_path / "task" / "starred" / task.name / "results.json").is_file()
     assert main(["star", str(tmp_path)]) == 2
+
+
+def test_evaluate_and_debug_tokens(tmp_path, capsys):
+    write_reference(tmp_path / "train.json", 200, 1)
+    write_reference(tmp_path / "test.json", 40, 2)
+    common = ["--epochs", "6", "--embed-dim", "32", "--num-layers", "1", "--num-heads", "2", "--lr", "3e-3",
+              "--batch-size", "16", "--device", "cpu", "--vocab-size", "30"]  # fmt: skip
+    assert main(["train", "--train", str(tmp_path / "train.json"), "--test", str(tmp_path / "test.json"),
+                 "--out-root", str(tmp_path / "task"), *common]) == 0  # fmt: skip
+    trained = json.loads(next((tmp_path / "task").glob("adapter_*/results.json")).read_text())
+    out = tmp_path / "eval.json"
+    # no --adapter: the latest task's best model
+    assert main(["evaluate", "--pairs", str(tmp_path / "test.json"), "--task-root", str(tmp_path / "task"),
+                 "--out", str(out)]) == 0  # fmt: skip
+    r = json.loads(out.read_text())
+    assert r["teacher_forced"]["top1"] == pytest.approx(trained["best"]["top1"], abs=1e-3), "same alignment"
+    assert r["teacher_forced"]["improvement"] > 0.5
+    assert "not an acceptance rate" in r["independent_generations_AR_comparison"]["note"]
+    md = tmp_path / "TOKEN_ALIGNMENT_ANALYSIS.md"
+    assert main(["debug-tokens", "--pairs", str(tmp_path / "test.json"), "--task-root", str(tmp_path / "task"),
+                 "--samples", "2", "--out", str(md)]) == 0  # fmt: skip
+    text = md.read_text()
+    assert text.count("## Pair") == 2 and "| i | draft[i] | adapter → | target[i+1] | match |" in text
+    assert main(["evaluate", "--pairs", str(tmp_path / "test.json"), "--task-root", str(tmp_path / "none")]) == 2

@@ -1,0 +1,126 @@
+"""`specalign evaluate` and `specalign debug-tokens`: how well a TokenAdapter maps draft tokens to target tokens.
+
+Two kinds of numbers, kept apart on purpose:
+
+- teacher-forced (what the adapter was trained for): the logits after draft[: i + 1] predict target[i + 1];
+  top-1 / top-5 / per-position accuracy, against the baseline "use the draft token as is";
+- the reference's AR comparison on *independent generations*: the adapter's predictions along the draft's own
+  generation compared with the target's own generation from the first predicted position on. One early mismatch
+  ends every consecutive run here, which is why the reference saw 0 consecutive matches; a real speculative
+  decoder resyncs the draft on the target's accepted prefix instead (issue 5), so this is NOT an acceptance rate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from specalign.align.token_adapter import load_adapter
+from specalign.align.tokens import pad_batch, read_pairs
+from specalign.errors import SpecalignError
+from specalign.fsutil import write_bytes
+
+PAD_ID = 0
+
+
+def latest_adapter(root: str | Path = "task") -> Path:
+    """best_model/ of the newest task folder under root."""
+    tasks = sorted(Path(root).glob("*/best_model"), key=lambda p: p.stat().st_mtime)
+    if not tasks:
+        raise SpecalignError(f"{root}: no task folder with a best_model/ (train one or pass --adapter)")
+    return tasks[-1]
+
+
+@torch.inference_mode()
+def predictions(adapter, draft: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Adapter argmax after each draft prefix: long [N, L]; column i is the guess for target[i + 1]."""
+    out = []
+    for s in range(0, len(draft), batch_size):
+        out.append(adapter(draft[s : s + batch_size]).argmax(-1))
+    return torch.cat(out)
+
+
+def evaluate_adapter(adapter_path: str | Path, pairs_path: str | Path, batch_size: int = 64) -> dict:
+    adapter = load_adapter(adapter_path)
+    pairs = read_pairs(pairs_path)
+    length = min(max(max(len(d), len(t)) for d, t in zip(pairs.draft, pairs.target, strict=True)),
+                 adapter.config.max_positions)  # fmt: skip
+    draft, target = pad_batch(pairs.draft, PAD_ID, length), pad_batch(pairs.target, PAD_ID, length)
+    pred = predictions(adapter, draft, batch_size)
+    label = torch.full_like(target, PAD_ID)
+    label[:, :-1] = target[:, 1:]
+    keep = label != PAD_ID
+    hits = (pred == label) & keep
+    same = torch.zeros_like(keep)
+    same[:, :-1] = draft[:, 1:] == target[:, 1:]
+    per_pos = [round(float(hits[:, i].sum() / keep[:, i].sum()), 4) if keep[:, i].any() else None
+               for i in range(length)]  # fmt: skip
+    top1 = float(hits.sum() / keep.sum())
+    baseline = float((same & keep).sum() / keep.sum())
+
+    # the reference's comparison of two independent generations, from the first predicted position
+    consecutive, first, total, n_tok = [], 0, 0, 0
+    for r in range(len(draft)):
+        n = int(keep[r].sum())
+        row = hits[r, :n].tolist()
+        run = next((i for i, h in enumerate(row) if not h), n)
+        consecutive.append(run)
+        first += int(bool(row) and row[0])
+        total += sum(row)
+        n_tok += n
+    return {
+        "adapter": str(adapter_path),
+        "pairs": str(pairs_path),
+        "count": len(draft),
+        "teacher_forced": {
+            "top1": round(top1, 4),
+            "baseline": round(baseline, 4),
+            "improvement": round(top1 - baseline, 4),
+            "per_position": per_pos,
+        },  # fmt: skip
+        "independent_generations_AR_comparison": {
+            "note": "adapter predictions along the draft's own generation vs the target's own generation; "
+            "not an acceptance rate (no resync)",
+            "mean_consecutive_matches": round(sum(consecutive) / max(len(consecutive), 1), 3),
+            "first_token_accuracy": round(first / max(len(draft), 1), 4),
+            "total_match_rate": round(total / max(n_tok, 1), 4),
+        },
+    }
+
+
+def debug_tokens(
+    adapter_path, pairs_path, out: str | Path, tokenizer_file: str | None = None, samples: int = 5
+) -> Path:
+    """TOKEN_ALIGNMENT_ANALYSIS.md: draft / adapter / target token by token, with decoded text."""
+    adapter = load_adapter(adapter_path)
+    pairs = read_pairs(pairs_path)
+    tok = None
+    if tokenizer_file:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tokenizer_file))
+
+    def show(i: int) -> str:
+        return tok.id_to_token(i) if tok is not None and tok.id_to_token(i) is not None else str(i)
+
+    lines = ["# Token alignment analysis", "", f"adapter: `{adapter_path}`  ", f"pairs: `{pairs_path}`", "",
+             "Position i: the draft token, the adapter's guess for the *next* target token (after draft[: i + 1]),",
+             "and that target token (target[i + 1]).", ""]  # fmt: skip
+    for r in range(min(samples, len(pairs))):
+        d, t = pairs.draft[r], pairs.target[r]
+        n = min(len(d), len(t), adapter.config.max_positions)
+        pred = predictions(adapter, pad_batch([d[:n]], PAD_ID, n))[0].tolist()
+        if pairs.query and pairs.query[r]:
+            lines += [f"## Pair {r}: {pairs.query[r]}", ""]
+        else:
+            lines += [f"## Pair {r}", ""]
+        if tok is not None:
+            lines += [f"- draft:  {tok.decode(d)}", f"- target: {tok.decode(t)}", ""]
+        lines += ["| i | draft[i] | adapter → | target[i+1] | match |", "|---|---|---|---|---|"]
+        for i in range(n - 1):
+            ok = "✓" if pred[i] == t[i + 1] else ""
+            lines.append(f"| {i} | `{show(d[i])}` | `{show(pred[i])}` | `{show(t[i + 1])}` | {ok} |")
+        lines.append("")
+    write_bytes(out, "\n".join(lines).encode())
+    return Path(out)
