@@ -27,6 +27,9 @@ demo: $(STAMP)
 	@echo "--- the bundled target (sees 8 RGB frames) and draft (sees the event image) on test sample 0:"
 	$(BIN)/specalign answer --model mini-target --dataset $(WORLD)/my_egpt_dsec_seq_1s --sample 0
 	$(BIN)/specalign answer --model mini-draft --dataset $(WORLD)/my_egpt_dsec_seq_1s --sample 0
+	@echo "--- workflow 1q: extract pairs, train a (small, CPU-sized) TokenAdapter, evaluate:"
+	$(BIN)/specalign workflow 1q --train $(WORLD)/my_egpt_dsec_train_1s --test $(WORLD)/my_egpt_dsec_seq_1s \
+		--out $(WORLD)/runs --epochs 8 --embed-dim 256 --num-layers 2 --lr 1e-3 --device cpu --quiet
 
 test: $(STAMP)
 	$(BIN)/ruff check specalign tests benchmarks

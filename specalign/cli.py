@@ -170,6 +170,22 @@ def cmd_debug_tokens(args) -> None:
     print(f"wrote {debug_tokens(adapter, args.pairs, args.out, args.tokenizer, args.samples)}")
 
 
+def cmd_workflow(args) -> None:
+    from specalign.align.workflow import WorkflowConfig, run_workflow
+
+    s = run_workflow(WorkflowConfig(
+        name=args.name, train=args.train, test=args.test, out=args.out, draft=args.draft, target=args.target,
+        max_samples=args.max_samples, max_test_samples=args.max_test_samples, epochs=args.epochs,
+        embed_dim=args.embed_dim, num_layers=args.num_layers, num_heads=args.num_heads, lr=args.lr,
+        device=args.device), progress=not args.quiet)  # fmt: skip
+    print()
+    print("| workflow | train pairs | test pairs | baseline | adapter top-1 | improvement | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {s['workflow']} | {s['train_pairs']} | {s['test_pairs']} | {s['baseline']:.4f} | {s['top1']:.4f} | "
+          f"{s['improvement']:+.4f} | {s['seconds']} |")  # fmt: skip
+    print(f"task folder: {s['task']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specalign", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -286,6 +302,24 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--samples", type=int, default=5)
     dt.add_argument("--out", default="TOKEN_ALIGNMENT_ANALYSIS.md")
     dt.set_defaults(func=cmd_debug_tokens)
+
+    wf = sub.add_parser("workflow", help="extract (train+test) -> train -> evaluate, resumable")
+    wf.add_argument("name", choices=["1q", "10q", "50q"])
+    wf.add_argument("--train", required=True, help="train split folder")
+    wf.add_argument("--test", required=True, help="test split folder")
+    wf.add_argument("--out", default="runs", help="runs/<name>/ holds every stage and workflow.log")
+    wf.add_argument("--draft", default="mini-draft")
+    wf.add_argument("--target", default="mini-target")
+    wf.add_argument("--max-samples", type=int, default=None)
+    wf.add_argument("--max-test-samples", type=int, default=None)
+    wf.add_argument("--epochs", type=int, default=50)
+    wf.add_argument("--embed-dim", type=int, default=512)
+    wf.add_argument("--num-layers", type=int, default=4)
+    wf.add_argument("--num-heads", type=int, default=8)
+    wf.add_argument("--lr", type=float, default=1e-4)
+    wf.add_argument("--device", default=None)
+    wf.add_argument("--quiet", action="store_true")
+    wf.set_defaults(func=cmd_workflow)
 
     st = sub.add_parser("star", help="link a task folder under task/starred/")
     st.add_argument("task")

@@ -1,0 +1,29 @@
+"""The 1q workflow end to end on a tiny world with the bundled models; a re-run resumes (skips) every stage."""
+
+import json
+
+import pytest
+
+from specalign.align.workflow import WorkflowConfig, run_workflow
+from specalign.models.mini import BUNDLED
+from specalign.world.build import WorldConfig, build_world
+
+pytestmark = pytest.mark.skipif(
+    not all((p / "config.json").is_file() for p in BUNDLED.values()), reason="bundled models not present"
+)
+
+
+def test_workflow_1q_runs_and_resumes(tmp_path):
+    build_world(WorldConfig(out=str(tmp_path / "w"), train=6, test=2, clips_per_sequence=2, mp4=False), progress=False)
+    cfg = WorkflowConfig(name="1q", train=str(tmp_path / "w/my_egpt_dsec_train_1s"),
+                         test=str(tmp_path / "w/my_egpt_dsec_seq_1s"), out=str(tmp_path / "runs"), epochs=2,
+                         embed_dim=32, num_layers=1, num_heads=2, lr=1e-3, max_new_tokens=16, device="cpu")  # fmt: skip
+    s = run_workflow(cfg, progress=False)
+    run = tmp_path / "runs" / "1q"
+    assert s["train_pairs"] == 6 and s["test_pairs"] == 2
+    for f in ("workflow.log", "eval.json", "summary.json", "extract_train/pairs.jsonl", "extract_test/pairs.jsonl"):
+        assert (run / f).is_file(), f
+    again = run_workflow(cfg, progress=False)
+    assert again["task"] == s["task"] and again["top1"] == s["top1"], "a re-run resumes, it does not retrain"
+    assert "already finished" in (run / "workflow.log").read_text()
+    assert json.loads((run / "eval.json").read_text())["count"] == 2
