@@ -22,23 +22,8 @@ from specalign.models.eventgpt import (
     spatio_temporal_tokens,
 )
 from specalign.models.loading import load_state_dict
-from specalign.world.build import WorldConfig, build_world
 
 QUESTIONS = ["What are the key elements in this scene?", "Describe the road layout in detail, please."]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    cfg = WorldConfig(out=str(out), duration="500ms", train=2, test=0, width=32, height=24, clips_per_sequence=2,
-                      mp4=False)  # fmt: skip
-    build_world(cfg, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def dataset(world):
-    return open_dataset(world / "my_egpt_dsec_train_500ms")
 
 
 @pytest.fixture(scope="module")

@@ -11,29 +11,17 @@ from tiny_video_llava import (
     IMAGE_SIZE,
     PATCHES,
     QUESTIONS,
-    build_test_world,
     edit_json,
     fake_hub_cache,
     one_line_error,
     write_tiny_llava,
 )
 
-from specalign.data import open_dataset
 from specalign.errors import SpecalignError
 from specalign.models.base import Prompt
 from specalign.models.llava import load_llava
 
 MAX_NEW = 12
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return build_test_world(tmp_path_factory.mktemp("world"))
-
-
-@pytest.fixture(scope="module")
-def dataset(world):
-    return open_dataset(world / "my_egpt_dsec_train_500ms")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from tiny_video_llava import (
     IMAGE_SIZE,
     QUESTIONS,
     VIDEO_TOKENS,
-    build_test_world,
     edit_json,
     fake_hub_cache,
     one_line_error,
@@ -31,16 +30,6 @@ from specalign.models.video_llava import (
 )
 
 MAX_NEW = 12
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return build_test_world(tmp_path_factory.mktemp("world"))
-
-
-@pytest.fixture(scope="module")
-def dataset(world):
-    return open_dataset(world / "my_egpt_dsec_train_500ms")
 
 
 @pytest.fixture(scope="module")
