@@ -134,9 +134,8 @@ def _ground(c: Canvas) -> np.ndarray:
         return _BASE_CACHE[key]
     base = Canvas(np.zeros_like(c.img), c.scene, c.illum)
     h, w = c.h, c.w
-    sky_lum = 1.0 if c.scene.time_of_day != "night" else 0.0
     grad = np.linspace(1.0, 0.75, h)[:, None, None].astype(np.float32)
-    base.img[:] = grad * base.colour(SKY[c.scene.time_of_day], emissive=False) * (1 + 0 * sky_lum)
+    base.img[:] = grad * base.colour(SKY[c.scene.time_of_day])
     near, far = _row_depths(h, base.f)
     z = np.sqrt(near * far)  # a representative depth per row
     below = np.arange(h) + 1 > HORIZON * h
@@ -204,24 +203,19 @@ def _moving_ground(c: Canvas, t: float) -> None:
 
 def _draw_building(c: Canvas, x_face: float, z: float, length: float, height: float, colour, night: bool):
     """The side wall of a building along the road, from depth z to z + length: a trapezoid on screen."""
-    za, zb = max(z, Z_NEAR * 0.7), z + length
-    ua, va_bot = c.project(x_face, 0.0, za)
-    _, va_top = c.project(x_face, height, za)
-    ub, vb_bot = c.project(x_face, 0.0, zb)
-    _, vb_top = c.project(x_face, height, zb)
-    if ua > ub:  # left side of the road: the near end is on the left of the screen
-        ua, ub, va_bot, vb_bot, va_top, vb_top = ub, ua, vb_bot, va_bot, vb_top, va_top
-    fill(c, ua, ub, va_top, va_bot, vb_top, vb_bot, c.colour(colour))
+    # its two ends, the one further left on screen first (the near end on the left side of the road)
+    ends = sorted((max(z, Z_NEAR * 0.7), z + length), key=lambda d: c.project(x_face, 0.0, d)[0])
+    ua, ub = (c.project(x_face, 0.0, d)[0] for d in ends)
+
+    def rows(y_top, y_bot):  # top and bottom screen rows of a horizontal band at both ends
+        (_, t0), (_, b0) = c.project(x_face, y_top, ends[0]), c.project(x_face, y_bot, ends[0])
+        (_, t1), (_, b1) = c.project(x_face, y_top, ends[1]), c.project(x_face, y_bot, ends[1])
+        return t0, b0, t1, b1
+
+    fill(c, ua, ub, *rows(height, 0.0), c.colour(colour))
+    win = c.colour((1.0, 0.85, 0.4), emissive=True) * 0.5 if night else c.colour(GLASS)
     for level in (0.3, 0.6):  # two bands of windows, lit at night
-        y0, y1 = height * level, height * level + 1.2
-        _, ta = c.project(x_face, y1, za if ua == c.project(x_face, 0, za)[0] else zb)
-        win = c.colour((1.0, 0.85, 0.4), emissive=True) * 0.5 if night else c.colour(GLASS)
-        pa, pb = (za, zb) if c.project(x_face, 0.0, za)[0] < c.project(x_face, 0.0, zb)[0] else (zb, za)
-        _, t0 = c.project(x_face, y1, pa)
-        _, b0 = c.project(x_face, y0, pa)
-        _, t1 = c.project(x_face, y1, pb)
-        _, b1 = c.project(x_face, y0, pb)
-        fill(c, ua, ub, t0, b0, t1, b1, win)
+        fill(c, ua, ub, *rows(height * level + 1.2, height * level), win)
 
 
 def _draw_vehicle(c: Canvas, kind: str, colour: str, state: str, x: float, z: float, night: bool):
