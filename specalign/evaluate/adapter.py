@@ -18,6 +18,8 @@ import torch
 
 from specalign.align.token_adapter import load_adapter
 from specalign.align.tokens import pad_batch, read_pairs
+from specalign.align.train import AdapterTrainConfig
+from specalign.align.train import evaluate as train_evaluate
 from specalign.errors import SpecalignError
 from specalign.fsutil import write_bytes
 
@@ -47,17 +49,13 @@ def evaluate_adapter(adapter_path: str | Path, pairs_path: str | Path, batch_siz
     length = min(max(max(len(d), len(t)) for d, t in zip(pairs.draft, pairs.target, strict=True)),
                  adapter.config.max_positions)  # fmt: skip
     draft, target = pad_batch(pairs.draft, PAD_ID, length), pad_batch(pairs.target, PAD_ID, length)
+    tf = train_evaluate(adapter, draft, target, AdapterTrainConfig(train="", test="", batch_size=batch_size,
+                                                                   device="cpu"))  # fmt: skip
     pred = predictions(adapter, draft, batch_size)
     label = torch.full_like(target, PAD_ID)
     label[:, :-1] = target[:, 1:]
     keep = label != PAD_ID
     hits = (pred == label) & keep
-    same = torch.zeros_like(keep)
-    same[:, :-1] = draft[:, 1:] == target[:, 1:]
-    per_pos = [round(float(hits[:, i].sum() / keep[:, i].sum()), 4) if keep[:, i].any() else None
-               for i in range(length)]  # fmt: skip
-    top1 = float(hits.sum() / keep.sum())
-    baseline = float((same & keep).sum() / keep.sum())
 
     # the reference's comparison of two independent generations, from the first predicted position
     consecutive, first, total, n_tok = [], 0, 0, 0
@@ -74,11 +72,12 @@ def evaluate_adapter(adapter_path: str | Path, pairs_path: str | Path, batch_siz
         "pairs": str(pairs_path),
         "count": len(draft),
         "teacher_forced": {
-            "top1": round(top1, 4),
-            "baseline": round(baseline, 4),
-            "improvement": round(top1 - baseline, 4),
-            "per_position": per_pos,
-        },  # fmt: skip
+            "top1": round(tf["top1"], 4),
+            "top5": round(tf["top5"], 4),
+            "baseline": round(tf["baseline"], 4),
+            "improvement": round(tf["top1"] - tf["baseline"], 4),
+            "per_position": [None if p is None else round(p, 4) for p in tf["per_position"]],
+        },
         "independent_generations_AR_comparison": {
             "note": "adapter predictions along the draft's own generation vs the target's own generation; "
             "not an acceptance rate (no resync)",
