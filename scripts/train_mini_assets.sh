@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
-# Train the bundled mini models on the GPU machine in one call (< 10 min): build the default world,
-# train target and draft side by side on the one GPU, score them on held-out clips, run the GPU tests,
-# and leave the checkpoints as tarballs in $OUT (unpack them into assets/).
-#   usage (device): bash scripts/train_mini_assets.sh [TIME_BUDGET_SECONDS]
+# Train the bundled mini models on the GPU machine in one call (< 10 min): build a world, train target and
+# draft side by side on the one GPU (schedules fitted to the time left), score them on held-out clips, and
+# leave the checkpoints as tarballs in $OUT (unpack them into assets/).
+#   usage (device): bash scripts/train_mini_assets.sh [SECONDS_FOR_THE_WHOLE_SCRIPT]
+# Two clips per drive (not the default 8): the answers describe the drive's scene, so what the models must
+# generalise over is the number of distinct scenes; 2,600 train drives instead of 650 for ~1.3x the build time.
 set -euo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-BUDGET=${1:-320}
+TOTAL=${1:-560}
+RESERVE=${RESERVE:-80}  # visual-input preparation before training + held-out scoring + saving after it
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 start=$(date +%s)
-python3 -m specalign world build --out /tmp/world --test 800 --workers "$(nproc)" --no-mp4 --quiet | tee "$OUT/world.txt"
+python3 -m specalign world build --out /tmp/world --train 5200 --test 800 --clips-per-sequence 2 \
+  --workers "$(nproc)" --no-mp4 --quiet | tee "$OUT/world.txt"
 echo "world built in $(( $(date +%s) - start )) s" | tee -a "$OUT/world.txt"
-# the recipe of the bundled assets (lr 1e-3, 2606 and 1864 steps); BUDGET is a hard cap in seconds
-python3 -m specalign models train-mini --role target --world /tmp/world --out /tmp/mini-target --steps 2606 \
-  --time-budget "$BUDGET" --eval-clips 100 --quiet > "$OUT/train-target.log" 2>&1 &
-python3 -m specalign models train-mini --role draft --world /tmp/world --out /tmp/mini-draft --steps 1864 \
-  --time-budget "$BUDGET" --eval-clips 100 --quiet > "$OUT/train-draft.log" 2>&1 &
+budget=$(( TOTAL - ($(date +%s) - start) - RESERVE ))
+echo "training budget ${budget} s per model" | tee -a "$OUT/world.txt"
+common=(--world /tmp/world --steps 100000 --time-budget "$budget" --eval-clips 100 --clips-per-batch 64
+  --questions-per-clip 2 --quiet)
+python3 -m specalign models train-mini --role target --out /tmp/mini-target "${common[@]}" > "$OUT/train-target.log" 2>&1 &
+python3 -m specalign models train-mini --role draft --out /tmp/mini-draft "${common[@]}" > "$OUT/train-draft.log" 2>&1 &
 wait
-tail -n 30 "$OUT"/train-*.log
-for role in target draft; do tar -C /tmp -cf "$OUT/mini-$role.tar" "mini-$role"; done
-SPECALIGN_ASSETS=/tmp python3 -m pytest -q -m gpu tests/models -p no:cacheprovider 2>&1 | tail -n 15 | tee "$OUT/gpu-tests.txt"
+tail -n 45 "$OUT"/train-*.log
+for role in target draft; do
+  rm -f "/tmp/mini-$role/train_state.pt"
+  tar -C /tmp -cf "$OUT/mini-$role.tar" "mini-$role"
+done
 echo "total $(( $(date +%s) - start )) s"

@@ -59,7 +59,8 @@ def cmd_train_mini(args) -> None:
 
     cfg = TrainConfig(
         role=args.role, world=args.world, out=args.out or f"assets/mini-{args.role}", duration=args.duration,
-        steps=args.steps, clips_per_batch=args.clips_per_batch, lr=args.lr, seed=args.seed,
+        steps=args.steps, clips_per_batch=args.clips_per_batch,
+        questions_per_clip=args.questions_per_clip, lr=args.lr, seed=args.seed,
         eval_clips=args.eval_clips, max_train_clips=args.max_train_clips, sizes=SIZES.get(args.role),
         time_budget=args.time_budget,
         **({"device": args.device} if args.device else {}),
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--duration", default="1s")
     t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--clips-per-batch", type=int, default=32, help="clips per step (x4 questions each)")
+    t.add_argument("--questions-per-clip", type=int, default=4, help="questions per clip and step (default 4)")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--eval-clips", type=int, default=200, help="held-out clips scored (x50 questions)")

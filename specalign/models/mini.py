@@ -128,6 +128,25 @@ def _encode_batch(vlm, prompts_answers):
     return ids, mask, labels
 
 
+class _VisualInputs(torch.utils.data.Dataset):
+    def __init__(self, vlm, dataset, n: int):
+        self.vlm, self.dataset, self.n = vlm, dataset, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.vlm.visual_inputs(self.dataset[i])
+
+
+def _visual_inputs(vlm, dataset, n: int, progress: bool) -> list[dict]:
+    """The first n samples' visual inputs, decoded and preprocessed by worker processes (PNG decoding and the
+    image processor are the slow part of a large world's start-up)."""
+    workers = min(16, max(0, (os.cpu_count() or 1) - 1)) if n > 64 else 0
+    loader = torch.utils.data.DataLoader(_VisualInputs(vlm, dataset, n), batch_size=None, num_workers=workers)
+    return list(tqdm(loader, total=n, disable=not progress, desc="visual inputs", unit="clip"))
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
@@ -155,10 +174,7 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
     qa = _pairs(train, cfg.role, cfg.max_train_clips)
     n_clips = len(qa)
     print(f"[train-mini {cfg.role}] {n_clips} clips x {len(qa[0])} questions; preparing visual inputs", flush=True)
-    visual = []
-    for i in tqdm(range(n_clips), disable=not progress, desc="visual inputs", unit="clip"):
-        v = vlm.visual_inputs(train[i])
-        visual.append({k: t.to(device) for k, t in v.items()})
+    visual = [{k: t.to(device) for k, t in v.items()} for v in _visual_inputs(vlm, train, n_clips, progress)]
     eos = vlm.eos_token_id
     prompt_ids = {q: vlm.expand_prompt(vlm.prompt_text(q), visual[0]) for q, _ in qa[0]}
     answer_ids = {}
@@ -218,6 +234,16 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
         torch.nn.utils.clip_grad_norm_(vlm.model.parameters(), 1.0)
         opt.step()
         history.append((step, loss.item()))
+        if cfg.time_budget and step == start + 10:
+            t10 = time.time()  # the first steps pay for CUDA start-up: time the rate after them
+        if cfg.time_budget and step == start + 60:
+            # fit the schedule to the budget, so the cosine decay ends when the time does (resumes keep it)
+            rate = (time.time() - t10) / 50
+            fit = step + 1 + int((cfg.time_budget - (time.time() - t0)) / rate * 0.97)
+            if fit < cfg.steps:
+                print(f"[train-mini {cfg.role}] {fit} steps fit the time budget (of {cfg.steps})", flush=True)
+                cfg.steps = fit
+                bar.total = fit
         if cfg.time_budget and time.time() - t0 > cfg.time_budget:  # hard cap: stop and save what we have
             print(f"[train-mini {cfg.role}] time budget reached at step {step + 1} of {cfg.steps}", flush=True)
             cfg.steps = step + 1
