@@ -107,7 +107,8 @@ def cmd_train(args) -> None:
         train=args.train, test=args.test, task_name=args.task_name, out_root=args.out_root, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, early_stopping=args.early_stopping, vocab_size=args.vocab_size,
         embed_dim=args.embed_dim, num_layers=args.num_layers, num_heads=args.num_heads, token_bias=args.token_bias,
-        seed=args.seed, resume=args.resume, **({"device": args.device} if args.device else {}),
+        seed=args.seed, resume=args.resume, checkpoint_every_s=args.checkpoint_every, compile=args.compile,
+        **({"device": args.device} if args.device else {}),
     )  # fmt: skip
     r = train_adapter(cfg)
     best = r["best"]
@@ -278,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", default=None, help="a task folder to continue")
     tr.add_argument("--device", default=None)
+    tr.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=30.0,
+        help="seconds between last_state.pt saves (resume points; default 30, 0 = every epoch)",
+    )
+    tr.add_argument("--compile", action="store_true", help="torch.compile the training step (GPU; ~1 min to compile)")
     tr.set_defaults(func=cmd_train)
 
     tok = sub.add_parser("tokens", help="convert token pairs between our store and the reference JSON")
