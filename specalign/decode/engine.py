@@ -1,0 +1,211 @@
+"""A static-KV-cache decode engine over any backend's Llama language model (gpt-fast style).
+
+The engine reuses the model's own modules (projections, norms, MLPs, rotary embedding, LM head), so it computes
+what the transformers model computes, but keeps the KV cache in preallocated tensors [B, H_kv, max_len, D]:
+
+    engine = Engine(vlm, max_len=2304)
+    logits = prefill(engine, embeds)              # visual + prompt embeddings [B, T, D] -> next-token logits [B, V]
+    logits = decode_one_token(engine, token)      # token [B, 1] -> [B, V]; the CUDA-graph path on a GPU
+    logits = verify(engine, tokens)               # tokens [B, k] -> [B, k, V]: one forward over k positions
+    engine.rollback(length)                       # drop rejected tokens: just a length (stale slots are masked)
+
+On a GPU, `engine.graphs = True` replays CUDA graphs captured per (batch, k) shape: no launch overhead, no compile.
+Batches are left-padded: `pad` [B, T] marks prompt padding, and positions count real tokens only, so a padded row
+computes what it would alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from specalign.errors import SpecalignError
+
+
+def language_model(vlm):
+    """(LlamaModel-like module with embed_tokens / layers / norm / rotary_emb, lm_head) of a backend."""
+    inner = vlm.model.model
+    lm = getattr(inner, "language_model", inner)
+    for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(lm, name):
+            raise SpecalignError(f"{vlm.name}: its language model has no `{name}`: not a Llama-family model")
+    return lm, vlm.model.lm_head
+
+
+def apply_rotary(q, k, cos, sin):
+    """Llama rotary embedding: q/k [B, H, T, D], cos/sin [B, T, D]."""
+    cos, sin = cos[:, None], sin[:, None]
+
+    def rotate_half(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    tokens: torch.Tensor
+    start: torch.Tensor
+    logits: torch.Tensor
+
+
+class Engine:
+    """One model's language side with a static KV cache of `max_len` slots for `batch` rows."""
+
+    def __init__(self, vlm, max_len: int, batch: int = 1):
+        self.vlm = vlm
+        self.lm, self.head = language_model(vlm)
+        cfg = self.lm.config
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.device, self.dtype = vlm.device, vlm.dtype
+        self.max_len, self.batch = max_len, batch
+        shape = (batch, self.n_kv, max_len, self.head_dim)
+        self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.lm.layers]
+        self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.lm.layers]
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)  # real (non-pad) slots
+        self.length = 0  # slots in use (same for every row)
+        self.pos0 = torch.zeros(batch, dtype=torch.long, device=self.device)  # pad slots before row's first token
+        self.graphs: dict | bool = {} if self.device.type == "cuda" else False
+        self.slot = torch.arange(max_len, device=self.device)
+
+    # ---- one forward over T new tokens at slots [start, start + T) --------------------------------------------
+    def _forward(self, x: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D] embeddings, start long [] (a tensor, so CUDA graphs can replay at any offset) -> hidden."""
+        B, T, _ = x.shape
+        slots = start + torch.arange(T, device=x.device)  # [T]
+        positions = slots[None] - self.pos0[:, None]  # [B, T]: left padding is not counted
+        cos, sin = self.lm.rotary_emb(x, positions)
+        # query t sees real slots up to its own: [B, 1, T, max_len]
+        mask = (self.slot[None, None, :] <= slots[None, :, None]) & self.valid[:, None, :]
+        mask = mask[:, None]
+        for layer, kc, vc in zip(self.lm.layers, self.k, self.v, strict=True):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype))
+            kc.index_copy_(2, slots, k)
+            vc.index_copy_(2, slots, v)
+            o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=self.n_kv != q.shape[1])
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm.norm(x)
+
+    def _step(self, tokens: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        return self.head(self._forward(self.lm.embed_tokens(tokens), start)).float()
+
+    @torch.inference_mode()
+    def run(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append tokens long [B, k] after the current length -> logits float32 [B, k, V]."""
+        B, T = tokens.shape
+        if self.length + T > self.max_len:
+            raise SpecalignError(f"{self.vlm.name}: {self.length + T} tokens exceed the engine's cache of "
+                                 f"{self.max_len} slots (raise max_len)")  # fmt: skip
+        self.valid[:, self.length : self.length + T] = True
+        start = torch.tensor(self.length, device=self.device)
+        if self.graphs is False:
+            logits = self._step(tokens.to(self.device), start)
+        else:
+            g = self.graphs.get((B, T)) or self._capture(B, T)
+            g.tokens.copy_(tokens)
+            g.start.copy_(start)
+            g.graph.replay()
+            logits = g.logits.clone()  # the next replay overwrites the graph's output buffer
+        self.length += T
+        return logits
+
+    def _capture(self, B: int, T: int) -> _Graph:
+        tokens = torch.zeros(B, T, dtype=torch.long, device=self.device)
+        start = torch.tensor(self.length, device=self.device)
+        saved = [(k.clone(), v.clone()) for k, v in zip(self.k, self.v, strict=True)] if self.length else None
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm-up outside the graph (allocator, cuBLAS handles)
+            for _ in range(2):
+                self._step(tokens, start)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._step(tokens, start)
+        if saved:  # the warm-up and capture wrote zeros' K/V into the live slots: put the real ones back
+            for (k, v), (ks, vs) in zip(zip(self.k, self.v, strict=True), saved, strict=True):
+                k.copy_(ks)
+                v.copy_(vs)
+        self.graphs[(B, T)] = _Graph(graph, tokens, start, logits)
+        return self.graphs[(B, T)]
+
+    def rollback(self, length: int) -> None:
+        """Keep the first `length` slots; later ones are masked and will be overwritten."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot roll back to {length}: the cache holds {self.length}")
+        self.valid[:, length:] = False
+        self.length = length
+
+    def reset(self) -> None:
+        self.rollback(0)
+
+
+@torch.inference_mode()
+def prefill(engine: Engine, embeds: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+    """Prompt embeddings [B, T, D] (left-padded; pad bool [B, T] True on padding) -> logits [B, V] of the last
+    position. Starts a new sequence in the engine (eager: one call per prompt length is not worth a graph)."""
+    B, T, _ = embeds.shape
+    if T > engine.max_len:  # noqa: SIM300 (T is the prompt length)
+        raise SpecalignError(f"{engine.vlm.name}: a {T}-token prompt does not fit the engine's cache of "
+                             f"{engine.max_len} slots (raise max_len)")  # fmt: skip
+    engine.reset()
+    real = torch.ones(B, T, dtype=torch.bool, device=engine.device) if pad is None else ~pad.to(engine.device)
+    engine.valid[:, :T] = real
+    engine.pos0.copy_((~real).sum(dim=1))  # in place: captured graphs read this tensor
+    hidden = engine._forward(embeds.to(engine.device, engine.dtype), torch.tensor(0, device=engine.device))
+    engine.length = T
+    return engine.head(hidden[:, -1]).float()
+
+
+def decode_one_token(engine: Engine, token: torch.Tensor) -> torch.Tensor:
+    """token long [B] or [B, 1] -> next-token logits float32 [B, V]."""
+    return engine.run(token.reshape(-1, 1))[:, -1]
+
+
+def verify(engine: Engine, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens long [B, k] (the last accepted token + k-1 proposals) -> logits float32 [B, k, V] after each."""
+    return engine.run(tokens)
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.inference_mode()
+def prompt_embeds(vlm, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """A collated Batch -> (embeddings [B, T, D] with the visual features in place, pad bool [B, T]).
+
+    This is the model's own vision encode + splice: EventGPT exposes it (`embed_inputs`); for the transformers
+    LLaVA family the embeddings are caught on their way into the language model, which is then not run."""
+    vlm.check_tokens(batch.input_ids)
+    dev = vlm.device
+    ids, mask = batch.input_ids.to(dev), batch.attention_mask.to(dev)
+    visual = {k: v.to(dev, vlm.dtype if v.is_floating_point() else v.dtype) for k, v in batch.visual.items()}
+    if hasattr(vlm.model, "embed_inputs"):
+        return vlm.model.embed_inputs(ids, **vlm.visual_kwargs(visual)), mask == 0
+    caught = {}
+
+    def catch(module, args, kwargs):
+        caught["embeds"] = kwargs["inputs_embeds"]
+        raise _Captured
+
+    lm, _ = language_model(vlm)
+    hook = lm.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        vlm.model(input_ids=ids, attention_mask=mask, **vlm.visual_kwargs(visual))
+    except _Captured:
+        pass
+    finally:
+        hook.remove()
+    return caught["embeds"], mask == 0

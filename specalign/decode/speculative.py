@@ -1,0 +1,154 @@
+"""Lossless speculative decoding: a draft proposes gamma tokens, the target verifies them in one forward.
+
+    tokens, stats = speculative_decode(target, target_embeds, draft, gamma=4, max_new_tokens=50, eos=2)
+
+Greedy: accept the longest prefix of proposals equal to the target's argmax, then emit the target's own next
+token (the correction, or the bonus token when all gamma pass): the output is the target's greedy output.
+Sampling: the rule of Leviathan et al. 2023 (accept x with probability min(1, p(x)/q(x)); on rejection sample
+from norm(max(0, p - q)); after gamma acceptances a bonus token from p), so outputs follow the target's
+distribution. Both models' caches roll back to the accepted prefix after every round.
+
+Draft sources (`decode.sources`) share one small interface: `start()`, then `propose(accepted, gamma)` ->
+`Proposal` (tokens and, for sampling, the distributions they were drawn from).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from specalign.decode.engine import Engine, decode_one_token, prefill, verify
+from specalign.errors import SpecalignError
+from specalign.models.base import Sampling, probabilities, sample_token
+
+
+@dataclass
+class Proposal:
+    tokens: list[int]  # gamma proposed token ids
+    q: torch.Tensor | None = None  # float32 [gamma, V]: the distribution each was drawn from (None: one-hot)
+
+
+@dataclass
+class Stats:
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0  # target verify forwards
+    first_accepted: int = 0  # rounds whose first proposal was accepted
+    accepted_per_round: list[int] = field(default_factory=list)
+    seconds: dict = field(default_factory=lambda: {"prefill": 0.0, "draft": 0.0, "adapt": 0.0, "verify": 0.0})
+
+    @property
+    def alpha(self) -> float:
+        """Accepted / drafted tokens."""
+        return self.accepted / max(self.drafted, 1)
+
+    @property
+    def tau(self) -> float:
+        """Tokens emitted per target verify forward, bonus or correction token included."""
+        return (self.accepted + self.rounds) / max(self.rounds, 1)
+
+
+class Clock:
+    """Wall time of a section; synchronizes CUDA so the time lands in the right section."""
+
+    def __init__(self, device: torch.device, seconds: dict, key: str):
+        self.device, self.seconds, self.key = device, seconds, key
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[self.key] = self.seconds.get(self.key, 0.0) + time.perf_counter() - self.t
+
+
+def accept_greedy(proposal: list[int], logits: torch.Tensor) -> tuple[int, int]:
+    """logits [g + 1, V] of the target after the last accepted token and each proposal -> (accepted count n,
+    the target's token at position n)."""
+    best = logits.argmax(dim=-1).tolist()
+    n = 0
+    while n < len(proposal) and proposal[n] == best[n]:
+        n += 1
+    return n, best[n]
+
+
+def accept_sampling(proposal: Proposal, logits: torch.Tensor, sampling: Sampling, generator=None) -> tuple[int, int]:
+    """Leviathan et al.'s rule over logits [g + 1, V] -> (accepted count n, the next token)."""
+    p = probabilities(logits, sampling)  # [g + 1, V]
+    g = len(proposal.tokens)
+    if proposal.q is None:  # a deterministic draft: q is one-hot on its token
+        q = torch.zeros_like(p[:g])
+        q[torch.arange(g), torch.tensor(proposal.tokens)] = 1.0
+    else:
+        q = proposal.q.to(p.device, p.dtype)
+    u = torch.rand(g, generator=generator, device=generator.device if generator is not None else "cpu")
+    for i, x in enumerate(proposal.tokens):
+        if u[i].item() * q[i, x].item() < p[i, x].item():  # u < p/q without dividing by a zero q
+            continue
+        residual = (p[i] - q[i]).clamp(min=0)
+        if residual.sum() <= 0:  # p == q: any token of p is right
+            residual = p[i]
+        return i, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+    return g, int(torch.multinomial(p[g], 1, generator=generator))
+
+
+@torch.inference_mode()
+def target_generate(target: Engine, embeds: torch.Tensor, max_new_tokens: int, eos: int,
+                    sampling: Sampling | None = None, generator=None) -> tuple[list[int], dict]:  # fmt: skip
+    """The baseline: the target alone on the same engine, one token per forward. embeds [1, T, D]."""
+    sampling = sampling or Sampling()
+    seconds = {"prefill": 0.0, "decode": 0.0}
+    with Clock(target.device, seconds, "prefill"):
+        logits = prefill(target, embeds)
+    out = []
+    with Clock(target.device, seconds, "decode"):
+        while True:
+            token = int(sample_token(logits, sampling, generator)[0])
+            out.append(token)
+            if token == eos or len(out) >= max_new_tokens:
+                break
+            logits = decode_one_token(target, torch.tensor([token], device=target.device))
+    return out, seconds
+
+
+@torch.inference_mode()
+def speculative_decode(target: Engine, embeds: torch.Tensor, draft, gamma: int, max_new_tokens: int, eos: int,
+                       sampling: Sampling | None = None, generator=None) -> tuple[list[int], Stats]:  # fmt: skip
+    """Generate up to max_new_tokens for one prompt (embeds [1, T, D]) with the target verifying `draft`'s
+    proposals. Returns (tokens, Stats). The first token comes from the target's prefill."""
+    if gamma < 1:
+        raise SpecalignError(f"gamma must be at least 1, got {gamma}")
+    sampling = sampling or Sampling()
+    stats = Stats()
+    with Clock(target.device, stats.seconds, "prefill"):
+        logits = prefill(target, embeds)
+    prompt_len = target.length
+    out = [int(sample_token(logits, sampling, generator)[0])]
+    draft.start(stats)
+    while out[-1] != eos and len(out) < max_new_tokens:
+        g = min(gamma, max_new_tokens - len(out))
+        proposal = draft.propose(out, g, stats)
+        with Clock(target.device, stats.seconds, "verify"):
+            # the cache holds prompt + out[:-1]: feed the last emitted token and the proposals together
+            block = torch.tensor([[out[-1], *proposal.tokens]], device=target.device)
+            logits = verify(target, block)[0]  # [g + 1, V]
+            if sampling.greedy:
+                n, nxt = accept_greedy(proposal.tokens, logits)
+            else:
+                n, nxt = accept_sampling(proposal, logits, sampling, generator)
+            target.rollback(prompt_len + len(out) + n)
+        stats.rounds += 1
+        stats.drafted += len(proposal.tokens)
+        stats.accepted += n
+        stats.first_accepted += int(n > 0)
+        stats.accepted_per_round.append(n)
+        new = proposal.tokens[:n] + [nxt]
+        if eos in new:
+            new = new[: new.index(eos) + 1]
+        out += new
+    return out[:max_new_tokens], stats

@@ -1,0 +1,160 @@
+"""Speculative decoding is lossless: greedy SD emits exactly the target's greedy tokens, for every draft source and
+gamma, on the bundled mini models and on random tiny models; sampling SD follows the target's distribution."""
+
+import pytest
+import torch
+
+from specalign.align.token_adapter import TokenAdapter, TokenAdapterConfig
+from specalign.data import open_dataset
+from specalign.decode.engine import Engine, decode_one_token, prefill, prompt_embeds
+from specalign.decode.sources import AdaptedDraft, FixedDraft, VLMDraft, check_same_tokenizer
+from specalign.decode.speculative import Proposal, accept_sampling, speculative_decode, target_generate
+from specalign.errors import SpecalignError
+from specalign.models import load_model
+from specalign.models.base import Sampling
+from specalign.models.mini import MiniSizes, new_model
+from specalign.world.build import WorldConfig, build_world
+
+QUESTIONS = ["What are the key elements in this scene?", "What color are the vehicles?", "Describe the road."]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    build_world(WorldConfig(out=str(out), train=2, test=4, clips_per_sequence=2, mp4=False), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(world):
+    return open_dataset(world / "my_egpt_dsec_seq_1s")
+
+
+@pytest.fixture(scope="module")
+def minis():
+    return load_model("mini-target"), load_model("mini-draft")
+
+
+@pytest.fixture(scope="module")
+def random_pair(world):
+    """Random-weight target (Video-LLaVA) and draft (EventGPT) sharing the world's tokenizer, in float64 so that
+    near-tied logits of random weights cannot flip between a one-token and a k-token forward."""
+    tiny = MiniSizes(image_size=28, patch_size=14, vision_hidden=32, vision_layers=1, vision_heads=2, lm_hidden=64,
+                     lm_layers=2, lm_heads=4, lm_intermediate=128)  # fmt: skip
+    target = new_model("target", world / "tokenizer.json", tiny, seed=1)
+    draft = new_model("draft", world / "tokenizer.json", tiny, seed=2)
+    for vlm in (target, draft):
+        vlm.model.to(torch.float64).eval()
+        with torch.no_grad():  # sharper logits, so random models still end answers now and then
+            vlm.model.lm_head.weight.mul_(30)
+    return target, draft
+
+
+def embeds(vlm, sample, question):
+    return prompt_embeds(vlm, vlm.collate([vlm.prepare(sample, question)]))[0]
+
+
+def test_engine_matches_hf_generate_batched(minis, dataset):
+    for vlm in minis:
+        prompts = [vlm.prepare(dataset[1], q) for q in QUESTIONS]  # questions of different lengths: left padding
+        ref = vlm.generate(prompts, max_new_tokens=30)
+        emb, pad = prompt_embeds(vlm, vlm.collate(prompts))
+        engine = Engine(vlm, max_len=emb.shape[1] + 32, batch=len(prompts))
+        logits = prefill(engine, emb, pad)
+        out = [[] for _ in prompts]
+        for _ in range(30):
+            token = logits.argmax(-1)
+            for row, t in zip(out, token.tolist(), strict=True):
+                row.append(t)
+            logits = decode_one_token(engine, token)
+        for r, expected in zip(out, ref, strict=True):
+            assert r[: len(expected)] == expected
+
+
+def sources(draft_vlm, draft_engine, draft_embeds, target_tokens, vocab):
+    adapter = TokenAdapter(TokenAdapterConfig(vocab_size=vocab, embed_dim=32, num_layers=1, num_heads=2,
+                                              ffn_dim=64))  # fmt: skip
+    wrong = [(t + 1) % vocab for t in target_tokens]
+    return {
+        "draft-vlm": VLMDraft(draft_engine, draft_embeds),
+        "adaptive": VLMDraft(draft_engine, draft_embeds, min_confidence=0.5),
+        "adapter": AdaptedDraft(VLMDraft(draft_engine, draft_embeds), adapter.eval()),
+        "always-right": FixedDraft(target_tokens),
+        "always-wrong": FixedDraft(wrong),
+    }
+
+
+@pytest.mark.parametrize("pair", ["minis", "random_pair"])
+def test_greedy_sd_is_token_identical_to_target(pair, dataset, request):
+    target, draft = request.getfixturevalue(pair)
+    check_same_tokenizer(draft, target)
+    t_engine, d_engine = Engine(target, 700), Engine(draft, 400)
+    alphas = {}
+    for i in range(len(dataset)):
+        for q in QUESTIONS[: 2 if pair == "minis" else 1]:
+            te, de = embeds(target, dataset[i], q), embeds(draft, dataset[i], q)
+            ref, _ = target_generate(t_engine, te, 40, target.eos_token_id)
+            for name, src in sources(draft, d_engine, de, ref, target.vocab_size).items():
+                for gamma in (1, 3, 6):
+                    out, stats = speculative_decode(t_engine, te, src, gamma, 40, target.eos_token_id)
+                    assert out == ref, f"{name}, gamma {gamma}, sample {i}: {out} != {ref}"
+                    alphas.setdefault(name, []).append(stats.alpha)
+                    assert stats.tau == pytest.approx(1 + stats.accepted / max(stats.rounds, 1))
+    assert min(alphas["always-right"]) == 1.0 and max(alphas["always-wrong"]) == 0.0
+    if pair == "minis":  # the trained draft really helps: far above a wrong draft
+        assert sum(alphas["draft-vlm"]) / len(alphas["draft-vlm"]) > 0.1
+
+
+def test_leviathan_rule_samples_the_target_distribution():
+    """Whatever q proposes, the emitted token is distributed as p (Leviathan et al., Theorem 1)."""
+    g = torch.Generator().manual_seed(0)
+    p_logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    q = torch.tensor([[0.05, 0.05, 0.6, 0.2, 0.1]])
+    sampling = Sampling(temperature=1.0)
+    p = torch.softmax(p_logits[0], -1)
+    n = 20000
+    counts = torch.zeros(5)
+    accepted = 0
+    for _ in range(n):
+        x = int(torch.multinomial(q[0], 1, generator=g))
+        k, nxt = accept_sampling(Proposal([x], q), p_logits, sampling, g)
+        counts[x if k == 1 else nxt] += 1
+        accepted += k
+    freq = counts / n
+    assert torch.allclose(freq, p, atol=0.012), (freq, p)
+    # the acceptance rate is sum(min(p, q)) (Leviathan et al., Lemma 3.3)
+    assert accepted / n == pytest.approx(float(torch.minimum(p, q[0]).sum()), abs=0.015)
+
+
+def test_sampling_sd_runs_and_matches_target_distribution_on_first_tokens(random_pair, dataset):
+    target, draft = random_pair
+    t_engine, d_engine = Engine(target, 700), Engine(draft, 400)
+    te, de = embeds(target, dataset[0], QUESTIONS[0]), embeds(draft, dataset[0], QUESTIONS[0])
+    sampling = Sampling(temperature=1.0)
+    g = torch.Generator().manual_seed(0)
+    sd, alone = {}, {}
+    for _ in range(300):
+        src = VLMDraft(d_engine, de, sampling, g)
+        out, _ = speculative_decode(t_engine, te, src, 3, 2, target.eos_token_id, sampling, g)
+        ref, _ = target_generate(t_engine, te, 2, target.eos_token_id, sampling, g)
+        sd[out[1] if len(out) > 1 else -1] = sd.get(out[1] if len(out) > 1 else -1, 0) + 1
+        alone[ref[1] if len(ref) > 1 else -1] = alone.get(ref[1] if len(ref) > 1 else -1, 0) + 1
+    # the second token comes from verification (the first from prefill); its distribution must match
+    top = max(alone, key=alone.get)
+    assert abs(sd.get(top, 0) - alone[top]) / 300 < 0.12
+
+
+def test_bad_input_is_refused(minis, random_pair, dataset):
+    target, draft = minis
+    t_engine = Engine(target, 700)
+    te = embeds(target, dataset[0], QUESTIONS[0])
+    with pytest.raises(SpecalignError, match="gamma"):
+        speculative_decode(t_engine, te, FixedDraft([]), 0, 10, target.eos_token_id)
+    with pytest.raises(SpecalignError, match="does not fit"):
+        prefill(Engine(target, 16), te)
+    short = Engine(target, te.shape[1] + 4)
+    with pytest.raises(SpecalignError, match="exceed"):
+        target_generate(short, te, 20, -1)
+    # the random pair's tokenizer is the test world's, not the bundled models'
+    with pytest.raises(SpecalignError, match="different tokenizers"):
+        check_same_tokenizer(random_pair[1], target)
