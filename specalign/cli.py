@@ -100,6 +100,27 @@ def cmd_extract(args) -> None:
               f"questions, {m['seconds_rank0']} s, peak memory {m['peak_memory_gb']} GB)")  # fmt: skip
 
 
+def cmd_speculate(args) -> None:
+    from specalign.decode.run import SpeculateConfig, run_speculate
+
+    cfg = SpeculateConfig(
+        dataset=args.dataset, out=args.out, draft=args.draft, target=args.target, questions=args.questions,
+        questions_file=args.questions_file, max_samples=args.max_samples, gamma=args.gamma,
+        min_confidence=args.min_confidence, max_new_tokens=args.max_new_tokens,
+        use_token_adapter=args.use_token_adapter or args.token_adapter_path is not None,
+        token_adapter_path=args.token_adapter_path, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        dtype=args.dtype, hf_baseline=not args.no_hf_baseline, **({"device": args.device} if args.device else {}),
+    )  # fmt: skip
+    t = run_speculate(cfg, progress=not args.quiet)
+    r = t["totals"]
+    print(
+        f"lossless: {t['lossless']}  answers {r['answers']}  alpha {r['alpha']:.3f}  tau {r['tau']:.2f}  "
+        f"speedup {r['speedup_vs_target_engine']:.2f}x vs target alone"
+        + (f", {r['speedup_vs_hf_generate']:.2f}x vs HF generate" if r["speedup_vs_hf_generate"] else "")
+    )
+    print(f"results: {args.out}/results.json, BENCHMARK_RESULTS.md and 3 PNGs")
+
+
 def cmd_train(args) -> None:
     from specalign.align.train import AdapterTrainConfig, train_adapter
 
@@ -287,6 +308,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--compile", action="store_true", help="torch.compile the training step (GPU; ~1 min to compile)")
     tr.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("speculate", help="speculative decoding over a split: lossless check, alpha, tau, speedup")
+    sp.add_argument("--dataset", required=True, help="a split folder")
+    sp.add_argument("--out", required=True, help="results folder")
+    sp.add_argument("--draft", default="mini-draft")
+    sp.add_argument("--target", default="mini-target")
+    sp.add_argument("--questions", type=int, default=1, help="the first N questions of the {question, count} list")
+    sp.add_argument("--questions-file", default=None)
+    sp.add_argument("--max-samples", type=int, default=None)
+    sp.add_argument("--gamma", type=int, default=4, help="draft tokens per round (default 4)")
+    sp.add_argument(
+        "--min-confidence",
+        type=float,
+        default=0.0,
+        help="adaptive gamma: stop drafting when the draft's probability falls below this",
+    )
+    sp.add_argument("--max-new-tokens", type=int, default=50)
+    sp.add_argument("--use-token-adapter", action="store_true", help="map the draft's proposals through an adapter")
+    sp.add_argument("--token-adapter-path", default=None, help="a best_model/ folder (default: the latest task)")
+    sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    sp.add_argument("--top-p", type=float, default=1.0)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--device", default=None)
+    sp.add_argument("--dtype", default=None)
+    sp.add_argument("--no-hf-baseline", action="store_true", help="skip timing HF generate")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=cmd_speculate)
 
     tok = sub.add_parser("tokens", help="convert token pairs between our store and the reference JSON")
     toksub = tok.add_subparsers(dest="tokens_command", required=True, metavar="COMMAND")
