@@ -108,8 +108,11 @@ def cmd_speculate(args) -> None:
         questions_file=args.questions_file, max_samples=args.max_samples, gamma=args.gamma,
         min_confidence=args.min_confidence, max_new_tokens=args.max_new_tokens,
         use_token_adapter=args.use_token_adapter or args.token_adapter_path is not None,
-        token_adapter_path=args.token_adapter_path, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-        dtype=args.dtype, hf_baseline=not args.no_hf_baseline, **({"device": args.device} if args.device else {}),
+        token_adapter_path=args.token_adapter_path, adapter_resync=args.adapter_resync,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        dtype=args.dtype, hf_baseline=not args.no_hf_baseline, hide_prefill=args.hide_prefill,
+        draft_device=args.draft_device, target_device=args.target_device,
+        **({"device": args.device} if args.device else {}),
     )  # fmt: skip
     t = run_speculate(cfg, progress=not args.quiet)
     r = t["totals"]
@@ -327,10 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-new-tokens", type=int, default=50)
     sp.add_argument("--use-token-adapter", action="store_true", help="map the draft's proposals through an adapter")
     sp.add_argument("--token-adapter-path", default=None, help="a best_model/ folder (default: the latest task)")
+    sp.add_argument(
+        "--adapter-resync",
+        action="store_true",
+        help="map the resynced draft's per-round proposals (default: its own whole answer, as trained)",
+    )
     sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     sp.add_argument("--top-p", type=float, default=1.0)
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--device", default=None)
+    sp.add_argument("--hide-prefill", action="store_true", help="the draft drafts while the target prefills")
+    sp.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    sp.add_argument("--draft-device", default=None, help="e.g. cuda:1 (default: --device)")
+    sp.add_argument("--target-device", default=None, help="e.g. cuda:0 (default: --device)")
     sp.add_argument("--dtype", default=None)
     sp.add_argument("--no-hf-baseline", action="store_true", help="skip timing HF generate")
     sp.add_argument("--quiet", action="store_true")

@@ -69,16 +69,19 @@ class Engine:
         self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.lm.layers]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)  # real (non-pad) slots
         self.length = 0  # slots in use (same for every row)
-        self.pos0 = torch.zeros(batch, dtype=torch.long, device=self.device)  # pad slots before row's first token
+        self.count = torch.zeros(batch, dtype=torch.long, device=self.device)  # real tokens per row = next position
         self.graphs: dict | bool = {} if self.device.type == "cuda" else False
         self.slot = torch.arange(max_len, device=self.device)
 
     # ---- one forward over T new tokens at slots [start, start + T) --------------------------------------------
-    def _forward(self, x: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """x [B, T, D] embeddings, start long [] (a tensor, so CUDA graphs can replay at any offset) -> hidden."""
+    def _forward(self, x: torch.Tensor, start: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D] embeddings written to slots [start, start + T) -> last-layer hidden [B, T, D]. start is a
+        tensor, so CUDA graphs replay at any offset; positions [B, T] default to each row's next ones (padding
+        is not counted)."""
         B, T, _ = x.shape
         slots = start + torch.arange(T, device=x.device)  # [T]
-        positions = slots[None] - self.pos0[:, None]  # [B, T]: left padding is not counted
+        if positions is None:
+            positions = self.count[:, None] + torch.arange(T, device=x.device)  # [B, T]
         cos, sin = self.lm.rotary_emb(x, positions)
         # query t sees real slots up to its own: [B, 1, T, max_len]
         mask = (self.slot[None, None, :] <= slots[None, :, None]) & self.valid[:, None, :]
@@ -118,6 +121,7 @@ class Engine:
             g.graph.replay()
             logits = g.logits.clone()  # the next replay overwrites the graph's output buffer
         self.length += T
+        self.count += T
         return logits
 
     def _capture(self, B: int, T: int) -> _Graph:
@@ -145,10 +149,13 @@ class Engine:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot roll back to {length}: the cache holds {self.length}")
         self.valid[:, length:] = False
+        self.count -= self.length - length  # slots after a prompt are real tokens in every row
         self.length = length
 
     def reset(self) -> None:
-        self.rollback(0)
+        self.valid.zero_()
+        self.count.zero_()
+        self.length = 0
 
 
 @torch.inference_mode()
@@ -162,9 +169,10 @@ def prefill(engine: Engine, embeds: torch.Tensor, pad: torch.Tensor | None = Non
     engine.reset()
     real = torch.ones(B, T, dtype=torch.bool, device=engine.device) if pad is None else ~pad.to(engine.device)
     engine.valid[:, :T] = real
-    engine.pos0.copy_((~real).sum(dim=1))  # in place: captured graphs read this tensor
-    hidden = engine._forward(embeds.to(engine.device, engine.dtype), torch.tensor(0, device=engine.device))
+    positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)
+    hidden = engine._forward(embeds.to(engine.device, engine.dtype), torch.tensor(0, device=engine.device), positions)
     engine.length = T
+    engine.count.copy_(real.sum(dim=1))  # in place: captured graphs read this tensor
     return engine.head(hidden[:, -1]).float()
 
 

@@ -40,10 +40,14 @@ class SpeculateConfig:
     max_new_tokens: int = 50
     use_token_adapter: bool = False
     token_adapter_path: str | None = None  # None: the latest task's best_model/ under task/
+    adapter_resync: bool = False  # map per-round proposals (True) or the draft's own whole answer (as trained)
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    draft_device: str | None = None  # default: device (two GPUs: the draft on its own)
+    target_device: str | None = None
+    hide_prefill: bool = False  # the draft drafts while the target prefills
     dtype: str | None = None
     hf_baseline: bool = True
 
@@ -63,15 +67,15 @@ def run_speculate(cfg: SpeculateConfig, progress: bool = True) -> dict:
         path = Path(cfg.token_adapter_path) if cfg.token_adapter_path else latest_adapter()
         if not path.exists():
             raise SpecalignError(f"{path}: no TokenAdapter checkpoint here (--token-adapter-path)")
-        adapter = load_adapter(path).to(cfg.device).eval()
+        adapter = load_adapter(path).to(cfg.draft_device or cfg.device).eval()
     dataset = open_dataset(cfg.dataset)
     questions = load_questions(ExtractConfig(dataset=cfg.dataset, out="", questions=cfg.questions,
                                              questions_file=cfg.questions_file), dataset)  # fmt: skip
-    target = load_model(cfg.target, device=cfg.device, dtype=cfg.dtype)
-    draft = load_model(cfg.draft, device=cfg.device, dtype=cfg.dtype)
+    target = load_model(cfg.target, device=cfg.target_device or cfg.device, dtype=cfg.dtype)
+    draft = load_model(cfg.draft, device=cfg.draft_device or cfg.device, dtype=cfg.dtype)
     check_same_tokenizer(draft, target)
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed)
-    gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    gen = torch.Generator(device=target.device).manual_seed(cfg.seed)
     eos = target.eos_token_id
     n = len(dataset) if cfg.max_samples is None else min(cfg.max_samples, len(dataset))
     jobs = [(i, q) for i in range(n) for q in questions]
@@ -97,9 +101,10 @@ def run_speculate(cfg: SpeculateConfig, progress: bool = True) -> dict:
         target_s = time.perf_counter() - t0
         source = VLMDraft(d_engine, de, sampling, gen, cfg.min_confidence)
         if adapter is not None:
-            source = AdaptedDraft(source, adapter, sampling, gen)
+            source = AdaptedDraft(source, adapter, sampling, gen, cfg.adapter_resync, cfg.max_new_tokens)
         t0 = time.perf_counter()
-        out, stats = speculative_decode(t_engine, te, source, cfg.gamma, cfg.max_new_tokens, eos, sampling, gen)
+        out, stats = speculative_decode(t_engine, te, source, cfg.gamma, cfg.max_new_tokens, eos, sampling, gen,
+                                        cfg.hide_prefill)  # fmt: skip
         sd_s = time.perf_counter() - t0
         hf_s = None
         if cfg.hf_baseline:
@@ -111,7 +116,8 @@ def run_speculate(cfg: SpeculateConfig, progress: bool = True) -> dict:
         rows.append({
             "sample": i, "question": q, "sd_tokens": out, "target_tokens": ref, "same": out == ref,
             "alpha": stats.alpha, "tau": stats.tau, "drafted": stats.drafted, "accepted": stats.accepted,
-            "rounds": stats.rounds, "first_token_accepted": stats.first_accepted / max(stats.rounds, 1),
+            "rounds": stats.rounds, "free_tokens": stats.free_tokens,
+            "first_token_accepted": stats.first_accepted / max(stats.rounds, 1),
             "accepted_per_round": stats.accepted_per_round,
             "seconds": {"vision": seconds["vision"], **stats.seconds, "sd_total": sd_s, "target_alone": target_s,
                         "target_alone_prefill": ref_seconds["prefill"], "hf_generate": hf_s},
@@ -136,6 +142,7 @@ def _summarise(cfg, rows, target, draft) -> dict:
         "tau": (accepted + rounds) / max(rounds, 1),
         "first_token_acceptance": sum(r["first_token_accepted"] * r["rounds"] for r in rows) / max(rounds, 1),
         "mean_accepted_per_round": accepted / max(rounds, 1),
+        "free_tokens_from_prefill_hiding": sum(r["free_tokens"] for r in rows),
         "sd_tokens_per_s": tokens / sd, "target_tokens_per_s": sum(len(r["target_tokens"]) for r in rows) / alone,
         "speedup_vs_target_engine": alone / sd, "speedup_vs_hf_generate": (sum(hf) / sd) if hf else None,
         "median_speedup_vs_target_engine": statistics.median(
@@ -168,7 +175,11 @@ def _write(out: Path, res: dict) -> None:
 
 def _markdown(res: dict) -> str:
     t, c = res["totals"], res["config"]
-    src = "draft VLM + TokenAdapter" if c["use_token_adapter"] else "draft VLM (resynced on the accepted prefix)"
+    src = "draft VLM (resynced on the accepted prefix)"
+    if c["use_token_adapter"]:
+        src = "TokenAdapter over " + (
+            "the resynced draft's proposals" if c["adapter_resync"] else "the draft's own answer"
+        )
     mode = "greedy" if c["temperature"] <= 0 else f"T={c['temperature']:g} top-p={c['top_p']:g}"
     lines = [
         "# Speculative decoding results", "",
@@ -184,7 +195,9 @@ def _markdown(res: dict) -> str:
         f"{t['mean_accepted_per_round']:.2f} | {t['sd_tokens_per_s']:.1f} | {t['target_tokens_per_s']:.1f} | "
         f"{t['speedup_vs_target_engine']:.2f}x | "
         + (f"{t['speedup_vs_hf_generate']:.2f}x |" if t["speedup_vs_hf_generate"] else "- |"), "",
-        "Time by stage (s, all answers): " + ", ".join(f"{k} {v:.3f}" for k, v in t["stage_seconds"].items()), "",
+        "Time by stage (s, all answers): " + ", ".join(f"{k} {v:.3f}" for k, v in t["stage_seconds"].items())
+        + (f"; prefill hiding on: {t['free_tokens_from_prefill_hiding']} tokens accepted from drafts made during "
+           "the target's prefill" if c["hide_prefill"] else ""), "",
         "## Examples", "",
     ]  # fmt: skip
     for r in res["samples"][:5]:

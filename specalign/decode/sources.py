@@ -43,11 +43,21 @@ class VLMDraft:
         self.sampling, self.generator = sampling or Sampling(), generator
         self.min_confidence = min_confidence
 
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
     def start(self, stats: Stats) -> None:
-        with Clock(self.engine.device, stats.seconds, "draft"):
+        with Clock(self.engine.device, stats.seconds, "draft", stats.sync):
             self.logits = prefill(self.engine, self.embeds)  # [1, V]: after the last fed token
         self.prompt_len = self.engine.length
         self.fed: list[int] = []  # answer tokens in the draft's cache
+
+    def predraft(self, k: int, stats: Stats) -> Proposal:
+        """start() + k tokens drafted from the prompt alone (while the target prefills)."""
+        self.start(stats)
+        tokens, _ = self.draft([], k, stats)
+        return Proposal(tokens)
 
     def _feed(self, tokens: list[int]) -> None:
         if tokens:
@@ -56,12 +66,12 @@ class VLMDraft:
 
     def draft(self, accepted: list[int], gamma: int, stats: Stats) -> tuple[list[int], list[torch.Tensor]]:
         """Resync on `accepted`, then draft up to gamma tokens -> (tokens, their distributions [V] each)."""
-        with Clock(self.engine.device, stats.seconds, "draft"):
+        with Clock(self.engine.device, stats.seconds, "draft", stats.sync):
             same = 0
             while same < min(len(self.fed), len(accepted)) and self.fed[same] == accepted[same]:
                 same += 1
             if same < len(self.fed):  # drop the rejected drafts (and anything after them)
-                same = min(same, len(accepted) - 1)  # re-feed at least one token: its logits are needed
+                same = max(0, min(same, len(accepted) - 1))  # re-feed at least one token: its logits are needed
                 self.engine.rollback(self.prompt_len + same)
                 self.fed = self.fed[:same]
             self._feed(accepted[same:])
@@ -84,29 +94,49 @@ class VLMDraft:
 
 
 class AdaptedDraft:
-    """The draft VLM's proposals mapped through a TokenAdapter: adapter(draft tokens)[i] predicts target token
-    i + 1, so the proposal for answer position j reads the adapter at j - 1 over accepted + drafted tokens."""
+    """The draft VLM's tokens mapped through a TokenAdapter (the reference study's idea).
+
+    The adapter was trained on independent generations: adapter(draft answer)[i] predicts target answer token
+    i + 1. So by default (resync=False) the draft writes its whole answer once, from its own prompt, and the
+    proposals for answer positions n..n+gamma-1 are the adapter's predictions at n-1..n+gamma-2: no draft work
+    per round. resync=True instead maps the draft's per-round proposals, read over accepted + drafted tokens.
+    """
 
     name = "draft-vlm+adapter"
 
-    def __init__(self, inner: VLMDraft, adapter, sampling: Sampling | None = None, generator=None):
-        self.inner, self.adapter = inner, adapter
+    def __init__(self, inner: VLMDraft, adapter, sampling: Sampling | None = None, generator=None,
+                 resync: bool = False, max_new_tokens: int = 50):  # fmt: skip
+        self.inner, self.adapter, self.resync = inner, adapter, resync
         self.sampling, self.generator = sampling or Sampling(), generator
+        self.max_new_tokens = max_new_tokens
         self.device = next(adapter.parameters()).device
+
+    def _map(self, seq: list[int], first: int, count: int, stats: Stats):
+        """Adapter rows [first, first + count) over seq -> (tokens, distributions [count, V] or None)."""
+        with Clock(self.device, stats.seconds, "adapt", stats.sync), torch.inference_mode():
+            logits = self.adapter(torch.tensor([seq], device=self.device)).float()[0, first : first + count]
+            q = probabilities(logits, self.sampling) if not self.sampling.greedy else None
+            return sample_token(logits, self.sampling, self.generator).tolist(), q
 
     def start(self, stats: Stats) -> None:
         self.inner.start(stats)
+        if not self.resync:  # the draft's own answer, then the adapter's guesses at every position, once
+            answer, _ = self.inner.draft([], self.max_new_tokens, stats)
+            eos = self.inner.engine.vlm.eos_token_id
+            answer = answer[: answer.index(eos) + 1] if eos in answer else answer
+            answer = answer[: self.adapter.config.max_positions]
+            self.guesses, self.q = self._map(answer, 0, len(answer), stats)
 
-    @torch.inference_mode()
     def propose(self, accepted: list[int], gamma: int, stats: Stats) -> Proposal:
+        if not self.resync:
+            n = len(accepted)
+            tokens = self.guesses[n - 1 : n - 1 + gamma]
+            q = self.q[n - 1 : n - 1 + len(tokens)] if self.q is not None else None
+            return Proposal(tokens, q)
         drafted, _ = self.inner.draft(accepted, gamma, stats)
-        with Clock(self.device, stats.seconds, "adapt"):
-            seq = (accepted + drafted)[-self.adapter.config.max_positions :]
-            logits = self.adapter(torch.tensor([seq], device=self.device)).float()[0]
-            start = len(seq) - len(drafted) - 1  # adapter position predicting answer position n
-            rows = logits[start : start + len(drafted)]
-            q = probabilities(rows, self.sampling) if not self.sampling.greedy else None
-            tokens = sample_token(rows, self.sampling, self.generator).tolist()
+        seq = (accepted + drafted)[-self.adapter.config.max_positions :]
+        # adapter row len(seq) - len(drafted) - 1 predicts the first proposed position
+        tokens, q = self._map(seq, len(seq) - len(drafted) - 1, len(drafted), stats)
         return Proposal(tokens, q)
 
 
@@ -119,8 +149,13 @@ class FixedDraft:
     def __init__(self, tokens: list[int]):
         self.tokens = list(tokens)
 
+    device = torch.device("cpu")
+
     def start(self, stats: Stats) -> None:
         pass
+
+    def predraft(self, k: int, stats: Stats) -> Proposal:
+        return Proposal(self.tokens[:k])
 
     def propose(self, accepted: list[int], gamma: int, stats: Stats) -> Proposal:
         n = len(accepted)

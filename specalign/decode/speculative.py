@@ -14,6 +14,7 @@ Draft sources (`decode.sources`) share one small interface: `start()`, then `pro
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -38,6 +39,8 @@ class Stats:
     first_accepted: int = 0  # rounds whose first proposal was accepted
     accepted_per_round: list[int] = field(default_factory=list)
     seconds: dict = field(default_factory=lambda: {"prefill": 0.0, "draft": 0.0, "adapt": 0.0, "verify": 0.0})
+    free_tokens: int = 0  # tokens accepted from drafts made while the target was still prefilling
+    sync: bool = True  # False while the draft overlaps the target's prefill: clocks must not wait on the GPU
 
     @property
     def alpha(self) -> float:
@@ -51,18 +54,20 @@ class Stats:
 
 
 class Clock:
-    """Wall time of a section; synchronizes CUDA so the time lands in the right section."""
+    """Wall time of a section; synchronizes CUDA so the time lands in the right section (sync=False: it does
+    not, for work that overlaps other work on purpose)."""
 
-    def __init__(self, device: torch.device, seconds: dict, key: str):
+    def __init__(self, device: torch.device, seconds: dict, key: str, sync: bool = True):
         self.device, self.seconds, self.key = device, seconds, key
+        self.sync = sync and device.type == "cuda"
 
     def __enter__(self):
-        if self.device.type == "cuda":
+        if self.sync:
             torch.cuda.synchronize(self.device)
         self.t = time.perf_counter()
 
     def __exit__(self, *exc):
-        if self.device.type == "cuda":
+        if self.sync:
             torch.cuda.synchronize(self.device)
         self.seconds[self.key] = self.seconds.get(self.key, 0.0) + time.perf_counter() - self.t
 
@@ -116,23 +121,53 @@ def target_generate(target: Engine, embeds: torch.Tensor, max_new_tokens: int, e
     return out, seconds
 
 
+def prefill_hidden(target: Engine, embeds: torch.Tensor, draft, k: int, stats: Stats):
+    """The target prefills while the draft prefills and drafts k tokens from the prompt alone (its own CUDA
+    stream on a shared GPU; on another device it simply runs while the target's kernels do). Returns (target
+    logits [1, V], the k pre-drafted tokens). Timed as one 'prefill' section: the draft's part is hidden in it."""
+    side = None
+    if target.device.type == "cuda" and draft.device == target.device:
+        side = torch.cuda.Stream(target.device)
+        side.wait_stream(torch.cuda.current_stream(target.device))
+    with Clock(target.device, stats.seconds, "prefill"):
+        logits = prefill(target, embeds)  # on a GPU this only queues the kernels
+        stats.sync = False
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            drafted = draft.predraft(k, stats)
+        stats.sync = True
+        if side is not None:
+            torch.cuda.current_stream(target.device).wait_stream(side)
+    return logits, drafted
+
+
 @torch.inference_mode()
 def speculative_decode(target: Engine, embeds: torch.Tensor, draft, gamma: int, max_new_tokens: int, eos: int,
-                       sampling: Sampling | None = None, generator=None) -> tuple[list[int], Stats]:  # fmt: skip
+                       sampling: Sampling | None = None, generator=None,
+                       hide_prefill: bool = False) -> tuple[list[int], Stats]:  # fmt: skip
     """Generate up to max_new_tokens for one prompt (embeds [1, T, D]) with the target verifying `draft`'s
-    proposals. Returns (tokens, Stats). The first token comes from the target's prefill."""
+    proposals. Returns (tokens, Stats). The first token comes from the target's prefill.
+
+    hide_prefill: the draft drafts gamma + 1 tokens while the target prefills; when the target's first token
+    equals the first of them, the other gamma are verified at once: tokens for free, in the prefill's shadow."""
     if gamma < 1:
         raise SpecalignError(f"gamma must be at least 1, got {gamma}")
     sampling = sampling or Sampling()
     stats = Stats()
-    with Clock(target.device, stats.seconds, "prefill"):
-        logits = prefill(target, embeds)
+    pre = None
+    if hide_prefill and hasattr(draft, "predraft"):
+        logits, pre = prefill_hidden(target, embeds, draft, gamma + 1, stats)
+    else:
+        with Clock(target.device, stats.seconds, "prefill"):
+            logits = prefill(target, embeds)
+        draft.start(stats)
     prompt_len = target.length
     out = [int(sample_token(logits, sampling, generator)[0])]
-    draft.start(stats)
     while out[-1] != eos and len(out) < max_new_tokens:
         g = min(gamma, max_new_tokens - len(out))
-        proposal = draft.propose(out, g, stats)
+        if pre is not None and sampling.greedy and pre.tokens[:1] == out and len(out) == 1:
+            proposal = Proposal(pre.tokens[1 : g + 1])  # drafted during the prefill
+        else:
+            proposal = draft.propose(out, g, stats)
         with Clock(target.device, stats.seconds, "verify"):
             # the cache holds prompt + out[:-1]: feed the last emitted token and the proposals together
             block = torch.tensor([[out[-1], *proposal.tokens]], device=target.device)
@@ -147,6 +182,9 @@ def speculative_decode(target: Engine, embeds: torch.Tensor, draft, gamma: int, 
         stats.accepted += n
         stats.first_accepted += int(n > 0)
         stats.accepted_per_round.append(n)
+        if pre is not None and stats.rounds == 1 and pre.tokens[:1] == out:
+            stats.free_tokens = n
+        pre = None
         new = proposal.tokens[:n] + [nxt]
         if eos in new:
             new = new[: new.index(eos) + 1]

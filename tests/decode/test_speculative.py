@@ -79,6 +79,7 @@ def sources(draft_vlm, draft_engine, draft_embeds, target_tokens, vocab):
         "draft-vlm": VLMDraft(draft_engine, draft_embeds),
         "adaptive": VLMDraft(draft_engine, draft_embeds, min_confidence=0.5),
         "adapter": AdaptedDraft(VLMDraft(draft_engine, draft_embeds), adapter.eval()),
+        "adapter-resync": AdaptedDraft(VLMDraft(draft_engine, draft_embeds), adapter, resync=True),
         "always-right": FixedDraft(target_tokens),
         "always-wrong": FixedDraft(wrong),
     }
@@ -96,10 +97,14 @@ def test_greedy_sd_is_token_identical_to_target(pair, dataset, request):
             ref, _ = target_generate(t_engine, te, 40, target.eos_token_id)
             for name, src in sources(draft, d_engine, de, ref, target.vocab_size).items():
                 for gamma in (1, 3, 6):
-                    out, stats = speculative_decode(t_engine, te, src, gamma, 40, target.eos_token_id)
-                    assert out == ref, f"{name}, gamma {gamma}, sample {i}: {out} != {ref}"
-                    alphas.setdefault(name, []).append(stats.alpha)
-                    assert stats.tau == pytest.approx(1 + stats.accepted / max(stats.rounds, 1))
+                    for hide in (False, True) if name in ("draft-vlm", "always-right") else (False,):
+                        out, stats = speculative_decode(t_engine, te, src, gamma, 40, target.eos_token_id,
+                                                        hide_prefill=hide)  # fmt: skip
+                        assert out == ref, f"{name}, gamma {gamma}, hidden prefill {hide}, sample {i}: {out} != {ref}"
+                        alphas.setdefault(name, []).append(stats.alpha)
+                        assert stats.tau == pytest.approx(1 + stats.accepted / max(stats.rounds, 1))
+                        if hide and name == "always-right":
+                            assert stats.free_tokens == min(gamma, len(ref) - 1)
     assert min(alphas["always-right"]) == 1.0 and max(alphas["always-wrong"]) == 0.0
     if pair == "minis":  # the trained draft really helps: far above a wrong draft
         assert sum(alphas["draft-vlm"]) / len(alphas["draft-vlm"]) > 0.1
