@@ -74,10 +74,11 @@ class Engine:
         self.slot = torch.arange(max_len, device=self.device)
 
     # ---- one forward over T new tokens at slots [start, start + T) --------------------------------------------
-    def _forward(self, x: torch.Tensor, start: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, D] embeddings written to slots [start, start + T) -> last-layer hidden [B, T, D]. start is a
-        tensor, so CUDA graphs replay at any offset; positions [B, T] default to each row's next ones (padding
-        is not counted)."""
+    def _forward(self, x: torch.Tensor, start, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D] embeddings written to slots [start, start + T) -> last-layer hidden [B, T, D].
+
+        start: an int, or a tensor [] inside CUDA graphs (so they replay at any offset). positions [B, T]: by
+        default each row's next ones (padding is not counted)."""
         B, T, _ = x.shape
         slots = start + torch.arange(T, device=x.device)  # [T]
         if positions is None:
@@ -111,13 +112,12 @@ class Engine:
             raise SpecalignError(f"{self.vlm.name}: {self.length + T} tokens exceed the engine's cache of "
                                  f"{self.max_len} slots (raise max_len)")  # fmt: skip
         self.valid[:, self.length : self.length + T] = True
-        start = torch.tensor(self.length, device=self.device)
         if self.graphs is False:
-            logits = self._step(tokens.to(self.device), start)
+            logits = self._step(tokens.to(self.device), self.length)
         else:
             g = self.graphs.get((B, T)) or self._capture(B, T)
             g.tokens.copy_(tokens)
-            g.start.copy_(start)
+            g.start.fill_(self.length)  # a kernel argument, not a host-to-device copy: the host never waits
             g.graph.replay()
             logits = g.logits.clone()  # the next replay overwrites the graph's output buffer
         self.length += T
@@ -170,7 +170,7 @@ def prefill(engine: Engine, embeds: torch.Tensor, pad: torch.Tensor | None = Non
     real = torch.ones(B, T, dtype=torch.bool, device=engine.device) if pad is None else ~pad.to(engine.device)
     engine.valid[:, :T] = real
     positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)
-    hidden = engine._forward(embeds.to(engine.device, engine.dtype), torch.tensor(0, device=engine.device), positions)
+    hidden = engine._forward(embeds.to(engine.device, engine.dtype), 0, positions)
     engine.length = T
     engine.count.copy_(real.sum(dim=1))  # in place: captured graphs read this tensor
     return engine.head(hidden[:, -1]).float()

@@ -118,7 +118,7 @@ def run_speculate(cfg: SpeculateConfig, progress: bool = True) -> dict:
             "alpha": stats.alpha, "tau": stats.tau, "drafted": stats.drafted, "accepted": stats.accepted,
             "rounds": stats.rounds, "free_tokens": stats.free_tokens,
             "first_token_accepted": stats.first_accepted / max(stats.rounds, 1),
-            "accepted_per_round": stats.accepted_per_round,
+            "accepted_per_round": stats.accepted_per_round, "drafted_per_round": stats.drafted_per_round,
             "seconds": {"vision": seconds["vision"], **stats.seconds, "sd_total": sd_s, "target_alone": target_s,
                         "target_alone_prefill": ref_seconds["prefill"], "hf_generate": hf_s},
             "sd_text": target.decode(out), "target_text": target.decode(ref),

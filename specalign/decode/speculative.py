@@ -38,6 +38,7 @@ class Stats:
     rounds: int = 0  # target verify forwards
     first_accepted: int = 0  # rounds whose first proposal was accepted
     accepted_per_round: list[int] = field(default_factory=list)
+    drafted_per_round: list[int] = field(default_factory=list)
     seconds: dict = field(default_factory=lambda: {"prefill": 0.0, "draft": 0.0, "adapt": 0.0, "verify": 0.0})
     free_tokens: int = 0  # tokens accepted from drafts made while the target was still prefilling
     sync: bool = True  # False while the draft overlaps the target's prefill: clocks must not wait on the GPU
@@ -182,6 +183,7 @@ def speculative_decode(target: Engine, embeds: torch.Tensor, draft, gamma: int, 
         stats.accepted += n
         stats.first_accepted += int(n > 0)
         stats.accepted_per_round.append(n)
+        stats.drafted_per_round.append(len(proposal.tokens))
         if pre is not None and stats.rounds == 1 and pre.tokens[:1] == out:
             stats.free_tokens = n
         pre = None
