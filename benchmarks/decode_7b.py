@@ -1,0 +1,260 @@
+"""Benchmark: the decode engine at 7B shape on one GPU (issue 5). Random weights: right timing, no meaning.
+
+Target: the Video-LLaVA-7B language model (Llama-7B, vocab 32,064) after a 2,080-token prompt (8 frames x 257
+tokens + text); draft: the EventGPT-7B language model (Llama-7B, vocab 32,000) after a 620-token prompt
+(577 event tokens + text); bf16, batch 1. Measures:
+- target-alone decode ms/token on our engine (CUDA graphs; with the per-token host read a real loop does, and
+  without), eager, and HF `generate` (DynamicCache) for comparison; goal <= 4.5 ms/token;
+- prefill time; vision encode time (CLIP ViT-L/14 on 8 frames at 224, and ViT-L/14-336 on one event image);
+- verify cost of k = 1..16 tokens relative to one decode step;
+- a projection of end-to-end SD speedup: the acceptance traces `benchmarks/speculate_mini.py` measured on
+  minidsec (per answer: tokens drafted and accepted each round) replayed through these 7B-shaped engines.
+Writes benchmarks/results/decode_7b.json.
+
+    python benchmarks/decode_7b.py [--traces /tmp/speculate_runs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from specalign.decode.engine import Engine, decode_one_token, prefill, verify  # noqa: E402
+from specalign.fsutil import write_json  # noqa: E402
+from specalign.models.base import VLM  # noqa: E402
+
+DEVICE = "cuda"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)  # fmt: skip
+
+
+def llama_7b(vocab: int, name: str) -> VLM:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(DEVICE):
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **LLAMA_7B)).eval()
+    torch.set_default_dtype(torch.float32)
+    return VLM(model=model, tokenizer=None, name=name)
+
+
+def sync_time(fn, repeat: int = 5) -> float:
+    """Median wall seconds of fn() over `repeat` runs (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def decode_loop(engine: Engine, embeds, n: int, host_read: bool) -> float:
+    """ms/token of n greedy decode steps after a prefill (host_read: int(token) each step, like a real loop)."""
+    logits = prefill(engine, embeds)
+    token = logits.argmax(-1)
+    sync()
+    t = time.perf_counter()
+    for _ in range(n):
+        token = decode_one_token(engine, token).argmax(-1)
+        if host_read:
+            int(token[0])
+    sync()
+    return (time.perf_counter() - t) / n * 1e3
+
+
+def vision_ms() -> dict:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    out = {}
+    for name, size, images in (("video_llava_8_frames_224", 224, 8), ("eventgpt_1_image_336", 336, 1)):
+        cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                               image_size=size, patch_size=14)  # fmt: skip
+        with torch.device(DEVICE):
+            tower = CLIPVisionModel(cfg).to(torch.bfloat16).eval()
+            pixels = torch.randn(images, 3, size, size, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            out[name] = round(sync_time(lambda t=tower, x=pixels: t(pixel_values=x)) * 1e3, 2)
+        del tower
+    return out
+
+
+def replay(target: Engine, t_embeds, draft: Engine, d_embeds, sample: dict, gamma: int, mode: str) -> tuple:
+    """Re-time one answer's SD trace at this shape -> (SD seconds, target-alone seconds).
+
+    mode 'resync': each round the draft feeds the target's new tokens, then drafts (gamma - 1 more steps);
+    'answer': the draft writes its whole answer first (the adapter maps it; the adapter itself is negligible);
+    'hidden': like resync, but the draft's prefill + first gamma + 1 tokens overlap the target's prefill."""
+    n_tokens = len(sample["target_tokens"])
+    one = torch.zeros(1, 1, dtype=torch.long, device=DEVICE)
+    sync()
+    t = time.perf_counter()
+    prefill(target, t_embeds)
+    for _ in range(n_tokens - 1):
+        int(decode_one_token(target, one[0]).argmax(-1)[0])
+    sync()
+    alone = time.perf_counter() - t
+
+    sync()
+    t = time.perf_counter()
+    if mode == "hidden" and DEVICE == "cuda":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        prefill(target, t_embeds)
+        with torch.cuda.stream(side):
+            prefill(draft, d_embeds)
+            for _ in range(gamma):
+                int(decode_one_token(draft, one[0]).argmax(-1)[0])
+        torch.cuda.current_stream().wait_stream(side)
+    elif mode == "hidden":
+        prefill(target, t_embeds)
+        prefill(draft, d_embeds)
+        for _ in range(gamma):
+            int(decode_one_token(draft, one[0]).argmax(-1)[0])
+    else:
+        prefill(target, t_embeds)
+        prefill(draft, d_embeds)
+    if mode == "answer":
+        for _ in range(n_tokens):
+            int(decode_one_token(draft, one[0]).argmax(-1)[0])
+    base_t, base_d = target.length, draft.length
+    emitted = 1
+    pre_drafted = mode == "hidden" and sample.get("free_tokens", 0) > 0
+    for r, (g, n) in enumerate(zip(sample["drafted_per_round"], sample["accepted_per_round"], strict=True)):
+        if mode != "answer" and not (pre_drafted and r == 0):
+            verify(draft, one)  # the draft takes in the target's newest token, then drafts
+            for _ in range(max(g - 1, 0)):
+                int(decode_one_token(draft, one[0]).argmax(-1)[0])
+        logits = verify(target, one.expand(1, g + 1))
+        int(logits[0, -1].argmax())
+        emitted += n + 1
+        target.rollback(base_t + emitted - 1)  # both caches keep the accepted prefix only
+        if mode != "answer":
+            draft.rollback(min(draft.length, base_d + emitted - 1))
+    sync()
+    return time.perf_counter() - t, alone
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--context", type=int, default=2080)
+    p.add_argument("--draft-context", type=int, default=620)
+    p.add_argument("--tokens", type=int, default=100)
+    p.add_argument("--traces", default=None, help="folder of speculate runs (source*/results.json) to replay")
+    p.add_argument("--replay-answers", type=int, default=24)
+    p.add_argument("--result", default=str(Path(__file__).parent / "results" / "decode_7b.json"))
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing")
+    args = p.parse_args()
+    global DEVICE
+    if args.smoke:
+        DEVICE = "cpu"
+        LLAMA_7B.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=4)  # fmt: skip
+    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)"
+    res = {"benchmark": "decode_7b", "machine": {"gpu": gpu, "torch": torch.__version__},
+           "setup": {"weights": "random (timing only)", "dtype": "bf16", "batch": 1, "target_context": args.context,
+                     "draft_context": args.draft_context, "shapes": "Llama-7B LMs of Video-LLaVA-7B (vocab 32064) and "
+                     "EventGPT-7B (vocab 32000)"}}  # fmt: skip
+    res["vision_encode_ms"] = vision_ms() if not args.smoke else {}
+    print(json.dumps(res["vision_encode_ms"]), flush=True)
+
+    target = llama_7b(32064, "video-llava-7b-shape")
+    max_len = args.context + args.tokens + 40
+    engine = Engine(target, max_len)
+    embeds = torch.randn(1, args.context, LLAMA_7B["hidden_size"], device=DEVICE, dtype=torch.bfloat16) * 0.02
+    res["prefill_ms"] = round(sync_time(lambda: prefill(engine, embeds)) * 1e3, 2)
+    decode_loop(engine, embeds, 8, True)  # captures the decode graph
+    graph = [decode_loop(engine, embeds, args.tokens, True) for _ in range(3)]
+    graph_async = [decode_loop(engine, embeds, args.tokens, False) for _ in range(3)]
+    graphs, engine.graphs = engine.graphs, False
+    eager = [decode_loop(engine, embeds, 20, True) for _ in range(2)]
+    engine.graphs = graphs
+    res["decode_ms_per_token"] = {
+        "engine_cuda_graphs": round(statistics.median(graph), 3),
+        "engine_cuda_graphs_no_host_read": round(statistics.median(graph_async), 3),
+        "engine_eager": round(statistics.median(eager), 3),
+        "goal": 4.5,
+    }
+    print(json.dumps(res["decode_ms_per_token"]), flush=True)
+    try:  # HF generate with a DynamicCache, the reference's path (prefill + 50 tokens minus prefill + 1)
+
+        def gen(n):
+            return target.model.generate(inputs_embeds=embeds, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+        with torch.inference_mode():
+            t1, t51 = sync_time(lambda: gen(1), 2), sync_time(lambda: gen(51), 2)
+        res["decode_ms_per_token"]["hf_generate"] = round((t51 - t1) / 50 * 1e3, 3)
+    except Exception as e:  # noqa: BLE001 (recorded in the result, not fatal)
+        res["decode_ms_per_token"]["hf_generate_error"] = str(e).splitlines()[0][:200]
+    print(json.dumps(res["decode_ms_per_token"]), flush=True)
+
+    prefill(engine, embeds)
+    base = engine.length
+    one = torch.zeros(1, 1, dtype=torch.long, device=DEVICE)
+    verify_ms = {}
+    for k in range(1, 17):
+
+        def step(k=k):
+            engine.rollback(base)
+            verify(engine, one.expand(1, k))
+
+        verify_ms[k] = sync_time(step, 20) * 1e3
+    res["verify_ms"] = {k: round(v, 3) for k, v in verify_ms.items()}
+    res["verify_cost_vs_decode"] = {k: round(v / verify_ms[1], 3) for k, v in verify_ms.items()}
+    print(json.dumps(res["verify_cost_vs_decode"]), flush=True)
+
+    draft = llama_7b(32000, "eventgpt-7b-shape")
+    d_engine = Engine(draft, args.draft_context + 120)
+    d_embeds = torch.randn(1, args.draft_context, LLAMA_7B["hidden_size"], device=DEVICE, dtype=torch.bfloat16) * 0.02
+    res["draft_prefill_ms"] = round(sync_time(lambda: prefill(d_engine, d_embeds)) * 1e3, 2)
+    decode_loop(d_engine, d_embeds, 8, True)
+    res["draft_decode_ms_per_token"] = round(statistics.median(
+        [decode_loop(d_engine, d_embeds, args.tokens, True) for _ in range(3)]), 3)  # fmt: skip
+    print(json.dumps({k: res[k] for k in ("prefill_ms", "draft_prefill_ms", "draft_decode_ms_per_token")}))
+
+    if args.traces:
+        res["projection"] = []
+        for f in sorted(Path(args.traces).glob("source*/results.json")):
+            run = json.loads(f.read_text())
+            c = run["config"]
+            mode = "answer" if c["use_token_adapter"] and not c["adapter_resync"] else (
+                "hidden" if c["hide_prefill"] else "resync")  # fmt: skip
+            samples = run["samples"][: args.replay_answers]
+            for eng, emb in ((engine, embeds), (d_engine, d_embeds)):  # capture every verify width before timing
+                prefill(eng, emb)
+                for k in range(1, c["gamma"] + 2):
+                    verify(eng, one.expand(1, k))
+                    eng.rollback(emb.shape[1])
+            replay(engine, embeds, d_engine, d_embeds, samples[0], c["gamma"], mode)
+            sd = alone = 0.0
+            for s in samples:
+                a, b = replay(engine, embeds, d_engine, d_embeds, s, c["gamma"], mode)
+                sd, alone = sd + a, alone + b
+            row = {"trace": str(f.parent), "mode": mode, "gamma": c["gamma"], "alpha_minidsec": run["totals"]["alpha"],
+                   "tau_minidsec": run["totals"]["tau"], "answers": len(samples),
+                   "projected_speedup": round(alone / sd, 3),
+                   "label": "projection: minidsec acceptance replayed at 7B shape"}  # fmt: skip
+            res["projection"].append(row)
+            print(json.dumps(row), flush=True)
+    write_json(args.result, res)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Benchmark: speculative decoding on the bundled mini models (real acceptance) for each draft source (issue 5).
+
+Runs `specalign speculate` (greedy, gamma 4) over the test split of a minidsec world with each source: the draft
+VLM resynced on the accepted prefix (plain, with prefill hiding, with adaptive gamma) and the TokenAdapter (over
+the draft's own answer, and over resynced proposals). Reports lossless, alpha, tau, speedup vs the target alone on
+the same engine and vs HF generate. Each run's results.json (with its acceptance traces) is kept under --runs for
+benchmarks/decode_7b.py to replay at 7B shape. Writes benchmarks/results/speculate_mini.json.
+
+    python benchmarks/speculate_mini.py --adapter TASK/best_model [--world DIR] [--samples 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from specalign.decode.run import SpeculateConfig, run_speculate  # noqa: E402
+from specalign.fsutil import write_json  # noqa: E402
+from specalign.world.build import WorldConfig, build_world  # noqa: E402
+
+SOURCES = {
+    "draft-vlm": {},
+    "draft-vlm, prefill hidden": {"hide_prefill": True},
+    "draft-vlm, adaptive gamma (p >= 0.3)": {"min_confidence": 0.3},
+    "adapter over the draft's answer": {"use_token_adapter": True},
+    "adapter over resynced proposals": {"use_token_adapter": True, "adapter_resync": True},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--world", default="/tmp/speculate_world", help="built here (test split only) when missing")
+    p.add_argument("--adapter", required=True, help="a TokenAdapter best_model/ for the adapter sources")
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--runs", default="/tmp/speculate_runs", help="each source's speculate output folder")
+    p.add_argument("--result", default=str(Path(__file__).parent / "results" / "speculate_mini.json"))
+    args = p.parse_args()
+    world = Path(args.world)
+    if not (world / "my_egpt_dsec_seq_1s").is_dir():
+        build_world(WorldConfig(out=str(world), train=0, test=args.samples, clips_per_sequence=2, mp4=False,
+                                workers=8), progress=False)  # fmt: skip
+    rows = []
+    for i, (name, opts) in enumerate(SOURCES.items()):
+        out = Path(args.runs) / f"source{i}"
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = SpeculateConfig(dataset=str(world / "my_egpt_dsec_seq_1s"), out=str(out), max_samples=args.samples,
+                              gamma=args.gamma, token_adapter_path=args.adapter, **opts)  # fmt: skip
+        res = run_speculate(cfg, progress=False)
+        t = res["totals"]
+        rows.append({"source": name, "run": str(out), "lossless": res["lossless"], **{k: t[k] for k in (
+            "answers", "tokens", "alpha", "tau", "first_token_acceptance", "mean_accepted_per_round",
+            "free_tokens_from_prefill_hiding", "sd_tokens_per_s", "target_tokens_per_s",
+            "speedup_vs_target_engine", "speedup_vs_hf_generate", "stage_seconds")}})  # fmt: skip
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "stage_seconds"}), flush=True)
+    write_json(args.result, {
+        "benchmark": "speculate_mini",
+        "machine": {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+                    "torch": torch.__version__},
+        "setup": {"target": "mini-target", "draft": "mini-draft", "adapter": args.adapter, "gamma": args.gamma,
+                  "greedy": True, "max_new_tokens": 50, "questions": 1, "samples": args.samples,
+                  "world": "minidsec test split, 2 clips per drive, seed 0"},
+        "rows": rows,
+    })  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
