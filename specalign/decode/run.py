@@ -219,16 +219,25 @@ def _plots(out: Path, res: dict) -> None:
         plt.close(fig)
 
     stages = res["totals"]["stage_seconds"]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    left = 0.0
-    for k, v in stages.items():
-        ax.barh(["SD"], [v], left=left, label=k)
-        left += v
+    colours = {"vision": "tab:blue", "prefill": "tab:orange", "draft": "tab:green", "adapt": "tab:red",
+               "verify": "tab:purple", "decode": "tab:grey"}  # fmt: skip
+    alone_prefill = sum(r["seconds"]["target_alone_prefill"] for r in res["samples"])
     alone = sum(r["seconds"]["target_alone"] for r in res["samples"])
-    ax.barh(["target alone"], [alone], color="grey", label="target alone (decode + prefill)")
-    ax.set_xlabel("seconds over all answers")
-    ax.set_title("Where the time goes")
-    ax.legend(fontsize=8, ncol=3, loc="lower right")
+    rows = {"vision encode\n(both models)": {"vision": stages["vision"]},
+            "SD": {k: stages[k] for k in ("prefill", "draft", "adapt", "verify")},
+            "target alone": {"prefill": alone_prefill, "decode": alone - alone_prefill}}  # fmt: skip
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    seen = set()
+    for label, parts in rows.items():
+        left = 0.0
+        for k, v in parts.items():
+            ax.barh([label], [v], left=left, color=colours[k], label=None if k in seen else k)
+            seen.add(k)
+            left += v
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds over all answers (the speedup compares SD with target alone; vision is paid by both)")
+    ax.set_title(f"Where the time goes: SD {res['totals']['speedup_vs_target_engine']:.2f}x vs target alone")
+    ax.legend(fontsize=8, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)
     save(fig, "timing_breakdown.png")
 
     per_round = [n for r in res["samples"] for n in r["accepted_per_round"]]
