@@ -5,6 +5,8 @@ Output folder (our token store, read by `align.tokens.read_pairs`):
     draft.rank<R>.jsonl / target.rank<R>.jsonl   append-only: one line per finished generation
     pairs.jsonl                                  the merged pairs, reference keys (egpt_* = draft, vl_* = target)
     manifest.json                                settings, counts, vocab size, timing, peak memory
+    hidden/<role>.rank<R>.<n>.safetensors        with --hidden-states: per finished batch, "<sample>_<question>"
+                                                 -> last-layer hidden states [n_tokens, D] (`load_hidden_states`)
 
 Every finished batch is appended and flushed before the next starts, so a killed run loses at most the batch in
 flight; a re-run skips what is on disk (a torn last line is ignored), so no pair is lost or duplicated.
@@ -25,7 +27,7 @@ from tqdm import tqdm
 
 from specalign.data import open_dataset
 from specalign.errors import SpecalignError, fail
-from specalign.fsutil import ensure_dir, read_json, write_bytes, write_json
+from specalign.fsutil import atomic_path, ensure_dir, read_json, write_bytes, write_json
 from specalign.models.base import Prompt
 
 ROLES = ("draft", "target")
@@ -45,6 +47,10 @@ class ExtractConfig:
     mode: str = "sequential"
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: str | None = None
+    hidden_states: bool = False  # also store each token's last-layer hidden state (safetensors under hidden/)
+
+
+HIDDEN_DIR = "hidden"
 
 
 def load_questions(cfg: ExtractConfig, dataset) -> list[str]:
@@ -96,15 +102,57 @@ def _generate_role(vlm, role: str, dataset, questions, jobs, shard: Path, cfg: E
                     visual_cache = {s_idx: vlm.visual_inputs(dataset[s_idx])}
                 text = vlm.prompt_text(questions[q_idx])
                 prompts.append(Prompt(vlm.expand_prompt(text, visual_cache[s_idx]), visual_cache[s_idx], text))
-            outs = vlm.generate(prompts, max_new_tokens=cfg.max_new_tokens)
+            hidden_file = None
+            if cfg.hidden_states:
+                outs, feats = vlm.generate(prompts, max_new_tokens=cfg.max_new_tokens, return_hidden=True)
+                # written (atomically) before the lines that point at it: a kill never leaves a dangling name
+                hidden_file = _write_hidden(shard.parent, shard.stem, chunk, feats)
+            else:
+                outs = vlm.generate(prompts, max_new_tokens=cfg.max_new_tokens)
             for (s_idx, q_idx), ids in zip(chunk, outs, strict=True):
                 rec = {"sample_idx": s_idx, "question_idx": q_idx, "sample_id": dataset[s_idx].id,
                        "query": questions[q_idx], "tokens": ids, "text": vlm.decode(ids)}  # fmt: skip
+                if hidden_file:
+                    rec["hidden_file"] = hidden_file
                 f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(chunk))
     bar.close()
+
+
+def _write_hidden(out: Path, stem: str, chunk, feats) -> str:
+    """One safetensors file per finished batch: key "<sample_idx>_<question_idx>" -> [n_tokens, D]."""
+    from safetensors.torch import save_file
+
+    folder = ensure_dir(out / HIDDEN_DIR)
+    n = len(list(folder.glob(f"{stem}.*.safetensors")))
+    name = f"{HIDDEN_DIR}/{stem}.{n:06d}.safetensors"
+    tensors = {f"{s}_{q}": h.contiguous() for (s, q), h in zip(chunk, feats, strict=True)}
+    with atomic_path(out / name) as tmp:
+        save_file(tensors, str(tmp))
+    return name
+
+
+def load_hidden_states(out: str | Path, role: str) -> dict[tuple[int, int], torch.Tensor]:
+    """{(sample_idx, question_idx): last-layer hidden states [n_tokens, D]} of one role ("draft" or "target") of
+    an extraction run with --hidden-states; row i is the feature token i was predicted from."""
+    from safetensors import safe_open
+
+    if role not in ROLES:
+        raise SpecalignError(f"role must be one of {ROLES}, got {role!r}")
+    out = Path(out)
+    result = {}
+    for line in (out / "pairs.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        name = rec.get(f"{role}_hidden_file")
+        if name is None:
+            raise fail(out / "pairs.jsonl", "no hidden states in this run (extract with --hidden-states)")
+        with safe_open(str(out / name), framework="pt") as f:
+            result[(rec["sample_idx"], rec["question_idx"])] = f.get_tensor(
+                f"{rec['sample_idx']}_{rec['question_idx']}"
+            )
+    return result
 
 
 def _peak_memory_gb(device: str) -> float:
@@ -128,9 +176,9 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
     jobs = [(s, q) for s in range(n) for q in range(len(questions))][rank::world]
     out = ensure_dir(cfg.out)
     previous = out / "manifest.json"
-    finished = world == 1 and previous.exists()
+    finished = world == 1 and previous.exists() and read_json(previous).get("settings") == asdict(cfg)
     if finished and all(set(jobs) <= set(_done(out / f"{r}.rank0.jsonl")) for r in ROLES):
-        return read_json(previous)  # finished before: nothing to load
+        return read_json(previous)  # the same run finished before: nothing to load
     t0 = time.time()
     names = {"draft": cfg.draft, "target": cfg.target}
     vocab = {}
@@ -166,6 +214,8 @@ def merge(out: Path, world_size: int) -> int:
         d, t = records["draft"][k], records["target"][k]
         lines.append(json.dumps({"sample_idx": k[0], "question_idx": k[1], "sample_id": d["sample_id"],
                                  "query": d["query"], "egpt_tokens": d["tokens"], "egpt_text": d["text"],
-                                 "vl_tokens": t["tokens"], "vl_text": t["text"]}) + "\n")  # fmt: skip
+                                 "vl_tokens": t["tokens"], "vl_text": t["text"],
+                                 **({"draft_hidden_file": d["hidden_file"], "target_hidden_file": t["hidden_file"]}
+                                    if "hidden_file" in d and "hidden_file" in t else {})}) + "\n")  # fmt: skip
     write_bytes(Path(out) / "pairs.jsonl", "".join(lines).encode())
     return len(keys)

@@ -6,6 +6,7 @@ import pytest
 
 from specalign.align.extract import ExtractConfig, extract
 from specalign.cli import main
+from specalign.errors import SpecalignError
 from specalign.models.mini import BUNDLED
 from specalign.world.build import WorldConfig, build_world
 
@@ -60,3 +61,31 @@ def test_bad_questions_file(split, tmp_path, capsys):
                  "--device", "cpu", "--quiet"]) == 2  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(bad) in err
+
+
+def test_hidden_states_are_the_features_each_token_was_predicted_from(split, tmp_path):
+    from specalign.align.extract import load_hidden_states
+    from specalign.models import load_model
+
+    cfg = ExtractConfig(dataset=str(split), out=str(tmp_path / "h"), questions=2, max_new_tokens=10, batch_size=3,
+                        device="cpu", hidden_states=True)  # fmt: skip
+    extract(cfg, progress=False)
+    recs = pairs(tmp_path / "h")
+    for role, key, name in (("draft", "egpt_tokens", "mini-draft"), ("target", "vl_tokens", "mini-target")):
+        hidden = load_hidden_states(tmp_path / "h", role)
+        head = load_model(name).model.lm_head
+        for p in recs:
+            h = hidden[(p["sample_idx"], p["question_idx"])]
+            assert h.shape == (len(p[key]), head.in_features)
+            # greedy: the LM head on the stored feature gives back the stored token
+            assert head(h.float()).argmax(-1).tolist() == p[key]
+    # the same folder asked for again with other settings is another run (not "finished"): its manifest says so,
+    # and the pairs already on disk keep their hidden states
+    plain = extract(ExtractConfig(**{**cfg.__dict__, "hidden_states": False}), progress=False)
+    assert plain["settings"]["hidden_states"] is False and plain["pairs"] == 4
+    assert len(load_hidden_states(tmp_path / "h", "draft")) == 4
+    other = extract(ExtractConfig(**{**cfg.__dict__, "out": str(tmp_path / "p"), "hidden_states": False}),
+                    progress=False)  # fmt: skip
+    assert other["pairs"] == 4
+    with pytest.raises(SpecalignError, match="hidden states"):
+        load_hidden_states(tmp_path / "p", "draft")
