@@ -173,6 +173,11 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
     questions = load_questions(cfg, dataset)
     n = len(dataset) if cfg.max_samples is None else min(cfg.max_samples, len(dataset))
     rank, world = _rank()
+    if world > 1:  # torchrun / accelerate launch: one process per GPU; rank 0 merges once every rank is done
+        if cfg.device.startswith("cuda"):
+            cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo")  # only for the barrier before the merge
     jobs = [(s, q) for s in range(n) for q in range(len(questions))][rank::world]
     out = ensure_dir(cfg.out)
     previous = out / "manifest.json"
@@ -196,6 +201,8 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
     manifest = {"settings": asdict(cfg), "questions": questions, "samples": n, "world_size": world,
                 "vocab_size": max(vocab.values()), "vocab_sizes": vocab, "seconds_rank0": round(seconds, 1),
                 "peak_memory_gb": round(_peak_memory_gb(cfg.device), 3)}  # fmt: skip
+    if world > 1:
+        torch.distributed.barrier()
     if rank == 0:
         manifest["pairs"] = merge(out, world)
         write_json(out / "manifest.json", manifest)

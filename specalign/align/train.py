@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -161,22 +162,53 @@ def train_epoch(adapter, opt, sched, draft: torch.Tensor, target: torch.Tensor, 
     Returns the mean training loss, NaN/inf when the loss diverged (the pass stops there). The loss is summed on
     the device and looked at every 50 steps, so the GPU never waits on the host in between.
     """
+    rank, world = _rank_world()
     adapter.train()
     total = torch.zeros((), device=draft.device)
     count = 0
     for s in range(0, len(order), cfg.batch_size):
-        idx = order[s : s + cfg.batch_size]
+        idx = order[s : s + cfg.batch_size][rank::world]  # under DDP each rank takes its share of the global batch
         d, t = draft[idx], target[idx]
         loss = loss_fn(adapter, d, t, cfg.bf16)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP averages the gradients over the ranks here
         opt.step()
         sched.step()
         total += loss.detach()
         count += 1
-        if count % 50 == 0 and not torch.isfinite(total):
+        if count % 50 == 0 and _any_rank(~torch.isfinite(total)):
             break
+    if world > 1:
+        torch.distributed.all_reduce(total)
+        total /= world
     return (total / max(count, 1)).item()
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _any_rank(flag: torch.Tensor) -> bool:
+    """True when the flag is set on any rank (every rank must stop together, or the others hang in DDP)."""
+    if _rank_world()[1] > 1:
+        flag = flag.float()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag)
+
+
+def _init_distributed(cfg: AdapterTrainConfig) -> tuple[int, int]:
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1): one process per GPU (or CPU process, gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if torch.device(cfg.device).type == "cuda":
+        cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(cfg.device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    return torch.distributed.get_rank(), world
 
 
 # ---------------------------------------------------------------- outputs
@@ -251,6 +283,8 @@ def _results_md(res: dict) -> str:
 def _finish(task: Path, cfg: AdapterTrainConfig, history, best, best_epoch, status, seconds, extra) -> dict:
     res = {"task_dir": str(task), "status": status, "config": dataclasses.asdict(cfg), **extra,
            "history": history, "best_epoch": best_epoch, "best": best, "final": best, "seconds": seconds}  # fmt: skip
+    if _rank_world()[0] != 0:  # under DDP rank 0 writes; every rank returns the same results
+        return res
     write_json(task / "results.json", res)
     write_bytes(task / "RESULTS.md", _results_md(res).encode())
     if history:
@@ -267,6 +301,7 @@ def train_adapter(cfg: AdapterTrainConfig) -> dict:
     from tqdm.auto import tqdm
 
     t0 = time.time()
+    rank, world = _init_distributed(cfg)
     train, test = _load(cfg.train, "train"), _load(cfg.test, "test")
     vocab = cfg.vocab_size
     if vocab is None:
@@ -291,13 +326,21 @@ def train_adapter(cfg: AdapterTrainConfig) -> dict:
     test_d, test_t = _tensors(test, length)
 
     torch.manual_seed(cfg.seed)
-    adapter = TokenAdapter(acfg).to(device)
+    adapter = TokenAdapter(acfg).to(device)  # same seed: the same initial weights on every rank
+    model = adapter  # what the training step runs: under DDP, the wrapper that averages gradients
+    if world > 1:
+        ids = [device] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(adapter, device_ids=ids)
     opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=device.type == "cuda")  # fmt: skip
     steps_per_epoch = math.ceil(len(train_d) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.epochs * steps_per_epoch))
 
-    task = _task_dir(cfg)
+    task = _task_dir(cfg) if rank == 0 else None
+    if world > 1:  # rank 0 names the task folder (a timestamp); the others follow it
+        box = [str(task) if task else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        task = Path(box[0])
     history: list[dict] = []
     best, best_epoch, bad_epochs, start = None, 0, 0, 1
     seconds_before = 0.0
@@ -319,11 +362,12 @@ def train_adapter(cfg: AdapterTrainConfig) -> dict:
     loss_fn = torch.compile(step_loss) if cfg.compile else step_loss
     last_save = time.time()
     status = "completed"
-    bar = tqdm(range(start, cfg.epochs + 1), desc=cfg.task_name, unit="epoch", initial=start - 1, total=cfg.epochs)
+    bar = tqdm(range(start, cfg.epochs + 1), desc=cfg.task_name, unit="epoch", initial=start - 1, total=cfg.epochs,
+               disable=rank != 0)  # fmt: skip
     for epoch in bar:
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # per-epoch order: a resume repeats it
         order = torch.randperm(len(train_d), generator=gen).to(device)
-        train_loss = train_epoch(adapter, opt, sched, train_d, train_t, order, cfg, loss_fn)
+        train_loss = train_epoch(model, opt, sched, train_d, train_t, order, cfg, loss_fn)
         if not math.isfinite(train_loss):
             status = "nan"
             break
@@ -333,13 +377,14 @@ def train_adapter(cfg: AdapterTrainConfig) -> dict:
         history.append(row)
         if best is None or metrics["top1"] > best["top1"]:
             best, best_epoch, bad_epochs = {**metrics, "epoch": epoch}, epoch, 0
-            save_adapter(adapter, task / "best_model")
+            if rank == 0:
+                save_adapter(adapter, task / "best_model")
         else:
             bad_epochs += 1
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", top1=f"{metrics['top1']:.3f}", best=best_epoch)
         stop = bad_epochs >= cfg.early_stopping
         # a kill loses at most checkpoint_every_s of training; the final state is always written
-        if stop or epoch == cfg.epochs or time.time() - last_save >= cfg.checkpoint_every_s:
+        if rank == 0 and (stop or epoch == cfg.epochs or time.time() - last_save >= cfg.checkpoint_every_s):
             state = {"model": adapter.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "rng": torch.get_rng_state(), "epoch": epoch, "history": history, "best": best,
                      "best_epoch": best_epoch, "bad_epochs": bad_epochs,

@@ -89,3 +89,20 @@ def test_hidden_states_are_the_features_each_token_was_predicted_from(split, tmp
     assert other["pairs"] == 4
     with pytest.raises(SpecalignError, match="hidden states"):
         load_hidden_states(tmp_path / "p", "draft")
+
+
+def test_two_ranks_under_torchrun_give_the_same_pairs(split, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    args = ["extract", "--dataset", str(split), "--questions", "2", "--max-new-tokens", "8", "--device", "cpu",
+            "--quiet"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29518", "-m", "specalign", *args, "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "two" / "draft.rank1.jsonl").is_file(), "rank 1 wrote its own shard"
+    main([*args, "--out", str(tmp_path / "one")])
+    assert pairs(tmp_path / "two") == pairs(tmp_path / "one")

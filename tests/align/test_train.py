@@ -135,3 +135,39 @@ def test_early_stopping_on_test_top1(files, tmp_path):
     res = train_adapter(config(files, tmp_path, epochs=20, early_stopping=2))
     assert res["status"] == "early_stopped"
     assert len(res["history"]) == res["best_epoch"] + 2 < 20
+
+
+DDP_SCRIPT = """
+import json, sys
+from specalign.align.train import AdapterTrainConfig, train_adapter
+cfg = AdapterTrainConfig(**json.loads(sys.argv[1]))
+res = train_adapter(cfg)
+print("RESULT", json.dumps({"history": res["history"], "task_dir": res["task_dir"]}))
+"""
+
+
+def test_ddp_on_two_cpu_processes_trains_like_one(files, tmp_path):
+    """torchrun with 2 processes (gloo): each rank takes half of every global batch, DDP averages the gradients;
+    rank 0 alone writes the task folder. The curve follows the single-process run."""
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    cfg = config(files, tmp_path / "ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", str(script), json.dumps(dataclasses.asdict(cfg))],
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == 2 and results[0] == results[1], "both ranks end with the same history"
+    tasks = list((tmp_path / "ddp" / "task").iterdir())
+    assert len(tasks) == 1 and (tasks[0] / "results.json").is_file() and (tasks[0] / "best_model").is_dir()
+    single = train_adapter(config(files, tmp_path / "one"))["history"]
+    ddp = results[0]["history"]
+    assert ddp[-1]["top1"] > 0.9
+    for a, b in zip(single, ddp, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.1)
