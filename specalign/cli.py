@@ -92,6 +92,7 @@ def cmd_extract(args) -> None:
         dataset=args.dataset, out=args.out, draft=args.draft, target=args.target, questions=args.questions,
         questions_file=args.questions_file, max_samples=args.max_samples, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, mode=args.mode, dtype=args.dtype, hidden_states=args.hidden_states,
+        engine=args.engine,
         **({"device": args.device} if args.device else {}),
     )  # fmt: skip
     m = extract(cfg, progress=not args.quiet)
@@ -281,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=50)
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--mode", default="sequential", choices=["sequential", "parallel"])
+    e.add_argument("--engine", default="static", choices=["static", "hf"],
+                   help="static: our static-cache engine, the visual prefix prefilled once per sample (default); "
+                   "hf: transformers generate (used anyway with --hidden-states)")  # fmt: skip
     e.add_argument(
         "--hidden-states",
         action="store_true",

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from specalign.data import open_dataset
+from specalign.decode.batch import generate_shared
 from specalign.errors import SpecalignError, fail
 from specalign.fsutil import atomic_path, ensure_dir, read_json, write_bytes, write_json
 from specalign.models.base import Prompt
@@ -48,6 +49,7 @@ class ExtractConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: str | None = None
     hidden_states: bool = False  # also store each token's last-layer hidden state (safetensors under hidden/)
+    engine: str = "static"  # static: our static-cache engine, shared prefix per sample | hf: transformers generate
 
 
 HIDDEN_DIR = "hidden"
@@ -92,18 +94,23 @@ def _generate_role(vlm, role: str, dataset, questions, jobs, shard: Path, cfg: E
         write_bytes(shard, "".join(json.dumps(r) + "\n" for r in done.values()).encode())
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"extract {role}", unit="pair",
                disable=not progress)  # fmt: skip
-    visual_cache: dict[int, dict] = {}
+    engines: dict = {}
     with open(shard, "a") as f:
-        for b in range(0, len(todo), cfg.batch_size):
-            chunk = todo[b : b + cfg.batch_size]
-            prompts = []
+        for chunk in _chunks(todo, cfg.batch_size, len(questions)):
+            prompts, visual = [], {}
             for s_idx, q_idx in chunk:
-                if s_idx not in visual_cache:  # the visual input is shared by all questions of a sample
-                    visual_cache = {s_idx: vlm.visual_inputs(dataset[s_idx])}
+                if s_idx not in visual:  # the visual input is shared by all questions of a sample
+                    visual[s_idx] = vlm.visual_inputs(dataset[s_idx])
                 text = vlm.prompt_text(questions[q_idx])
-                prompts.append(Prompt(vlm.expand_prompt(text, visual_cache[s_idx]), visual_cache[s_idx], text))
+                prompts.append(Prompt(vlm.expand_prompt(text, visual[s_idx]), visual[s_idx], text))
             hidden_file = None
-            if cfg.hidden_states:
+            if cfg.engine == "static" and not cfg.hidden_states:
+                groups: dict[int, list] = {}
+                for (s_idx, _), p in zip(chunk, prompts, strict=True):
+                    groups.setdefault(s_idx, []).append(p)
+                outs = [a for answers in generate_shared(vlm, list(groups.values()), cfg.max_new_tokens, engines)
+                        for a in answers]  # fmt: skip
+            elif cfg.hidden_states:
                 outs, feats = vlm.generate(prompts, max_new_tokens=cfg.max_new_tokens, return_hidden=True)
                 # written (atomically) before the lines that point at it: a kill never leaves a dangling name
                 hidden_file = _write_hidden(shard.parent, shard.stem, chunk, feats)
@@ -119,6 +126,18 @@ def _generate_role(vlm, role: str, dataset, questions, jobs, shard: Path, cfg: E
             os.fsync(f.fileno())
             bar.update(len(chunk))
     bar.close()
+
+
+def _chunks(todo: list[tuple[int, int]], batch_size: int, questions: int):
+    """Batches of whole samples (all their questions together, so their shared prefix is encoded once), about
+    batch_size jobs each; a sample left half-done by a killed run simply makes a smaller group."""
+    per = max(1, batch_size // questions)
+    by_sample: dict[int, list] = {}
+    for job in todo:
+        by_sample.setdefault(job[0], []).append(job)
+    samples = list(by_sample.values())
+    for b in range(0, len(samples), per):
+        yield [job for jobs in samples[b : b + per] for job in jobs]
 
 
 def _write_hidden(out: Path, stem: str, chunk, feats) -> str:
@@ -167,6 +186,8 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
     """Run (or resume) an extraction; returns the manifest."""
     from specalign.models import load_model
 
+    if cfg.engine not in ("static", "hf"):
+        raise SpecalignError(f"--engine: unknown engine {cfg.engine!r}: choose static or hf")
     if cfg.mode not in ("sequential", "parallel"):
         raise SpecalignError(f"--mode: unknown mode {cfg.mode!r}: choose sequential or parallel")
     dataset = open_dataset(cfg.dataset)

@@ -106,3 +106,14 @@ def test_two_ranks_under_torchrun_give_the_same_pairs(split, tmp_path):
     assert (tmp_path / "two" / "draft.rank1.jsonl").is_file(), "rank 1 wrote its own shard"
     main([*args, "--out", str(tmp_path / "one")])
     assert pairs(tmp_path / "two") == pairs(tmp_path / "one")
+
+
+def test_static_engine_and_hf_generate_extract_the_same_pairs(split, tmp_path):
+    """The default engine (one prefill of each sample's visual prefix, shared by its questions) against
+    transformers' generate, with 3 questions per sample in batches that split and pad the groups."""
+    base = dict(dataset=str(split), questions=3, max_new_tokens=16, batch_size=4, device="cpu")
+    extract(ExtractConfig(out=str(tmp_path / "static"), **base), progress=False)
+    extract(ExtractConfig(out=str(tmp_path / "hf"), engine="hf", **base), progress=False)
+    assert pairs(tmp_path / "static") == pairs(tmp_path / "hf")
+    with pytest.raises(SpecalignError, match="--engine"):
+        extract(ExtractConfig(out=str(tmp_path / "x"), engine="vllm", **base), progress=False)
