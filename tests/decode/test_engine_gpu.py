@@ -42,3 +42,12 @@ def test_cuda_graph_engine_matches_hf_and_sd_is_lossless(dataset):
                                             hide_prefill=hide)  # fmt: skip
                 assert out == ref
     assert len(t_engine.graphs) >= 3  # decode + verify widths were captured and replayed
+
+
+def test_shared_prefix_extraction_matches_hf_on_gpu(dataset):
+    from specalign.decode.batch import generate_shared
+
+    vlm = load_model("mini-target", device="cuda", dtype="fp32")
+    questions = ["What are the key elements in this scene?", "Describe the road.", "What color are the vehicles?"]
+    groups = [[vlm.prepare(dataset[i], q) for q in questions] for i in range(len(dataset))]
+    assert generate_shared(vlm, groups, 30) == [vlm.generate(g, max_new_tokens=30) for g in groups]
