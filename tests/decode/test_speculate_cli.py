@@ -1,0 +1,40 @@
+"""`specalign speculate` end to end on the bundled models: results.json, the report, the plots, bad input."""
+
+import json
+
+import pytest
+
+from specalign.cli import main
+from specalign.world.build import WorldConfig, build_world
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    build_world(WorldConfig(out=str(out), train=0, test=2, clips_per_sequence=2, mp4=False), progress=False)
+    return out / "my_egpt_dsec_seq_1s"
+
+
+def test_speculate_writes_a_lossless_report(split, tmp_path, capsys):
+    out = tmp_path / "spec"
+    args = ["speculate", "--dataset", str(split), "--out", str(out), "--questions", "2", "--gamma", "3",
+            "--max-new-tokens", "24", "--device", "cpu", "--hide-prefill", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["lossless"] is True and res["totals"]["answers"] == 4
+    for row in res["samples"]:
+        assert row["sd_tokens"] == row["target_tokens"]
+        assert sum(row["accepted_per_round"]) == row["accepted"] <= row["drafted"] == sum(row["drafted_per_round"])
+    assert set(res["totals"]["stage_seconds"]) == {"vision", "prefill", "draft", "adapt", "verify"}
+    assert "lossless: True" in (out / "BENCHMARK_RESULTS.md").read_text()
+    for png in ("timing_breakdown.png", "acceptance_histogram.png", "speedup.png"):
+        assert (out / png).stat().st_size > 5000
+    assert "lossless: True" in capsys.readouterr().out
+
+
+def test_speculate_refuses_bad_input(split, tmp_path, capsys):
+    base = ["speculate", "--dataset", str(split), "--out", str(tmp_path / "x"), "--device", "cpu", "--quiet"]
+    assert main([*base, "--gamma", "0"]) != 0
+    assert "gamma" in capsys.readouterr().err
+    assert main([*base, "--token-adapter-path", str(tmp_path / "missing")]) != 0
+    assert "no TokenAdapter checkpoint" in capsys.readouterr().err
