@@ -213,6 +213,17 @@ def cmd_workflow(args) -> None:
     print(f"task folder: {s['task']}")
 
 
+def _split_and_models(p, out_help: str) -> None:
+    """The arguments extract and speculate share: which split, which questions, which models."""
+    p.add_argument("--dataset", required=True, help="a split folder")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--draft", default="mini-draft", help="a bundled model name or a checkpoint directory")
+    p.add_argument("--target", default="mini-target", help="a bundled model name or a checkpoint directory")
+    p.add_argument("--questions", type=int, default=1, help="the first N questions of the {question, count} list")
+    p.add_argument("--questions-file", default=None, help="a {question, count} JSON list (the reference format)")
+    p.add_argument("--max-samples", type=int, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specalign", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -272,13 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train_mini)
 
     e = sub.add_parser("extract", help="paired draft/target generations for every (sample, question)")
-    e.add_argument("--dataset", required=True, help="a split folder")
-    e.add_argument("--out", required=True, help="output folder (resumes if it holds a partial run)")
-    e.add_argument("--draft", default="mini-draft")
-    e.add_argument("--target", default="mini-target")
-    e.add_argument("--questions", type=int, default=1, help="the first N questions of the {question, count} list")
-    e.add_argument("--questions-file", default=None, help="a {question, count} JSON list (the reference format)")
-    e.add_argument("--max-samples", type=int, default=None)
+    _split_and_models(e, "output folder (resumes if it holds a partial run)")
     e.add_argument("--max-new-tokens", type=int, default=50)
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--mode", default="sequential", choices=["sequential", "parallel"])
@@ -322,13 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("speculate", help="speculative decoding over a split: lossless check, alpha, tau, speedup")
-    sp.add_argument("--dataset", required=True, help="a split folder")
-    sp.add_argument("--out", required=True, help="results folder")
-    sp.add_argument("--draft", default="mini-draft")
-    sp.add_argument("--target", default="mini-target")
-    sp.add_argument("--questions", type=int, default=1, help="the first N questions of the {question, count} list")
-    sp.add_argument("--questions-file", default=None)
-    sp.add_argument("--max-samples", type=int, default=None)
+    _split_and_models(sp, "results folder")
     sp.add_argument("--gamma", type=int, default=4, help="draft tokens per round (default 4)")
     sp.add_argument(
         "--min-confidence",
