@@ -56,7 +56,9 @@ class _Graph:
 class Engine:
     """One model's language side with a static KV cache of `max_len` slots for `batch` rows."""
 
-    def __init__(self, vlm, max_len: int, batch: int = 1):
+    def __init__(self, vlm, max_len: int, batch: int = 1, compile: bool = False):
+        """compile: torch.compile the one-token decode step (fuses the element-wise work between the weight
+        reads; on a GPU the compiled step is then captured as a CUDA graph like the others)."""
         self.vlm = vlm
         self.lm, self.head = language_model(vlm)
         cfg = self.lm.config
@@ -72,6 +74,7 @@ class Engine:
         self.count = torch.zeros(batch, dtype=torch.long, device=self.device)  # real tokens per row = next position
         self.graphs: dict | bool = {} if self.device.type == "cuda" else False
         self.slot = torch.arange(max_len, device=self.device)
+        self.decode_step = torch.compile(self._step, dynamic=False) if compile else self._step
 
     # ---- one forward over T new tokens at slots [start, start + T) --------------------------------------------
     def _forward(self, x: torch.Tensor, start, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,8 +120,10 @@ class Engine:
             raise SpecalignError(f"{self.vlm.name}: {self.length + T} tokens exceed the engine's cache of "
                                  f"{self.max_len} slots (raise max_len)")  # fmt: skip
         self.valid[:, self.length : self.length + T] = True
+        step = self.decode_step if T == 1 else self._step
         if self.graphs is False:
-            logits = self._step(tokens.to(self.device), self.length)
+            start = torch.tensor(self.length) if step is not self._step else self.length  # compiled: no recompiles
+            logits = step(tokens.to(self.device), start)
         else:
             g = self.graphs.get((B, T)) or self._capture(B, T)
             g.tokens.copy_(tokens)
@@ -132,16 +137,17 @@ class Engine:
     def _capture(self, B: int, T: int) -> _Graph:
         tokens = torch.zeros(B, T, dtype=torch.long, device=self.device)
         start = torch.tensor(self.length, device=self.device)
+        step = self.decode_step if T == 1 else self._step
         saved = [(k.clone(), v.clone()) for k, v in zip(self.k, self.v, strict=True)] if self.length else None
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):  # warm-up outside the graph (allocator, cuBLAS handles)
+        with torch.cuda.stream(s):  # warm-up outside the graph (allocator, cuBLAS handles, compiling)
             for _ in range(2):
-                self._step(tokens, start)
+                step(tokens, start)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self._step(tokens, start)
+            logits = step(tokens, start)
         if saved:  # the warm-up and capture wrote zeros' K/V into the live slots: put the real ones back
             for (k, v), (ks, vs) in zip(zip(self.k, self.v, strict=True), saved, strict=True):
                 k.copy_(ks)

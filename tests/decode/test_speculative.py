@@ -163,3 +163,12 @@ def test_bad_input_is_refused(minis, random_pair, dataset):
     # the random pair's tokenizer is the test world's, not the bundled models'
     with pytest.raises(SpecalignError, match="different tokenizers"):
         check_same_tokenizer(random_pair[1], target)
+
+
+def test_compiled_decode_step_gives_the_same_tokens(minis, dataset):
+    """Engine(compile=True) runs the one-token step through torch.compile (inductor on the CPU here)."""
+    target = minis[0]
+    te = embeds(target, dataset[0], QUESTIONS[0])
+    ref, _ = target_generate(Engine(target, 700), te, 24, target.eos_token_id)
+    out, _ = target_generate(Engine(target, 700, compile=True), te, 24, target.eos_token_id)
+    assert out == ref
