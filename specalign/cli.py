@@ -22,7 +22,7 @@ def cmd_world_build(args) -> None:
     w, h = args.size
     cfg = WorldConfig(
         out=args.out, duration=args.duration, train=args.train, test=args.test, seed=args.seed,
-        width=w, height=h, clips_per_sequence=args.clips_per_sequence, mp4=not args.no_mp4,
+        width=w, height=h, clips_per_sequence=args.clips_per_sequence, mp4=not args.no_mp4, tokenizer=args.tokenizer,
         raw_dsec=args.raw_dsec, workers=args.workers,
     )  # fmt: skip
     summary = build_world(cfg, progress=not args.quiet)
@@ -62,7 +62,7 @@ def cmd_train_mini(args) -> None:
         steps=args.steps, clips_per_batch=args.clips_per_batch,
         questions_per_clip=args.questions_per_clip, lr=args.lr, seed=args.seed,
         eval_clips=args.eval_clips, max_train_clips=args.max_train_clips, sizes=SIZES.get(args.role),
-        time_budget=args.time_budget,
+        time_budget=args.time_budget, init=args.init,
         **({"device": args.device} if args.device else {}),
     )  # fmt: skip
     manifest = train_mini(cfg, progress=not args.quiet)
@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--clips-per-sequence", type=int, default=8, help="50%%-overlap clips cut from one drive")
     b.add_argument("--raw-dsec", action="store_true", help="also write raw DSEC-layout sequences (events.h5, ...)")
     b.add_argument("--no-mp4", action="store_true", help="skip the mp4 copies of the clips")
+    b.add_argument("--tokenizer", default=None,
+                   help="reuse this tokenizer.json (e.g. a bundled model's) instead of training one")  # fmt: skip
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_world_build)
 
@@ -278,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-clips", type=int, default=200, help="held-out clips scored (x50 questions)")
     t.add_argument("--max-train-clips", type=int, default=None)
     t.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds (saves)")
+    t.add_argument("--init", default=None,
+                   help="continue from this checkpoint (e.g. mini-target) instead of from scratch")  # fmt: skip
     t.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train_mini)

@@ -69,6 +69,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     max_train_clips: int | None = None
     time_budget: float | None = None  # seconds of training at most: stops early (and saves) when reached
+    init: str | None = None  # continue from this checkpoint (a bundled name or a directory) instead of from scratch
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     sizes: MiniSizes = field(default_factory=MiniSizes)
 
@@ -99,6 +100,25 @@ def new_model(role: str, tokenizer_file: Path, sizes: MiniSizes, seed: int = 0):
     # cars and buildings are: squash the whole frame into the square instead.
     vlm.image_processor.do_center_crop = False
     vlm.image_processor.size = {"height": sizes.image_size, "width": sizes.image_size}
+    return vlm
+
+
+def _init_from(cfg: TrainConfig, tokenizer_file: Path):
+    """The checkpoint to continue from, in fp32; its tokenizer must be the world's (answers are token ids)."""
+    from specalign.models import load_model
+
+    vlm = load_model(cfg.init, dtype="fp32")
+    expected = {"target": "video-llava", "draft": "eventgpt"}[cfg.role]
+    if vlm.kind != expected:
+        raise SpecalignError(f"--init {cfg.init}: a {vlm.kind} checkpoint cannot continue as the {cfg.role}")
+    from tokenizers import Tokenizer
+
+    from specalign.models import bundled_path
+
+    if vlm.tokenizer.get_vocab() != Tokenizer.from_file(str(tokenizer_file)).get_vocab():
+        source = (bundled_path(cfg.init) or Path(cfg.init)) / "tokenizer.json"
+        raise SpecalignError(f"--init {cfg.init}: its tokenizer differs from {tokenizer_file}; build the world "
+                             f"with `specalign world build --tokenizer {source}`")  # fmt: skip
     return vlm
 
 
@@ -168,7 +188,10 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
     train = open_dataset(world / split_dir_name("train", cfg.duration))
     test = open_dataset(world / split_dir_name("test", cfg.duration))
     device = torch.device(cfg.device)
-    vlm = new_model(cfg.role, tokenizer_file, cfg.sizes, cfg.seed)
+    if cfg.init:
+        vlm = _init_from(cfg, tokenizer_file)
+    else:
+        vlm = new_model(cfg.role, tokenizer_file, cfg.sizes, cfg.seed)
     vlm.model.to(device)
 
     qa = _pairs(train, cfg.role, cfg.max_train_clips)

@@ -56,6 +56,7 @@ class WorldConfig:
     mp4: bool = True
     raw_dsec: bool = False
     workers: int = 1
+    tokenizer: str | None = None  # use this tokenizer.json (e.g. a bundled model's) instead of training one
     event: EventCameraConfig = field(default_factory=EventCameraConfig)
     frame: FrameCameraConfig = field(default_factory=FrameCameraConfig)
 
@@ -68,7 +69,7 @@ class WorldConfig:
     def settings(self) -> dict:
         """What must match for a resumed build to continue the same data."""
         d = asdict(self)
-        for k in ("out", "workers"):
+        for k in ("out", "workers", "tokenizer"):  # none of them changes a clip
             d.pop(k)
         return d
 
@@ -234,7 +235,10 @@ def build_world(cfg: WorldConfig, progress: bool = True) -> dict:
         summary["splits"][split] = {"dir": split_name, "clips": len(entries),
                                     "sequences": sum(1 for t in tasks if t.split == split)}  # fmt: skip
     write_json(out / "questions.json", question_counts())
-    tok = train_tokenizer(texts, [q for q, _ in QUESTIONS])
+    if cfg.tokenizer:
+        tok = given_tokenizer(cfg.tokenizer, texts)
+    else:
+        tok = train_tokenizer(texts, [q for q, _ in QUESTIONS])
     save_tokenizer(tok, out / "tokenizer.json")
     summary["vocab_size"] = tok.get_vocab_size()
     summary["seconds"] = round(time.time() - started, 1)
@@ -244,6 +248,22 @@ def build_world(cfg: WorldConfig, progress: bool = True) -> dict:
     manifest.setdefault("builds", {})[cfg.duration] = {"settings": _jsonable(cfg.settings()), "summary": summary}
     write_json(out / "world.json", manifest)
     return summary
+
+
+def given_tokenizer(path: str, texts):
+    """A tokenizer.json to reuse (so models trained on another world keep their vocabulary); every answer of this
+    world must encode without <unk>."""
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # missing file, not a tokenizer
+        raise SpecalignError(f"{path}: cannot read a tokenizer ({str(e).splitlines()[0][:120]})") from None
+    unk = tok.token_to_id("<unk>")
+    for text in sorted(texts):
+        if unk is not None and unk in tok.encode(text).ids:
+            raise SpecalignError(f"{path}: this tokenizer cannot encode the answer {text[:60]!r}... without <unk>")
+    return tok
 
 
 def _marker_path(cfg: WorldConfig, t: SequenceTask) -> Path:

@@ -92,3 +92,27 @@ def test_loader_errors_are_one_line(tmp_path, capsys):
     assert main(["answer", "--model", str(tmp_path / "ck"), "--dataset", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "config.json" in err
+
+
+def test_training_continues_from_a_bundled_model(world, tmp_path):
+    """world build --tokenizer keeps a bundled model's vocabulary, so train-mini --init can continue it."""
+    from tokenizers import Tokenizer
+
+    bundled_tok = BUNDLED["mini-draft"] / "tokenizer.json"
+    w2 = tmp_path / "w2"
+    build_world(WorldConfig(out=str(w2), duration="500ms", train=2, test=1, width=32, height=24,
+                            clips_per_sequence=2, mp4=False, tokenizer=str(bundled_tok)), progress=False)  # fmt: skip
+    assert Tokenizer.from_file(str(w2 / "tokenizer.json")).get_vocab() == Tokenizer.from_file(
+        str(bundled_tok)).get_vocab()  # fmt: skip
+    base = dict(role="draft", out=str(tmp_path / "cont"), duration="500ms", steps=2, clips_per_batch=2,
+                questions_per_clip=1, lr=1e-3, warmup=1, eval_clips=1, device="cpu", init="mini-draft")  # fmt: skip
+    manifest = train_mini(TrainConfig(world=str(w2), **base), progress=False)
+    assert manifest["train_config"]["init"] == "mini-draft"
+    before, after = load_model("mini-draft"), load_model(str(tmp_path / "cont"))
+    assert before.vocab_size == after.vocab_size
+    changed = [not torch.equal(a, b) for a, b in zip(before.model.parameters(), after.model.parameters(), strict=True)]
+    assert any(changed), "two steps of training moved the weights"
+    with pytest.raises(SpecalignError, match="tokenizer differs"):
+        train_mini(TrainConfig(world=str(world), **base), progress=False)
+    with pytest.raises(SpecalignError, match="cannot continue as the draft"):
+        train_mini(TrainConfig(world=str(w2), **{**base, "init": "mini-target"}), progress=False)
