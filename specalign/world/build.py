@@ -194,6 +194,7 @@ def _worker(args):
 def build_world(cfg: WorldConfig, progress: bool = True) -> dict:
     """Build (or resume) both splits; returns a summary dict."""
     started = time.time()
+    given = given_tokenizer(cfg.tokenizer, []) if cfg.tokenizer else None  # a bad file fails before any work
     out = ensure_dir(cfg.out)
     tasks = []
     for split, n in (("train", cfg.train), ("test", cfg.test)):
@@ -235,7 +236,7 @@ def build_world(cfg: WorldConfig, progress: bool = True) -> dict:
         summary["splits"][split] = {"dir": split_name, "clips": len(entries),
                                     "sequences": sum(1 for t in tasks if t.split == split)}  # fmt: skip
     write_json(out / "questions.json", question_counts())
-    if cfg.tokenizer:
+    if given is not None:
         tok = given_tokenizer(cfg.tokenizer, texts)
     else:
         tok = train_tokenizer(texts, [q for q, _ in QUESTIONS])
