@@ -1,0 +1,50 @@
+"""The decode engine on tiny random checkpoints written in each backend's real layout (Video-LLaVA, EventGPT,
+LLaVA): its greedy tokens are the backend's own `generate`, and greedy SD through it is lossless. float64, so the
+near-tied logits of random weights cannot flip between the engine's kernels and transformers'."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "models"))  # the tiny checkpoint writers
+
+from tiny_eventgpt import write_tiny_eventgpt  # noqa: E402
+from tiny_video_llava import build_test_world, write_tiny_llava, write_tiny_video_llava  # noqa: E402
+
+from specalign.data import open_dataset  # noqa: E402
+from specalign.decode.engine import Engine, prompt_embeds  # noqa: E402
+from specalign.decode.sources import FixedDraft  # noqa: E402
+from specalign.decode.speculative import speculative_decode, target_generate  # noqa: E402
+from specalign.models.eventgpt import load_eventgpt  # noqa: E402
+from specalign.models.llava import load_llava  # noqa: E402
+from specalign.models.video_llava import load_video_llava  # noqa: E402
+
+BACKENDS = {
+    "video-llava": (write_tiny_video_llava, load_video_llava),
+    "eventgpt": (write_tiny_eventgpt, load_eventgpt),
+    "llava": (write_tiny_llava, load_llava),
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return open_dataset(build_test_world(tmp_path_factory.mktemp("world")) / "my_egpt_dsec_train_500ms")
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_engine_and_sd_reproduce_the_backends_generate(backend, dataset, tmp_path):
+    write, load = BACKENDS[backend]
+    vlm = load(write(tmp_path / backend))
+    vlm.model.to(torch.float64)
+    for i, q in ((0, "What are the key elements in this scene?"), (1, "Describe the road layout in detail.")):
+        prompt = vlm.prepare(dataset[i], q)
+        ref = vlm.generate([prompt], max_new_tokens=12)[0]
+        emb, _ = prompt_embeds(vlm, vlm.collate([prompt]))
+        engine = Engine(vlm, emb.shape[1] + 20)
+        out, _ = target_generate(engine, emb, 12, eos=-1)  # no stop at EOS: random weights may say it at once
+        assert out[: len(ref)] == ref and len(set(out)) > 1
+        wrong = FixedDraft([(t + 1) % vlm.vocab_size for t in out])
+        for source in (wrong, FixedDraft(out)):
+            assert speculative_decode(engine, emb, source, 3, 12, eos=-1)[0] == out
