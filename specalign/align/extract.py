@@ -55,18 +55,18 @@ class ExtractConfig:
 HIDDEN_DIR = "hidden"
 
 
-def load_questions(cfg: ExtractConfig, dataset) -> list[str]:
+def load_questions(dataset, questions: int, questions_file: str | None = None) -> list[str]:
     """The question list: a {question, count} JSON (the reference's format) or the dataset's own top-N."""
-    if cfg.questions_file:
-        items = read_json(cfg.questions_file)
+    if questions_file:
+        items = read_json(questions_file)
         if not isinstance(items, list) or not all(isinstance(q, dict) and "question" in q for q in items):
-            raise fail(cfg.questions_file, "expected a list of {question, count} objects")
+            raise fail(questions_file, "expected a list of {question, count} objects")
         qs = [q["question"] for q in items]
     else:
         qs = [q["question"] for q in dataset.questions()] or ["What are the key elements in this scene?"]
-    if cfg.questions < 1:
-        raise SpecalignError(f"--questions: need at least 1, got {cfg.questions}")
-    return qs[: cfg.questions]
+    if questions < 1:
+        raise SpecalignError(f"--questions: need at least 1, got {questions}")
+    return qs[:questions]
 
 
 def _rank() -> tuple[int, int]:
@@ -191,7 +191,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
     if cfg.mode not in ("sequential", "parallel"):
         raise SpecalignError(f"--mode: unknown mode {cfg.mode!r}: choose sequential or parallel")
     dataset = open_dataset(cfg.dataset)
-    questions = load_questions(cfg, dataset)
+    questions = load_questions(dataset, cfg.questions, cfg.questions_file)
     n = len(dataset) if cfg.max_samples is None else min(cfg.max_samples, len(dataset))
     rank, world = _rank()
     if world > 1:  # torchrun / accelerate launch: one process per GPU; rank 0 merges once every rank is done

@@ -65,7 +65,7 @@ class Engine:
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.device, self.dtype = vlm.device, vlm.dtype
-        self.max_len, self.batch = max_len, batch
+        self.max_len = max_len
         shape = (batch, self.n_kv, max_len, self.head_dim)
         self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.lm.layers]
         self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.lm.layers]
@@ -177,13 +177,20 @@ def prefill(engine: Engine, embeds: torch.Tensor, pad: torch.Tensor | None = Non
     if T > engine.max_len:  # noqa: SIM300 (T is the prompt length)
         raise SpecalignError(f"{engine.vlm.name}: a {T}-token prompt does not fit the engine's cache of "
                              f"{engine.max_len} slots (raise max_len)")  # fmt: skip
-    engine.reset()
     real = torch.ones(B, T, dtype=torch.bool, device=engine.device) if pad is None else ~pad.to(engine.device)
+    return _fill(engine, embeds, real, 0)
+
+
+def _fill(engine: Engine, embeds: torch.Tensor, real: torch.Tensor, offset: int) -> torch.Tensor:
+    """Start new sequences: embeds [B, T, D] into slots [0, T), real bool [B, T] (False on padding), positions
+    counted from `offset` (tokens that come before, e.g. a shared prefix) -> logits [B, V] of the last slot."""
+    T = embeds.shape[1]
+    engine.reset()
     engine.valid[:, :T] = real
-    positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)
+    positions = offset + (real.long().cumsum(dim=1) - 1).clamp(min=0)
     hidden = engine._forward(embeds.to(engine.device, engine.dtype), 0, positions)
     engine.length = T
-    engine.count.copy_(real.sum(dim=1))  # in place: captured graphs read this tensor
+    engine.count.copy_(offset + real.sum(dim=1))  # in place: captured graphs read this tensor
     return engine.head(hidden[:, -1]).float()
 
 
@@ -268,14 +275,5 @@ def prefill_shared(engine: SharedPrefixEngine, prefix: torch.Tensor, suffix: tor
                    pad: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """prefix [S, P, D] (one per sample), suffix [S * Q, T, D] (each row's question, left-padded; pad bool
     [S * Q, T]) -> next-token logits [S * Q, V]. Starts new sequences in the engine."""
-    P = prefix.shape[1]
     prefill(engine.prefix, prefix)
-    B, T, _ = suffix.shape
-    engine.reset()
-    real = ~pad.to(engine.device)
-    engine.valid[:, :T] = real
-    positions = P + (real.long().cumsum(dim=1) - 1).clamp(min=0)
-    hidden = engine._forward(suffix.to(engine.device, engine.dtype), 0, positions)
-    engine.length = T
-    engine.count.copy_(P + real.sum(dim=1))
-    return engine.head(hidden[:, -1]).float()
+    return _fill(engine, suffix, ~pad.to(engine.device), prefix.shape[1])

@@ -53,7 +53,7 @@ class SpeculateConfig:
 
 
 def run_speculate(cfg: SpeculateConfig, progress: bool = True) -> dict:
-    from specalign.align.extract import ExtractConfig, load_questions
+    from specalign.align.extract import load_questions
     from specalign.data import open_dataset
     from specalign.evaluate.adapter import latest_adapter
     from specalign.models import load_model
@@ -69,8 +69,7 @@ def run_speculate(cfg: SpeculateConfig, progress: bool = True) -> dict:
             raise SpecalignError(f"{path}: no TokenAdapter checkpoint here (--token-adapter-path)")
         adapter = load_adapter(path).to(cfg.draft_device or cfg.device).eval()
     dataset = open_dataset(cfg.dataset)
-    questions = load_questions(ExtractConfig(dataset=cfg.dataset, out="", questions=cfg.questions,
-                                             questions_file=cfg.questions_file), dataset)  # fmt: skip
+    questions = load_questions(dataset, cfg.questions, cfg.questions_file)
     target = load_model(cfg.target, device=cfg.target_device or cfg.device, dtype=cfg.dtype)
     draft = load_model(cfg.draft, device=cfg.draft_device or cfg.device, dtype=cfg.dtype)
     check_same_tokenizer(draft, target)

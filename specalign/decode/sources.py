@@ -79,9 +79,10 @@ class VLMDraft:
             for i in range(gamma):
                 q = probabilities(self.logits[0], self.sampling) if not self.sampling.greedy else None
                 tok = int(sample_token(self.logits, self.sampling, self.generator)[0])
-                conf = q[tok] if q is not None else torch.softmax(self.logits[0].float(), -1)[tok]
-                if tokens and self.min_confidence > 0 and float(conf) < self.min_confidence:
-                    break
+                if tokens and self.min_confidence > 0:  # adaptive gamma: the only user of the confidence
+                    conf = q[tok] if q is not None else torch.softmax(self.logits[0].float(), -1)[tok]
+                    if float(conf) < self.min_confidence:
+                        break
                 tokens.append(tok)
                 dists.append(q)
                 if i < gamma - 1:
