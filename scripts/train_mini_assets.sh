@@ -2,9 +2,13 @@
 # Train the bundled mini models on the GPU machine in one call (< 10 min): build a world, train target and
 # draft side by side on the one GPU (schedules fitted to the time left), score them on held-out clips, and
 # leave the checkpoints as tarballs in $OUT (unpack them into assets/).
-#   usage (device): [ROLES="target"] [INIT=1] bash scripts/train_mini_assets.sh [SECONDS_FOR_THE_WHOLE_SCRIPT]
+#   usage (device): [ROLES="target"] [INIT=1|DIR] [WORLD=DIR] [TRAIN_DIR=DIR] \
+#                   bash scripts/train_mini_assets.sh [SECONDS_FOR_THE_WHOLE_SCRIPT]
 # ROLES: which models to train (default both). INIT=1: continue the bundled models instead of starting from
-# scratch (the world is then built with their tokenizer, so their token ids keep their meaning).
+# scratch (the world is then built with their tokenizer, so their token ids keep their meaning); INIT=DIR:
+# continue DIR/mini-ROLE (a previous call's result). WORLD, TRAIN_DIR: where the world and the checkpoints go
+# (default /tmp); put them under an ignored folder of the repo (e.g. .bench/) and a second call on the still-warm
+# machine finds the world built (the build resumes: nothing to do) and can continue from TRAIN_DIR.
 # Two clips per drive (not the default 8): the answers describe the drive's scene, so what the models must
 # generalise over is the number of distinct scenes; 2,600 train drives instead of 650 for ~1.3x the build time.
 set -euo pipefail
@@ -15,23 +19,27 @@ RESERVE=${RESERVE:-80}  # visual-input preparation before training + held-out sc
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 start=$(date +%s)
 ROLES=${ROLES:-"target draft"}
+WORLD=${WORLD:-/tmp/world}; TRAIN_DIR=${TRAIN_DIR:-/tmp}; mkdir -p "$TRAIN_DIR"
 tok=(); [ -n "${INIT:-}" ] && tok=(--tokenizer assets/mini-target/tokenizer.json)
-python3 -m specalign world build --out /tmp/world --train 5200 --test 800 --clips-per-sequence 2 \
+python3 -m specalign world build --out "$WORLD" --train 5200 --test 800 --clips-per-sequence 2 \
   --workers "$(nproc)" --no-mp4 --quiet "${tok[@]}" | tee "$OUT/world.txt"
 echo "world built in $(( $(date +%s) - start )) s" | tee -a "$OUT/world.txt"
 budget=$(( TOTAL - ($(date +%s) - start) - RESERVE ))
 echo "training budget ${budget} s per model" | tee -a "$OUT/world.txt"
-common=(--world /tmp/world --steps 100000 --time-budget "$budget" --eval-clips 100 --clips-per-batch 64
+common=(--world "$WORLD" --steps 100000 --time-budget "$budget" --eval-clips 100 --clips-per-batch 64
   --questions-per-clip 2 --quiet)
 for role in $ROLES; do
-  init=(); [ -n "${INIT:-}" ] && init=(--init "mini-$role")
-  python3 -m specalign models train-mini --role "$role" --out "/tmp/mini-$role" "${common[@]}" "${init[@]}" \
+  init=()
+  if [ "${INIT:-}" = 1 ]; then init=(--init "mini-$role"); elif [ -n "${INIT:-}" ]; then
+    rm -rf "$TRAIN_DIR/init-$role"; cp -r "$INIT/mini-$role" "$TRAIN_DIR/init-$role"; rm -rf "$TRAIN_DIR/mini-$role"; init=(--init "$TRAIN_DIR/init-$role")
+  fi
+  python3 -m specalign models train-mini --role "$role" --out "$TRAIN_DIR/mini-$role" "${common[@]}" "${init[@]}" \
     > "$OUT/train-$role.log" 2>&1 &
 done
 wait
 tail -n 45 "$OUT"/train-*.log
 for role in $ROLES; do
-  rm -f "/tmp/mini-$role/train_state.pt"
-  tar -C /tmp -cf "$OUT/mini-$role.tar" "mini-$role"
+  rm -f "$TRAIN_DIR/mini-$role/train_state.pt"
+  tar -C "$TRAIN_DIR" -cf "$OUT/mini-$role.tar" "mini-$role"
 done
 echo "total $(( $(date +%s) - start )) s"
