@@ -7,11 +7,12 @@ tokens + text); draft: the EventGPT-7B language model (Llama-7B, vocab 32,000) a
   without), eager, and HF `generate` (DynamicCache) for comparison; goal <= 4.5 ms/token;
 - prefill time; vision encode time (CLIP ViT-L/14 on 8 frames at 224, and ViT-L/14-336 on one event image);
 - verify cost of k = 1..16 tokens relative to one decode step;
+- with --profile: one decode step's GPU time by kernel family and its top kernels (eager, and compiled);
 - a projection of end-to-end SD speedup: the acceptance traces `benchmarks/speculate_mini.py` measured on
   minidsec (per answer: tokens drafted and accepted each round) replayed through these 7B-shaped engines.
 Writes benchmarks/results/decode_7b.json.
 
-    python benchmarks/decode_7b.py [--traces /tmp/speculate_runs]
+    python benchmarks/decode_7b.py [--traces /tmp/speculate_runs] [--compile] [--profile]
 """
 
 from __future__ import annotations
@@ -78,6 +79,40 @@ def decode_loop(engine: Engine, embeds, n: int, host_read: bool) -> float:
             int(token[0])
     sync()
     return (time.perf_counter() - t) / n * 1e3
+
+
+def kernel_profile(engine: Engine, embeds, n: int = 10, top: int = 12) -> dict:
+    """Where one decode step's GPU time goes: torch.profiler over n eager (uncaptured) steps -> ms per token by
+    kernel family, and the top kernels. A CUDA graph replays the same kernels without the launch gaps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs, engine.graphs = engine.graphs, False
+    token = prefill(engine, embeds).argmax(-1)
+    for _ in range(3):  # warm-up (and the compile, for a compiled step)
+        token = decode_one_token(engine, token).argmax(-1)
+    sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            token = decode_one_token(engine, token).argmax(-1)
+        sync()
+    engine.graphs = graphs
+    attr = "self_device_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
+    kernels = [(e.key, getattr(e, attr) / 1e3 / n) for e in prof.key_averages() if getattr(e, attr) > 0]
+    if DEVICE == "cuda":  # device rows are kernels and copies; CPU rows (aten ops) carry no device time of their own
+        kernels = [(k, ms) for k, ms in kernels if not k.startswith(("aten::", "cuda", "Torch-Compiled"))]
+    families = {"matmul (gemm/gemv)": ("gemm", "gemv", "sm90", "cutlass", "ampere", "matmul", "mm"),
+                "attention": ("flash", "attention", "sdpa", "fmha", "softmax"),
+                "fused / element-wise": ("triton", "elementwise", "vectorized", "reduce", "norm", "mul", "add", "cat")}  # fmt: skip
+    by_family: dict = {}
+    for k, ms in kernels:
+        fam = next((f for f, keys in families.items() if any(w in k.lower() for w in keys)), "other")
+        by_family[fam] = by_family.get(fam, 0.0) + ms
+    return {
+        "ms_per_token": round(sum(ms for _, ms in kernels), 3),
+        "by_family_ms": {f: round(ms, 3) for f, ms in sorted(by_family.items(), key=lambda x: -x[1])},
+        "top_kernels_ms": [[k[:120], round(ms, 4)] for k, ms in sorted(kernels, key=lambda x: -x[1])[:top]],
+    }
 
 
 def vision_ms() -> dict:
@@ -161,6 +196,7 @@ def main() -> None:
     p.add_argument("--replay-answers", type=int, default=24)
     p.add_argument("--result", default=str(Path(__file__).parent / "results" / "decode_7b.json"))
     p.add_argument("--compile", action="store_true", help="also time the torch.compiled decode step")
+    p.add_argument("--profile", action="store_true", help="also break one decode step's GPU time down by kernel")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing")
     args = p.parse_args()
     global DEVICE
@@ -194,7 +230,12 @@ def main() -> None:
         decode_loop(c_engine, embeds, 8, True)
         compile_s = time.perf_counter() - t
         compiled = [decode_loop(c_engine, embeds, args.tokens, True) for _ in range(3)]
+        if args.profile:
+            res["kernel_profile_compiled"] = kernel_profile(c_engine, embeds)
         del c_engine
+    if args.profile:
+        res["kernel_profile_eager"] = kernel_profile(engine, embeds)
+        print(json.dumps({k: v["by_family_ms"] for k, v in res.items() if k.startswith("kernel_profile")}), flush=True)
     res["decode_ms_per_token"] = {
         "engine_cuda_graphs": round(statistics.median(graph), 3),
         "engine_cuda_graphs_no_host_read": round(statistics.median(graph_async), 3),
