@@ -9,6 +9,7 @@
 # continue DIR/mini-ROLE (a previous call's result). WORLD, TRAIN_DIR: where the world and the checkpoints go
 # (default /tmp); put them under an ignored folder of the repo (e.g. .bench/) and a second call on the still-warm
 # machine finds the world built (the build resumes: nothing to do) and can continue from TRAIN_DIR.
+# TRAIN_CLIPS, CLIPS_PER_SEQ: the world's train split (default 5,200 clips, 2 per drive).
 # Two clips per drive (not the default 8): the answers describe the drive's scene, so what the models must
 # generalise over is the number of distinct scenes; 2,600 train drives instead of 650 for ~1.3x the build time.
 set -euo pipefail
@@ -21,11 +22,13 @@ start=$(date +%s)
 ROLES=${ROLES:-"target draft"}
 WORLD=${WORLD:-/tmp/world}; TRAIN_DIR=${TRAIN_DIR:-/tmp}; mkdir -p "$TRAIN_DIR"
 tok=(); [ -n "${INIT:-}" ] && tok=(--tokenizer assets/mini-target/tokenizer.json)
-python3 -m specalign world build --out "$WORLD" --train 5200 --test 800 --clips-per-sequence 2 \
+python3 -m specalign world build --out "$WORLD" --train "${TRAIN_CLIPS:-5200}" --test 800 \
+  --clips-per-sequence "${CLIPS_PER_SEQ:-2}" \
   --workers "$(nproc)" --no-mp4 --quiet "${tok[@]}" | tee "$OUT/world.txt"
 echo "world built in $(( $(date +%s) - start )) s" | tee -a "$OUT/world.txt"
 budget=$(( TOTAL - ($(date +%s) - start) - RESERVE ))
 echo "training budget ${budget} s per model" | tee -a "$OUT/world.txt"
+if [ "$budget" -lt 60 ]; then echo "too little time left to train; the world stays in $WORLD"; exit 0; fi
 common=(--world "$WORLD" --steps 100000 --time-budget "$budget" --eval-clips 100 --clips-per-batch 64
   --questions-per-clip 2 --quiet)
 for role in $ROLES; do
