@@ -101,13 +101,17 @@ def _autocast(device_type: str, bf16: bool):
 
 
 @torch.no_grad()
-def evaluate(adapter: TokenAdapter, draft: torch.Tensor, target: torch.Tensor, cfg: AdapterTrainConfig) -> dict:
+def evaluate(
+    adapter: TokenAdapter, draft: torch.Tensor, target: torch.Tensor, cfg: AdapterTrainConfig,
+    return_argmax: bool = False,
+) -> dict:  # fmt: skip
     """Teacher-forced metrics over draft/target [N, L] with the training shift (logits[i] vs target[i+1]).
 
     - top1 / top5: `topk_accuracy`, pooled over all non-pad labels;
     - baseline: fraction of those label positions j = i+1 where the draft token at the same position already
       equals the target token (draft[j] == target[j]): what "use the draft as is" gets, the reference's baseline;
-    - per_position: top-1 at draft position i (predicting target[i+1]), None where no label exists.
+    - per_position: top-1 at draft position i (predicting target[i+1]), None where no label exists;
+    - argmax (return_argmax only): the adapter's guesses, long [N, L] on the CPU (column i guesses target[i+1]).
     """
     adapter.eval()
     device = torch.device(cfg.device)
@@ -117,11 +121,14 @@ def evaluate(adapter: TokenAdapter, draft: torch.Tensor, target: torch.Tensor, c
     L = draft.shape[1]
     pos_hit = torch.zeros(L)
     pos_n = torch.zeros(L)
+    guesses = []
     for s in range(0, len(draft), batch_size):
         d, t = draft[s : s + batch_size].to(device), target[s : s + batch_size].to(device)
         with _autocast(device.type, cfg.bf16):
             logits = adapter(d, check_ids=False)
         logits = logits.float()
+        if return_argmax:
+            guesses.append(logits.argmax(-1).cpu())
         labels = shifted_targets(d, t, PAD_ID)
         keep = labels != PAD_ID
         k = int(keep.sum())
@@ -140,8 +147,11 @@ def evaluate(adapter: TokenAdapter, draft: torch.Tensor, target: torch.Tensor, c
         n_lab += k
     n = max(n_lab, 1)
     per_pos = [(h / c) if c else None for h, c in zip(pos_hit.tolist(), pos_n.tolist(), strict=True)]
-    return {"test_loss": loss_sum / n, "top1": hit1 / n, "top5": hit5 / n, "baseline": base / n,
-            "labels": int(n_lab), "per_position": per_pos}  # fmt: skip
+    out = {"test_loss": loss_sum / n, "top1": hit1 / n, "top5": hit5 / n, "baseline": base / n,
+           "labels": int(n_lab), "per_position": per_pos}  # fmt: skip
+    if return_argmax:
+        out["argmax"] = torch.cat(guesses) if guesses else torch.zeros_like(draft)
+    return out
 
 
 # ---------------------------------------------------------------- training

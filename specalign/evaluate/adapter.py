@@ -20,7 +20,7 @@ from specalign.align.token_adapter import load_adapter
 from specalign.align.tokens import pad_batch, read_pairs
 from specalign.align.train import AdapterTrainConfig
 from specalign.align.train import evaluate as train_evaluate
-from specalign.errors import SpecalignError
+from specalign.errors import SpecalignError, fail
 from specalign.fsutil import write_bytes
 
 PAD_ID = 0
@@ -46,12 +46,15 @@ def predictions(adapter, draft: torch.Tensor, batch_size: int = 64) -> torch.Ten
 def evaluate_adapter(adapter_path: str | Path, pairs_path: str | Path, batch_size: int = 64) -> dict:
     adapter = load_adapter(adapter_path)
     pairs = read_pairs(pairs_path)
+    if pairs.max_token_id() >= adapter.config.vocab_size:  # checked once: the pass below skips the per-batch check
+        raise fail(pairs_path, f"token id {pairs.max_token_id()} is outside the adapter vocabulary "
+                               f"[0, {adapter.config.vocab_size}) (pairs from another tokenizer?)")  # fmt: skip
     length = min(max(max(len(d), len(t)) for d, t in zip(pairs.draft, pairs.target, strict=True)),
                  adapter.config.max_positions)  # fmt: skip
     draft, target = pad_batch(pairs.draft, PAD_ID, length), pad_batch(pairs.target, PAD_ID, length)
-    tf = train_evaluate(adapter, draft, target, AdapterTrainConfig(train="", test="", batch_size=batch_size,
-                                                                   device="cpu"))  # fmt: skip
-    pred = predictions(adapter, draft, batch_size)
+    cfg = AdapterTrainConfig(train="", test="", batch_size=batch_size, device="cpu")
+    tf = train_evaluate(adapter, draft, target, cfg, return_argmax=True)  # one pass gives metrics and guesses
+    pred = tf["argmax"]
     label = torch.full_like(target, PAD_ID)
     label[:, :-1] = target[:, 1:]
     keep = label != PAD_ID

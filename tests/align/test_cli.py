@@ -64,3 +64,22 @@ def test_evaluate_and_debug_tokens(tmp_path, capsys):
     text = md.read_text()
     assert text.count("## Pair") == 2 and "| i | draft[i] | adapter → | target[i+1] | match |" in text
     assert main(["evaluate", "--pairs", str(tmp_path / "test.json"), "--task-root", str(tmp_path / "none")]) == 2
+
+    # one adapter pass gives both metric families: the AR guesses equal a separate pass over the pairs
+    from specalign.align.token_adapter import load_adapter
+    from specalign.align.tokens import pad_batch, read_pairs
+    from specalign.evaluate.adapter import latest_adapter, predictions
+
+    best = latest_adapter(tmp_path / "task")
+    pairs = read_pairs(tmp_path / "test.json")
+    pred = predictions(load_adapter(best), pad_batch(pairs.draft, 0, 12))
+    first = sum(int(p[0] == t[1]) for p, t in zip(pred.tolist(), pairs.target, strict=True)) / len(pairs.target)
+    assert r["independent_generations_AR_comparison"]["first_token_accuracy"] == pytest.approx(first, abs=1e-4)
+
+    bad = json.loads((tmp_path / "test.json").read_text())
+    bad["results"][3]["egpt_tokens"][2] = 31  # outside the adapter's 30-token vocabulary
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    capsys.readouterr()
+    assert main(["evaluate", "--pairs", str(tmp_path / "bad.json"), "--adapter", str(best)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.json" in err and "token id 31 is outside the adapter vocabulary" in err
