@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -63,7 +64,8 @@ def main() -> None:
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "stage_seconds"}), flush=True)
     write_json(args.result, {
         "benchmark": "speculate_mini",
-        "machine": {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+        "machine": {"device": torch.cuda.get_device_name() if torch.cuda.is_available()
+                    else f"cpu {platform.machine()}, {os.cpu_count()} cores",
                     "torch": torch.__version__},
         "setup": {"target": "mini-target", "draft": "mini-draft", "adapter": args.adapter, "gamma": args.gamma,
                   "greedy": True, "max_new_tokens": 50, "questions": 1, "samples": args.samples,
