@@ -33,8 +33,12 @@ common=(--world "$WORLD" --steps 100000 --time-budget "$budget" --eval-clips 100
   --questions-per-clip 2 --quiet)
 for role in $ROLES; do
   init=()
-  if [ "${INIT:-}" = 1 ]; then init=(--init "mini-$role"); elif [ -n "${INIT:-}" ]; then
-    rm -rf "$TRAIN_DIR/init-$role"; cp -r "$INIT/mini-$role" "$TRAIN_DIR/init-$role"; rm -rf "$TRAIN_DIR/mini-$role"; init=(--init "$TRAIN_DIR/init-$role")
+  if [ "${INIT:-}" = 1 ]; then
+    init=(--init "mini-$role")
+  elif [ -n "${INIT:-}" ]; then  # copied aside first: INIT may be TRAIN_DIR itself, whose mini-ROLE is rewritten
+    rm -rf "$TRAIN_DIR/init-$role" && cp -r "$INIT/mini-$role" "$TRAIN_DIR/init-$role"
+    rm -rf "$TRAIN_DIR/mini-$role"
+    init=(--init "$TRAIN_DIR/init-$role")
   fi
   python3 -m specalign models train-mini --role "$role" --out "$TRAIN_DIR/mini-$role" "${common[@]}" "${init[@]}" \
     > "$OUT/train-$role.log" 2>&1 &
