@@ -10,6 +10,8 @@
 # (default /tmp); put them under an ignored folder of the repo (e.g. .bench/) and a second call on the still-warm
 # machine finds the world built (the build resumes: nothing to do) and can continue from TRAIN_DIR.
 # TRAIN_CLIPS, CLIPS_PER_SEQ: the world's train split (default 5,200 clips, 2 per drive).
+# FRESH=1 (target only): train on never-seen drives rendered on the fly by the spare CPU cores while the GPU
+# trains (train-mini --fresh-scenes); the world then only needs its test split and a small train split.
 # Two clips per drive (not the default 8): the answers describe the drive's scene, so what the models must
 # generalise over is the number of distinct scenes; 2,600 train drives instead of 650 for ~1.3x the build time.
 set -euo pipefail
@@ -31,6 +33,7 @@ echo "training budget ${budget} s per model" | tee -a "$OUT/world.txt"
 if [ "$budget" -lt 60 ]; then echo "too little time left to train; the world stays in $WORLD"; exit 0; fi
 common=(--world "$WORLD" --steps 100000 --time-budget "$budget" --eval-clips 100 --clips-per-batch 64
   --questions-per-clip 2 --quiet)
+[ -n "${FRESH:-}" ] && common+=(--fresh-scenes)
 for role in $ROLES; do
   init=()
   if [ "${INIT:-}" = 1 ]; then

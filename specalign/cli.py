@@ -62,7 +62,7 @@ def cmd_train_mini(args) -> None:
         steps=args.steps, clips_per_batch=args.clips_per_batch,
         questions_per_clip=args.questions_per_clip, lr=args.lr, seed=args.seed,
         eval_clips=args.eval_clips, max_train_clips=args.max_train_clips, sizes=SIZES.get(args.role),
-        time_budget=args.time_budget, init=args.init,
+        time_budget=args.time_budget, init=args.init, fresh_scenes=args.fresh_scenes, fresh_buffer=args.fresh_buffer,
         **({"device": args.device} if args.device else {}),
     )  # fmt: skip
     manifest = train_mini(cfg, progress=not args.quiet)
@@ -282,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds (saves)")
     t.add_argument("--init", default=None,
                    help="continue from this checkpoint (e.g. mini-target) instead of from scratch")  # fmt: skip
+    t.add_argument(
+        "--fresh-scenes",
+        action="store_true",
+        help="target only: keep replacing training clips with never-seen drives rendered on the fly",
+    )
+    t.add_argument("--fresh-buffer", type=int, default=8192, help="clips held at once with --fresh-scenes")
     t.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train_mini)

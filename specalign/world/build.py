@@ -133,6 +133,30 @@ def simulate_sequence(scene: Scene, seconds: float, cfg: WorldConfig, rng: np.ra
     return sim.events(), image_ts, frames
 
 
+def clip_frames(scene: Scene, cfg: WorldConfig, rng: np.random.Generator, n: int = 8) -> np.ndarray:
+    """The n frames a model sees of a drive's first clip, uint8 [n, H, W, 3], without the event camera.
+
+    Renders only inside those frames' exposure windows, on simulate_sequence's render grid with its rule for
+    which renders a frame averages, so the frames come from the same distribution as a built world's (only
+    the noise draws differ): 1-9 renders a frame instead of a whole drive at 100-200 Hz. Feeds train-mini's
+    fresh scenes.
+    """
+    from specalign.data.dataset import pick_frames
+
+    frame_step_us = int(1e6 / VIDEO_FPS)
+    render_step_us = int(1e6 / RENDER_HZ[scene.ego])
+    image_ts = np.arange(frame_step_us, frame_step_us + parse_duration(cfg.duration), frame_step_us)
+    frames = []
+    for ts in image_ts[pick_frames(len(image_ts), n)].tolist():
+        lo, hi = exposure_window(scene, ts * 1e-6)
+        ks = range(int(np.floor(lo * 1e6 / render_step_us)), int(np.ceil(hi * 1e6 / render_step_us)) + 1)
+        times = [k * render_step_us * 1e-6 for k in ks if k >= 0]
+        times = [t for t in times if lo - 1e-9 <= t <= hi + 1e-9] or [ts * 1e-6]
+        radiance = sum(render(scene, t, cfg.width, cfg.height, 3) for t in times) / len(times)
+        frames.append(expose(radiance, scene, cfg.frame, rng))
+    return np.stack(frames)
+
+
 def build_sequence(task: SequenceTask, cfg: WorldConfig) -> dict:
     """Simulate one drive and write its clips (and its raw DSEC copy); returns its marker."""
     split_name = split_dir_name(task.split, cfg.duration)

@@ -116,3 +116,13 @@ def test_training_continues_from_a_bundled_model(world, tmp_path):
         train_mini(TrainConfig(world=str(world), **base), progress=False)
     with pytest.raises(SpecalignError, match="cannot continue as the draft"):
         train_mini(TrainConfig(world=str(w2), **{**base, "init": "mini-target"}), progress=False)
+
+
+def test_fresh_scenes_flow_into_training(world, tmp_path):
+    """--fresh-scenes: never-seen drives rendered by worker processes join the buffer between steps."""
+    base = dict(world=str(world), duration="500ms", steps=3, clips_per_batch=2, questions_per_clip=1, warmup=1,
+                eval_clips=1, device="cpu", sizes=TINY, fresh_scenes=True, fresh_buffer=4)  # fmt: skip
+    manifest = train_mini(TrainConfig(role="target", out=str(tmp_path / "t"), **base), progress=False)
+    assert manifest["fresh_clips"] >= 1 and manifest["train_config"]["fresh_scenes"]
+    with pytest.raises(SpecalignError, match="event camera"):
+        train_mini(TrainConfig(role="draft", out=str(tmp_path / "d"), **base), progress=False)

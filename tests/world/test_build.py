@@ -146,3 +146,23 @@ def test_cli_builds_and_prints_a_summary(tmp_path, capsys):
     img = np.asarray(__import__("PIL.Image").Image.open(out / "my_egpt_dsec_train_500ms" / "event_image_1f" /
                                                         entries[0]["event_image_1f"][0]))  # fmt: skip
     assert img.shape == (24, 32, 3)
+
+
+def test_clip_frames_match_a_simulated_drive():
+    """The frames-only renderer averages the same renders as the full drive simulation (noise made negligible)."""
+    from specalign.data.dataset import pick_frames
+    from specalign.world.build import clip_frames, simulate_sequence
+    from specalign.world.camera import FrameCameraConfig
+    from specalign.world.scene import sample_scene
+
+    cfg = tiny("-", frame=FrameCameraConfig(full_well=1e12, read_noise=0.0))
+    tod = set()
+    for k in range(8):
+        scene = sample_scene(np.random.default_rng([7, k]))
+        tod.add(scene.time_of_day)
+        fast = clip_frames(scene, cfg, np.random.default_rng(0))
+        _, ts, frames = simulate_sequence(scene, 0.5, cfg, np.random.default_rng(0))
+        full = np.stack(frames)[pick_frames(10, 8)]  # the first 500 ms window holds 10 frames
+        assert fast.shape == (8, 32, 48, 3) and fast.dtype == np.uint8
+        assert np.abs(fast.astype(int) - full).max() <= 1, scene.time_of_day  # rounding only
+    assert len(tod) >= 2, "several exposure times covered"
