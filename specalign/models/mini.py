@@ -191,7 +191,7 @@ class FreshScenes(torch.utils.data.IterableDataset):
     Each item is a new scene's first clip: its frames rendered with the world's camera settings
     (world.build.clip_frames: no event camera, ~10x cheaper than building a drive) and preprocessed, with
     the 50 answers in the target's voice already tokenized. Yields ({"pixel_values_videos": float32
-    [1, 8, 3, S, S]}, [(question, answer ids long [A])]).
+    [1, 8, 3, S, S]}, [(question, answer ids int64 [A])]) as numpy arrays.
     Why: trained on a fixed world, the mini target learns to recognise its few thousand drives rather than to
     read colours and objects off the frames (held-out colour 52 % vs 81 % on its training drives).
     """
@@ -214,7 +214,9 @@ class FreshScenes(torch.utils.data.IterableDataset):
             frames = clip_frames(scene, self.world_cfg, rng, self.vlm.num_frames)
             visual = self.vlm.visual_inputs(_RenderedClip(frames, f"fresh scene {worker}/{k}"))
             answers = [(qa["question"], encode_answer(self.vlm, qa["target"], eos)) for qa in all_answers(scene)]
-            yield visual, answers
+            # numpy, not tensors: DataLoader passes each tensor as a shared-memory file descriptor, and 51 of
+            # them per clip run out the process's descriptors ("received 0 items of ancdata")
+            yield {name: t.numpy() for name, t in visual.items()}, [(q, a.numpy()) for q, a in answers]
             k += 1
 
 
@@ -369,7 +371,8 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
             # the first step waits for a fresh clip (a broken worker fails here), later ones take what is ready
             wait = max(1 if step == start else 0, cfg.clips_per_batch - len(qa))
             for v, answers in feed.take(at_least=wait):
-                v = {k: t.to(device) for k, t in v.items()}
+                v = {k: torch.from_numpy(t).to(device) for k, t in v.items()}
+                answers = [(q, torch.from_numpy(a)) for q, a in answers]
                 if len(qa) < max(cfg.fresh_buffer, n_clips):
                     visual.append(v)
                     qa.append(answers)
