@@ -227,7 +227,8 @@ class FreshFeed:
         self.queue: queue.Queue = queue.Queue(maxsize=2048)
         self.stop = threading.Event()
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
-                                                  prefetch_factor=8, worker_init_fn=_one_thread)  # fmt: skip
+                                                  prefetch_factor=8, worker_init_fn=_one_thread,
+                                                  collate_fn=_as_is)  # keep numpy: see FreshScenes  # fmt: skip
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -264,6 +265,10 @@ class FreshFeed:
 
 def _one_thread(_worker_id):
     torch.set_num_threads(1)
+
+
+def _as_is(item):
+    return item
 
 
 def encode_answer(vlm, text: str, eos: int) -> torch.Tensor:
