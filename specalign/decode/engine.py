@@ -46,6 +46,29 @@ def apply_rotary(q, k, cos, sin):
 
 
 @dataclass
+class FusedWeights:
+    """One layer's q/k/v and gate/up projections concatenated: (weight, bias or None) for F.linear."""
+
+    qkv: tuple
+    qkv_sizes: list[int]
+    gate_up: tuple
+
+
+def fused_weights(layer) -> FusedWeights:
+    """A Llama decoder layer's projections as two matmuls (at batch 1 each matmul is one pass over its weight
+    with a fixed cost on top: fewer, larger ones waste less)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if getattr(mlp, "gate_proj", None) is None:
+        raise SpecalignError("fuse: this MLP has no gate_proj/up_proj (not a Llama MLP)")
+    proj = (attn.q_proj, attn.k_proj, attn.v_proj)
+    w = torch.cat([p.weight for p in proj]).detach()
+    b = torch.cat([p.bias for p in proj]).detach() if proj[0].bias is not None else None
+    gu = (mlp.gate_proj, mlp.up_proj)
+    gb = torch.cat([p.bias for p in gu]).detach() if gu[0].bias is not None else None
+    return FusedWeights((w, b), [p.weight.shape[0] for p in proj], (torch.cat([p.weight for p in gu]).detach(), gb))
+
+
+@dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
     tokens: torch.Tensor
@@ -56,11 +79,14 @@ class _Graph:
 class Engine:
     """One model's language side with a static KV cache of `max_len` slots for `batch` rows."""
 
-    def __init__(self, vlm, max_len: int, batch: int = 1, compile: bool = False):
+    def __init__(self, vlm, max_len: int, batch: int = 1, compile: bool = False, fuse: bool = False):
         """compile: torch.compile the one-token decode step (fuses the element-wise work between the weight
-        reads; on a GPU the compiled step is then captured as a CUDA graph like the others)."""
+        reads; on a GPU the compiled step is then captured as a CUDA graph like the others).
+        fuse: one q/k/v and one gate/up matmul per layer instead of three and two (engine-owned copies of those
+        weights: costs their memory again, so it is off by default; benchmarks/decode_7b.py measures it)."""
         self.vlm = vlm
         self.lm, self.head = language_model(vlm)
+        self.fused = [fused_weights(layer) for layer in self.lm.layers] if fuse else None
         cfg = self.lm.config
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -91,17 +117,26 @@ class Engine:
         mask = (self.slot[None, None, :] <= slots[None, :, None]) & self.valid[:, None, :]
         mask = mask[:, None]
         for i, layer in enumerate(self.lm.layers):
-            attn = layer.self_attn
+            attn, mlp = layer.self_attn, layer.mlp
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(B, T, -1, self.head_dim).transpose(1, 2)
+            if self.fused is None:
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            else:
+                q, k, v = F.linear(h, *self.fused[i].qkv).split(self.fused[i].qkv_sizes, dim=-1)
+            q = q.reshape(B, T, -1, self.head_dim).transpose(1, 2)
+            k = k.reshape(B, T, -1, self.head_dim).transpose(1, 2)
+            v = v.reshape(B, T, -1, self.head_dim).transpose(1, 2)
             q, k = apply_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype))
             self.k[i].index_copy_(2, slots, k)
             self.v[i].index_copy_(2, slots, v)
             o = self._attend(i, q, mask)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            h = layer.post_attention_layernorm(x)
+            if self.fused is None:
+                x = x + mlp(h)
+            else:
+                gate, up = F.linear(h, *self.fused[i].gate_up).chunk(2, dim=-1)
+                x = x + mlp.down_proj(mlp.act_fn(gate) * up)
         return self.lm.norm(x)
 
     def _attend(self, i: int, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -172,3 +172,16 @@ def test_compiled_decode_step_gives_the_same_tokens(minis, dataset):
     ref, _ = target_generate(Engine(target, 700), te, 24, target.eos_token_id)
     out, _ = target_generate(Engine(target, 700, compile=True), te, 24, target.eos_token_id)
     assert out == ref
+
+
+def test_fused_projections_give_the_same_tokens(minis, dataset):
+    """Engine(fuse=True): q/k/v and gate/up as one matmul each compute the same answer."""
+    target = minis[0]
+    te = embeds(target, dataset[0], QUESTIONS[0])
+    ref, _ = target_generate(Engine(target, 700), te, 24, target.eos_token_id)
+    fused = Engine(target, 700, fuse=True)
+    out, _ = target_generate(fused, te, 24, target.eos_token_id)
+    assert out == ref
+    a, b = Engine(target, 700), fused
+    la, lb = prefill(a, te), prefill(b, te)
+    torch.testing.assert_close(lb, la, atol=1e-3, rtol=1e-3)
