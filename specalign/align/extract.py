@@ -182,6 +182,27 @@ def _peak_memory_gb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB (Linux)
 
 
+def check_same_weights(out: Path, names: dict, rank: int) -> None:
+    """A resumed extraction must continue with the weights it started with: pairs from a retrained model mixed
+    with (or reused instead of) the new model's would be silently wrong. `out/weights.json` keeps their stamps."""
+    from specalign.models import weights_stamp
+
+    path = out / "weights.json"
+    stamps = {role: {"model": name, "files": weights_stamp(name)} for role, name in names.items()}
+    if path.exists():
+        before = read_json(path)
+        for role, now in stamps.items():
+            then = before.get(role, {})
+            if then.get("model") != now["model"]:
+                raise fail(path, f"this extraction was started with the {role} {then.get('model')!r}, not "
+                                 f"{now['model']!r}; delete the folder or use another --out")  # fmt: skip
+            if None not in (then.get("files"), now["files"]) and then["files"] != now["files"]:
+                raise fail(path, f"the {role} {now['model']!r} has other weights than when this extraction started "
+                                 "(retrained?); delete the folder or use another --out")  # fmt: skip
+    elif rank == 0:
+        write_json(path, stamps)
+
+
 def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
     """Run (or resume) an extraction; returns the manifest."""
     from specalign.models import load_model
@@ -201,6 +222,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
             torch.distributed.init_process_group("gloo")  # only for the barrier before the merge
     jobs = [(s, q) for s in range(n) for q in range(len(questions))][rank::world]
     out = ensure_dir(cfg.out)
+    check_same_weights(out, {"draft": cfg.draft, "target": cfg.target}, rank)
     previous = out / "manifest.json"
     finished = world == 1 and previous.exists() and read_json(previous).get("settings") == asdict(cfg)
     if finished and all(set(jobs) <= set(_done(out / f"{r}.rank0.jsonl")) for r in ROLES):

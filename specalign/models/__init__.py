@@ -21,6 +21,17 @@ def bundled_path(name: str) -> Path | None:
     return BUNDLED.get(name)
 
 
+def weights_stamp(name_or_path: str) -> dict | None:
+    """{weight file: [bytes, mtime ns]} of a bundled model or checkpoint directory (None for a hub id): what
+    tells a resumed job that the model's weights changed since it started (retrained, re-downloaded)."""
+    from specalign.models.loading import weight_files
+
+    path = bundled_path(name_or_path) or Path(name_or_path)
+    if not path.is_dir():
+        return None
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in weight_files(path)}
+
+
 def detect_backend(path: Path) -> str:
     from specalign.models.loading import read_config
 

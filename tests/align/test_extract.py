@@ -117,3 +117,23 @@ def test_static_engine_and_hf_generate_extract_the_same_pairs(split, tmp_path):
     assert pairs(tmp_path / "static") == pairs(tmp_path / "hf")
     with pytest.raises(SpecalignError, match="--engine"):
         extract(ExtractConfig(out=str(tmp_path / "x"), engine="vllm", **base), progress=False)
+
+
+def test_resuming_with_retrained_weights_is_refused(split, tmp_path):
+    """Pairs of a model retrained since the extraction started would be silently stale: refuse to reuse them."""
+    import os
+    import shutil
+
+    draft = tmp_path / "my-draft"
+    shutil.copytree(BUNDLED["mini-draft"], draft)
+    cfg = ExtractConfig(dataset=str(split), out=str(tmp_path / "x"), questions=1, max_new_tokens=4, batch_size=2,
+                        draft=str(draft), device="cpu")  # fmt: skip
+    extract(cfg, progress=False)
+    assert extract(cfg, progress=False)["pairs"] == 2, "same weights: the finished run is reused"
+    weights = draft / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten a second later
+    with pytest.raises(SpecalignError, match="other weights than when this extraction started"):
+        extract(cfg, progress=False)
+    with pytest.raises(SpecalignError, match="was started with the draft"):
+        extract(ExtractConfig(**{**cfg.__dict__, "draft": "mini-draft"}), progress=False)
