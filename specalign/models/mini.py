@@ -276,22 +276,6 @@ def encode_answer(vlm, text: str, eos: int) -> torch.Tensor:
     return torch.tensor(vlm.tokenizer(" " + text, add_special_tokens=False)["input_ids"] + [eos], dtype=torch.long)
 
 
-def world_config(world: Path, duration: str):
-    """The WorldConfig a world was built with (its camera settings), from world.json."""
-    from specalign.world.build import WorldConfig
-    from specalign.world.camera import FrameCameraConfig
-    from specalign.world.events import EventCameraConfig
-
-    path = world / "world.json"
-    try:
-        settings = dict(json.loads(path.read_text())["builds"][duration]["settings"])
-    except (OSError, ValueError, KeyError):
-        raise SpecalignError(f"{path}: no {duration} build settings (build it with `specalign world build`)") from None
-    settings["frame"] = FrameCameraConfig(**settings["frame"])
-    settings["event"] = EventCameraConfig(**settings["event"])
-    return WorldConfig(out=str(world), **settings)
-
-
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
@@ -357,11 +341,13 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
 
     feed, fresh, ring = None, 0, 0
     if cfg.fresh_scenes:
+        from specalign.world.build import load_world_config
+
         if cfg.role != "target":
             raise SpecalignError("--fresh-scenes: only the target's clips can be rendered on the fly (the draft "
                                  "needs the event camera: build a bigger world for it)")  # fmt: skip
         workers = max(1, (os.cpu_count() or 2) - 2)
-        feed = FreshFeed(FreshScenes(vlm, world_config(world, cfg.duration), cfg.seed, start), workers)
+        feed = FreshFeed(FreshScenes(vlm, load_world_config(world, cfg.duration), cfg.seed, start), workers)
         print(f"[train-mini {cfg.role}] fresh scenes from {workers} worker processes, buffer "
               f"{max(cfg.fresh_buffer, n_clips)} clips", flush=True)  # fmt: skip
 

@@ -275,6 +275,18 @@ def build_world(cfg: WorldConfig, progress: bool = True) -> dict:
     return summary
 
 
+def load_world_config(world: str | Path, duration: str) -> WorldConfig:
+    """The WorldConfig a world was built with (its sizes and camera settings), from its world.json."""
+    path = Path(world) / "world.json"
+    try:
+        settings = dict(read_json(path)["builds"][duration]["settings"])
+    except (OSError, ValueError, KeyError):
+        raise SpecalignError(f"{path}: no {duration} build settings (build it with `specalign world build`)") from None
+    settings["frame"] = FrameCameraConfig(**settings["frame"])
+    settings["event"] = EventCameraConfig(**settings["event"])
+    return WorldConfig(out=str(world), **settings)
+
+
 def given_tokenizer(path: str, texts):
     """A tokenizer.json to reuse (so models trained on another world keep their vocabulary); every answer of this
     world must encode without <unk>."""
