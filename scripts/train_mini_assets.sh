@@ -12,6 +12,7 @@
 # TRAIN_CLIPS, CLIPS_PER_SEQ: the world's train split (default 5,200 clips, 2 per drive).
 # FRESH=1 (target only): train on never-seen drives rendered on the fly by the spare CPU cores while the GPU
 # trains (train-mini --fresh-scenes); the world then only needs its test split and a small train split.
+# FRESH_WORKERS: how many processes render them (default all cores but two).
 # Two clips per drive (not the default 8): the answers describe the drive's scene, so what the models must
 # generalise over is the number of distinct scenes; 2,600 train drives instead of 650 for ~1.3x the build time.
 set -euo pipefail
@@ -34,6 +35,7 @@ if [ "$budget" -lt 60 ]; then echo "too little time left to train; the world sta
 common=(--world "$WORLD" --steps 100000 --time-budget "$budget" --eval-clips 100 --clips-per-batch 64
   --questions-per-clip 2 --quiet)
 [ -n "${FRESH:-}" ] && common+=(--fresh-scenes)
+[ -n "${FRESH_WORKERS:-}" ] && common+=(--fresh-workers "$FRESH_WORKERS")
 for role in $ROLES; do
   init=()
   if [ "${INIT:-}" = 1 ]; then

@@ -63,6 +63,7 @@ def cmd_train_mini(args) -> None:
         questions_per_clip=args.questions_per_clip, lr=args.lr, seed=args.seed,
         eval_clips=args.eval_clips, max_train_clips=args.max_train_clips, sizes=SIZES.get(args.role),
         time_budget=args.time_budget, init=args.init, fresh_scenes=args.fresh_scenes, fresh_buffer=args.fresh_buffer,
+        fresh_workers=args.fresh_workers,
         **({"device": args.device} if args.device else {}),
     )  # fmt: skip
     manifest = train_mini(cfg, progress=not args.quiet)
@@ -288,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="target only: keep replacing training clips with never-seen drives rendered on the fly",
     )
     t.add_argument("--fresh-buffer", type=int, default=8192, help="clips held at once with --fresh-scenes")
+    t.add_argument("--fresh-workers", type=int, default=None,
+                   help="processes rendering fresh scenes (default: all cores but two)")  # fmt: skip
     t.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train_mini)

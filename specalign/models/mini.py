@@ -75,6 +75,7 @@ class TrainConfig:
     init: str | None = None  # continue from this checkpoint (a bundled name or a directory) instead of from scratch
     fresh_scenes: bool = False  # target only: keep replacing training clips with never-seen drives (FreshScenes)
     fresh_buffer: int = 8192  # clips held for training at once when fresh scenes flow in
+    fresh_workers: int | None = None  # processes rendering them (default: all cores but two)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     sizes: MiniSizes = field(default_factory=MiniSizes)
 
@@ -346,7 +347,7 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
         if cfg.role != "target":
             raise SpecalignError("--fresh-scenes: only the target's clips can be rendered on the fly (the draft "
                                  "needs the event camera: build a bigger world for it)")  # fmt: skip
-        workers = max(1, (os.cpu_count() or 2) - 2)
+        workers = cfg.fresh_workers or max(1, (os.cpu_count() or 2) - 2)
         feed = FreshFeed(FreshScenes(vlm, load_world_config(world, cfg.duration), cfg.seed, start), workers)
         print(f"[train-mini {cfg.role}] fresh scenes from {workers} worker processes, buffer "
               f"{max(cfg.fresh_buffer, n_clips)} clips", flush=True)  # fmt: skip

@@ -118,7 +118,7 @@ def test_training_continues_from_a_bundled_model(world, tmp_path):
         train_mini(TrainConfig(world=str(w2), **{**base, "init": "mini-target"}), progress=False)
 
 
-def test_fresh_scenes_flow_into_training(world, tmp_path):
+def test_fresh_scenes_flow_into_training(world, tmp_path, capsys):
     """--fresh-scenes: never-seen drives rendered by worker processes join the buffer between steps."""
     base = dict(world=str(world), duration="500ms", steps=3, clips_per_batch=2, questions_per_clip=1, warmup=1,
                 eval_clips=1, device="cpu", sizes=TINY, fresh_scenes=True, fresh_buffer=4)  # fmt: skip
@@ -126,3 +126,12 @@ def test_fresh_scenes_flow_into_training(world, tmp_path):
     assert manifest["fresh_clips"] >= 1 and manifest["train_config"]["fresh_scenes"]
     with pytest.raises(SpecalignError, match="event camera"):
         train_mini(TrainConfig(role="draft", out=str(tmp_path / "d"), **base), progress=False)
+    # the CLI, continuing the tiny model just trained (the CLI's own sizes are the bundled ones: slow on a CPU)
+    out = tmp_path / "cli"
+    main(["models", "train-mini", "--role", "target", "--world", str(world), "--out", str(out), "--duration", "500ms",
+          "--steps", "2", "--clips-per-batch", "2", "--questions-per-clip", "1", "--eval-clips", "1", "--device",
+          "cpu", "--init", str(tmp_path / "t"), "--fresh-scenes", "--fresh-buffer", "6", "--fresh-workers", "1",
+          "--quiet"])  # fmt: skip
+    assert "fresh scenes from 1 worker processes, buffer 6 clips" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["fresh_clips"] >= 1 and manifest["train_config"]["fresh_workers"] == 1
