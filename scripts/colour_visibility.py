@@ -1,0 +1,117 @@
+"""Where a model's colour misses are: held-out colour facts by the object they name and how visible it is.
+
+For every colour fact of the ground-truth answers (to the questions whose answers state colours), the named
+objects are removed from the scene and the clip's middle instant is rendered with and without them: the object's
+visible size is the number of pixels whose RGB radiance changes (> 0.02). Occlusion, the frame's edges and an
+object behind the camera all count, so 0 px means the fact cannot be read off the frames at all.
+
+    python scripts/colour_visibility.py --model mini-target --dataset WORLD/my_egpt_dsec_seq_1s [--clips 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from specalign.data import open_dataset  # noqa: E402
+from specalign.evaluate.quality import COLOURS, facts  # noqa: E402
+from specalign.models import load_model  # noqa: E402
+from specalign.models.base import Prompt  # noqa: E402
+from specalign.world.render import render  # noqa: E402
+from specalign.world.scene import Scene  # noqa: E402
+
+T0_US = 50_000_000_000  # the world builder's clock offset; drive i starts at T0_US + i * 1e9 us
+
+
+def visible_pixels(scene: dict, t: float, drop: list[tuple[str, int]], size: tuple[int, int]) -> int:
+    """Pixels whose radiance changes when the objects `drop` ([(scene field, index)]) are taken out at time t."""
+    less = copy.deepcopy(scene)
+    for name, i in sorted(drop, reverse=True):
+        if name == "traffic_light":
+            less["traffic_light"] = None
+        else:
+            del less[name][i]
+    full = render(Scene.from_dict(scene), t, *size, 3)
+    without = render(Scene.from_dict(less), t, *size, 3)
+    return int((np.abs(full - without).max(-1) > 0.02).sum())
+
+
+def named_objects(phrase: str, scene: dict) -> tuple[str, list[tuple[str, int]]]:
+    """(object kind, the scene objects a colour fact's phrase can be about)."""
+    colour = re.search(COLOURS, phrase).group(0)
+    if phrase.startswith("showing"):
+        return "traffic light", [("traffic_light", 0)]
+    if re.search(r"buildings|houses| on the (left|right)", phrase):
+        side = re.search(r"on the (left|right)", phrase)
+        return "building", [("roadside", i) for i, r in enumerate(scene["roadside"]) if r["kind"] == "building"
+                            and r["colour"] == colour and (side is None or r["side"] == side.group(1))]  # fmt: skip
+    return "vehicle", [("vehicles", i) for i, v in enumerate(scene["vehicles"]) if v["colour"] == colour]
+
+
+BINS = ("all", "0 (not visible)", "1-29 px", "30-99 px", "100+ px")
+
+
+def size_bin(px: int) -> str:
+    return BINS[1] if px <= 0 else BINS[2] if px < 30 else BINS[3] if px < 100 else BINS[4]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="mini-target")
+    p.add_argument("--dataset", required=True, help="a built world's test split")
+    p.add_argument("--clips", type=int, default=100)
+    p.add_argument("--out", default=None, help="also write every fact as JSON here")
+    args = p.parse_args()
+    dataset = open_dataset(args.dataset)
+    vlm = load_model(args.model, dtype="fp32")
+    picks = np.unique(np.linspace(0, len(dataset) - 1, min(args.clips, len(dataset))).round().astype(int))
+    jobs = []  # (prompt, truth, scene, t, size)
+    for i in picks.tolist():
+        sample = dataset[i]
+        truth = sample.ground_truth()
+        t = ((truth["window_us"][0] + truth["window_us"][1]) / 2 - T0_US) % 1_000_000_000 * 1e-6
+        size = sample.frames(1).shape[2:0:-1]  # (W, H)
+        vis = vlm.visual_inputs(sample)
+        for qa in truth["qa"]:
+            if any(kind == "colour" for kind, _ in facts(qa["target"])):
+                text = vlm.prompt_text(qa["question"])
+                jobs.append((Prompt(vlm.expand_prompt(text, vis), vis, text), qa["target"], truth["scene"], t, size))
+    answers = []
+    with torch.inference_mode():
+        for b in range(0, len(jobs), 100):
+            answers += [vlm.decode(ids) for ids in vlm.generate([j[0] for j in jobs[b : b + 100]], max_new_tokens=72)]
+    rows = []
+    for (_, truth, scene, t, size), answer in zip(jobs, answers, strict=True):
+        for kind, phrase in facts(truth):
+            if kind != "colour":
+                continue
+            what, drop = named_objects(phrase, scene)
+            px = visible_pixels(scene, t, drop, size) if drop else 0
+            right = re.search(rf"\b{re.escape(phrase)}\b", answer) is not None
+            rows.append({"object": what, "pixels": px, "time_of_day": scene["time_of_day"], "right": right})
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows))
+    print(f"{args.model}: {len(rows)} colour facts on {len(picks)} clips, "
+          f"{np.mean([r['right'] for r in rows]):.1%} right")  # fmt: skip
+    table = defaultdict(list)
+    for r in rows:
+        table[(r["object"], "all")].append(r["right"])
+        table[(r["object"], size_bin(r["pixels"]))].append(r["right"])
+        table[("any", size_bin(r["pixels"]))].append(r["right"])
+    print("| object | visible size | facts | right |\n|---|---|---|---|")
+    for (what, size), hits in sorted(table.items(), key=lambda kv: (kv[0][0], BINS.index(kv[0][1]))):
+        print(f"| {what} | {size} | {len(hits)} | {np.mean(hits):.1%} |")
+
+
+if __name__ == "__main__":
+    main()
