@@ -7,6 +7,7 @@ simulator needs that, or edges would move in whole-pixel jumps.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +58,8 @@ class Canvas:
 
     def colour(self, rgb, emissive: bool = False) -> np.ndarray:
         """Albedo times illumination (or emitted light), in the canvas's channels."""
-        key = (tuple(np.asarray(rgb, dtype=np.float64).tolist()), emissive)
+        # a cheap key (tens of thousands of calls a clip): the tuple itself, or an array's bytes
+        key = (rgb if isinstance(rgb, tuple) else np.asarray(rgb, dtype=np.float64).tobytes(), emissive)
         if key not in self._colours:
             albedo = np.asarray(rgb, dtype=np.float64)
             # Rounded so that colours of equal luminance give bit-identical luminance images.
@@ -89,8 +91,8 @@ def fill(c: Canvas, u0, u1, top0, bot0, top1=None, bot1=None, colour=None) -> No
     bot1 = bot0 if bot1 is None else bot1
     if u1 <= 0 or u0 >= c.w or u1 - u0 < 1e-3:
         return
-    ia, ib = max(int(np.floor(u0)), 0), min(int(np.ceil(u1)), c.w)
-    va, vb = max(int(np.floor(min(top0, top1))), 0), min(int(np.ceil(max(bot0, bot1))), c.h)
+    ia, ib = max(math.floor(u0), 0), min(math.ceil(u1), c.w)
+    va, vb = max(math.floor(min(top0, top1)), 0), min(math.ceil(max(bot0, bot1)), c.h)
     if ia >= ib or va >= vb:
         return
     cx = _coverage(u0, u1, ia, ib)
