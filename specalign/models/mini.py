@@ -174,6 +174,10 @@ def _visual_inputs(vlm, dataset, n: int, progress: bool) -> list[dict]:
 
 
 FRESH_SPLIT_ID = 2  # fresh scenes draw from their own seed stream: never a built train (0) or test (1) drive
+# Which clip of its drive a fresh scene shows, drawn from the first FRESH_WINDOWS (a default world has 8 a drive).
+# Always the first one taught a shortcut: the centre-line dashes start every drive at the same phase, so their
+# place in the first frames gave away the ego speed, and held-out second clips got it wrong (day: 32 of 52).
+FRESH_WINDOWS = 8
 
 
 class _RenderedClip:
@@ -189,9 +193,9 @@ class _RenderedClip:
 class FreshScenes(torch.utils.data.IterableDataset):
     """Endless never-seen drives for the target, made in DataLoader workers while the GPU trains.
 
-    Each item is a new scene's first clip: its frames rendered with the world's camera settings
-    (world.build.clip_frames: no event camera, ~10x cheaper than building a drive) and preprocessed, with
-    the 50 answers in the target's voice already tokenized. Yields ({"pixel_values_videos": float32
+    Each item is one clip of a new drive (one of its first FRESH_WINDOWS): its frames rendered with the world's
+    camera settings (world.build.clip_frames: no event camera, ~10x cheaper than building a drive) and
+    preprocessed, with the 50 answers in the target's voice already tokenized. Yields ({"pixel_values_videos": float32
     [1, 8, 3, S, S]}, [(question, answer ids int64 [A])]) as numpy arrays.
     Why: trained on a fixed world, the mini target learns to recognise its few thousand drives rather than to
     read colours and objects off the frames (held-out colour 52 % vs 81 % on its training drives).
@@ -212,7 +216,8 @@ class FreshScenes(torch.utils.data.IterableDataset):
         while True:
             rng = np.random.default_rng([self.seed, FRESH_SPLIT_ID, self.stream, worker, k])
             scene = sample_scene(rng)
-            frames = clip_frames(scene, self.world_cfg, rng, self.vlm.num_frames)
+            window = int(rng.integers(FRESH_WINDOWS))
+            frames = clip_frames(scene, self.world_cfg, rng, self.vlm.num_frames, window)
             visual = self.vlm.visual_inputs(_RenderedClip(frames, f"fresh scene {worker}/{k}"))
             answers = [(qa["question"], encode_answer(self.vlm, qa["target"], eos)) for qa in all_answers(scene)]
             # numpy, not tensors: DataLoader passes each tensor as a shared-memory file descriptor, and 51 of

@@ -133,8 +133,8 @@ def simulate_sequence(scene: Scene, seconds: float, cfg: WorldConfig, rng: np.ra
     return sim.events(), image_ts, frames
 
 
-def clip_frames(scene: Scene, cfg: WorldConfig, rng: np.random.Generator, n: int = 8) -> np.ndarray:
-    """The n frames a model sees of a drive's first clip, uint8 [n, H, W, 3], without the event camera.
+def clip_frames(scene: Scene, cfg: WorldConfig, rng: np.random.Generator, n: int = 8, window: int = 0) -> np.ndarray:
+    """The n frames a model sees of a drive's clip number `window`, uint8 [n, H, W, 3], without the event camera.
 
     Renders only inside those frames' exposure windows, on simulate_sequence's render grid with its rule for
     which renders a frame averages, so the frames come from the same distribution as a built world's (only
@@ -145,7 +145,9 @@ def clip_frames(scene: Scene, cfg: WorldConfig, rng: np.random.Generator, n: int
 
     frame_step_us = int(1e6 / VIDEO_FPS)
     render_step_us = int(1e6 / RENDER_HZ[scene.ego])
-    image_ts = np.arange(frame_step_us, frame_step_us + parse_duration(cfg.duration), frame_step_us)
+    duration_us = parse_duration(cfg.duration)
+    start = frame_step_us + window * (duration_us // 2)  # plan_windows: 50 % overlap from the first frame
+    image_ts = np.arange(start, start + duration_us, frame_step_us)
     frames = []
     for ts in image_ts[pick_frames(len(image_ts), n)].tolist():
         lo, hi = exposure_window(scene, ts * 1e-6)

@@ -160,9 +160,10 @@ def test_clip_frames_match_a_simulated_drive():
     for k in range(8):
         scene = sample_scene(np.random.default_rng([7, k]))
         tod.add(scene.time_of_day)
-        fast = clip_frames(scene, cfg, np.random.default_rng(0))
-        _, ts, frames = simulate_sequence(scene, 0.5, cfg, np.random.default_rng(0))
-        full = np.stack(frames)[pick_frames(10, 8)]  # the first 500 ms window holds 10 frames
-        assert fast.shape == (8, 32, 48, 3) and fast.dtype == np.uint8
-        assert np.abs(fast.astype(int) - full).max() <= 1, scene.time_of_day  # rounding only
+        _, ts, frames = simulate_sequence(scene, 0.75, cfg, np.random.default_rng(0))  # two 500 ms windows
+        for window, first in ((0, 0), (1, 5)):  # 10 frames a window, 50 % overlap
+            fast = clip_frames(scene, cfg, np.random.default_rng(0), window=window)
+            full = np.stack(frames[first : first + 10])[pick_frames(10, 8)]
+            assert fast.shape == (8, 32, 48, 3) and fast.dtype == np.uint8
+            assert np.abs(fast.astype(int) - full).max() <= 1, (scene.time_of_day, window)  # rounding only
     assert len(tod) >= 2, "several exposure times covered"
