@@ -294,9 +294,16 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
     """Train one mini model; returns its manifest. Resumes from out/train_state.pt when present."""
     from specalign.data.layout import split_dir_name
 
+    if cfg.fresh_scenes and cfg.role != "target":
+        raise SpecalignError("--fresh-scenes: only the target's clips can be rendered on the fly (the draft "
+                             "needs the event camera: build a bigger world for it)")  # fmt: skip
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     world = Path(cfg.world)
+    if cfg.fresh_scenes:  # fresh scenes use the world's camera settings: a bad world.json fails here, not later
+        from specalign.world.build import load_world_config
+
+        fresh_world = load_world_config(world, cfg.duration)
     tokenizer_file = world / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise SpecalignError(f"{world}: not a minidsec world (tokenizer.json is missing)")
@@ -347,13 +354,8 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
 
     feed, fresh, ring = None, 0, 0
     if cfg.fresh_scenes:
-        from specalign.world.build import load_world_config
-
-        if cfg.role != "target":
-            raise SpecalignError("--fresh-scenes: only the target's clips can be rendered on the fly (the draft "
-                                 "needs the event camera: build a bigger world for it)")  # fmt: skip
         workers = cfg.fresh_workers or max(1, (os.cpu_count() or 2) - 2)
-        feed = FreshFeed(FreshScenes(vlm, load_world_config(world, cfg.duration), cfg.seed, start), workers)
+        feed = FreshFeed(FreshScenes(vlm, fresh_world, cfg.seed, start), workers)
         print(f"[train-mini {cfg.role}] fresh scenes from {workers} worker processes, buffer "
               f"{max(cfg.fresh_buffer, n_clips)} clips", flush=True)  # fmt: skip
 
