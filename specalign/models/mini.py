@@ -111,16 +111,14 @@ def new_model(role: str, tokenizer_file: Path, sizes: MiniSizes, seed: int = 0):
 
 def _init_from(cfg: TrainConfig, tokenizer_file: Path):
     """The checkpoint to continue from, in fp32; its tokenizer must be the world's (answers are token ids)."""
-    from specalign.models import load_model
+    from tokenizers import Tokenizer
+
+    from specalign.models import bundled_path, load_model
 
     vlm = load_model(cfg.init, dtype="fp32")
     expected = {"target": "video-llava", "draft": "eventgpt"}[cfg.role]
     if vlm.kind != expected:
         raise SpecalignError(f"--init {cfg.init}: a {vlm.kind} checkpoint cannot continue as the {cfg.role}")
-    from tokenizers import Tokenizer
-
-    from specalign.models import bundled_path
-
     if vlm.tokenizer.get_vocab() != Tokenizer.from_file(str(tokenizer_file)).get_vocab():
         source = (bundled_path(cfg.init) or Path(cfg.init)) / "tokenizer.json"
         raise SpecalignError(f"--init {cfg.init}: its tokenizer differs from {tokenizer_file}; build the world "
@@ -293,6 +291,7 @@ def git_commit() -> str:
 def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
     """Train one mini model; returns its manifest. Resumes from out/train_state.pt when present."""
     from specalign.data.layout import split_dir_name
+    from specalign.world.build import load_world_config
 
     if cfg.fresh_scenes and cfg.role != "target":
         raise SpecalignError("--fresh-scenes: only the target's clips can be rendered on the fly (the draft "
@@ -300,10 +299,8 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     world = Path(cfg.world)
-    if cfg.fresh_scenes:  # fresh scenes use the world's camera settings: a bad world.json fails here, not later
-        from specalign.world.build import load_world_config
-
-        fresh_world = load_world_config(world, cfg.duration)
+    # fresh scenes use the world's camera settings: a bad world.json fails here, before any heavy work
+    fresh_world = load_world_config(world, cfg.duration) if cfg.fresh_scenes else None
     tokenizer_file = world / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise SpecalignError(f"{world}: not a minidsec world (tokenizer.json is missing)")
@@ -352,12 +349,12 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
         rng = np.random.default_rng([cfg.seed, start])
         print(f"[train-mini {cfg.role}] resuming at step {start}", flush=True)
 
-    feed, fresh, ring = None, 0, 0
-    if cfg.fresh_scenes:
+    feed, fresh, ring, capacity = None, 0, 0, max(cfg.fresh_buffer, n_clips)
+    if fresh_world is not None:
         workers = cfg.fresh_workers or max(1, (os.cpu_count() or 2) - 2)
         feed = FreshFeed(FreshScenes(vlm, fresh_world, cfg.seed, start), workers)
-        print(f"[train-mini {cfg.role}] fresh scenes from {workers} worker processes, buffer "
-              f"{max(cfg.fresh_buffer, n_clips)} clips", flush=True)  # fmt: skip
+        print(f"[train-mini {cfg.role}] fresh scenes from {workers} worker processes, buffer {capacity} clips",
+              flush=True)  # fmt: skip
 
     vlm.model.train()
     autocast = (
@@ -372,7 +369,7 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
             for v, answers in feed.take(at_least=wait):
                 v = {k: torch.from_numpy(t).to(device) for k, t in v.items()}
                 answers = [(q, torch.from_numpy(a)) for q, a in answers]
-                if len(qa) < max(cfg.fresh_buffer, n_clips):
+                if len(qa) < capacity:
                     visual.append(v)
                     qa.append(answers)
                 else:
