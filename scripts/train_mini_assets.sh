@@ -13,6 +13,7 @@
 # FRESH=1 (target only): train on never-seen drives rendered on the fly by the spare CPU cores while the GPU
 # trains (train-mini --fresh-scenes); the world then only needs its test split and a small train split.
 # FRESH_WORKERS: how many processes render them (default all cores but two).
+# CLIPS_PER_BATCH, QUESTIONS_PER_CLIP: one step's batch (default 64 x 2 answers).
 # Two clips per drive (not the default 8): the answers describe the drive's scene, so what the models must
 # generalise over is the number of distinct scenes; 2,600 train drives instead of 650 for ~1.3x the build time.
 set -euo pipefail
@@ -32,8 +33,8 @@ echo "world built in $(( $(date +%s) - start )) s" | tee -a "$OUT/world.txt"
 budget=$(( TOTAL - ($(date +%s) - start) - RESERVE ))
 echo "training budget ${budget} s per model" | tee -a "$OUT/world.txt"
 if [ "$budget" -lt 60 ]; then echo "too little time left to train; the world stays in $WORLD"; exit 0; fi
-common=(--world "$WORLD" --steps 100000 --time-budget "$budget" --eval-clips 100 --clips-per-batch 64
-  --questions-per-clip 2 --quiet)
+common=(--world "$WORLD" --steps 100000 --time-budget "$budget" --eval-clips 100
+  --clips-per-batch "${CLIPS_PER_BATCH:-64}" --questions-per-clip "${QUESTIONS_PER_CLIP:-2}" --quiet)
 [ -n "${FRESH:-}" ] && common+=(--fresh-scenes)
 [ -n "${FRESH_WORKERS:-}" ] && common+=(--fresh-workers "$FRESH_WORKERS")
 for role in $ROLES; do
