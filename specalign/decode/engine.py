@@ -79,9 +79,12 @@ class _Graph:
 class Engine:
     """One model's language side with a static KV cache of `max_len` slots for `batch` rows."""
 
-    def __init__(self, vlm, max_len: int, batch: int = 1, compile: bool = False, fuse: bool = False):
+    def __init__(self, vlm, max_len: int, batch: int = 1, compile: bool = False, fuse: bool = False,
+                 tune: bool = True):
         """compile: torch.compile the one-token decode step (fuses the element-wise work between the weight
         reads; on a GPU the compiled step is then captured as a CUDA graph like the others).
+        tune: with compile, inductor's coordinate-descent tuning (gpt-fast's setting): it also turns each
+        one-row matmul into a Triton reduction tuned for memory bandwidth instead of a cuBLAS GEMV.
         fuse: one q/k/v and one gate/up matmul per layer instead of three and two (engine-owned copies of those
         weights: costs their memory again, so it is off by default; benchmarks/decode_7b.py measures it)."""
         self.vlm = vlm
@@ -100,7 +103,8 @@ class Engine:
         self.count = torch.zeros(batch, dtype=torch.long, device=self.device)  # real tokens per row = next position
         self.graphs: dict | bool = {} if self.device.type == "cuda" else False
         self.slot = torch.arange(max_len, device=self.device)
-        self.decode_step = torch.compile(self._step, dynamic=False) if compile else self._step
+        options = {"coordinate_descent_tuning": True} if tune else {}
+        self.decode_step = torch.compile(self._step, dynamic=False, options=options) if compile else self._step
 
     # ---- one forward over T new tokens at slots [start, start + T) --------------------------------------------
     def _forward(self, x: torch.Tensor, start, positions: torch.Tensor | None = None) -> torch.Tensor:
