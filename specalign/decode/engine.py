@@ -79,8 +79,7 @@ class _Graph:
 class Engine:
     """One model's language side with a static KV cache of `max_len` slots for `batch` rows."""
 
-    def __init__(self, vlm, max_len: int, batch: int = 1, compile: bool = False, fuse: bool = False,
-                 tune: bool = True):
+    def __init__(self, vlm, max_len: int, batch: int = 1, compile: bool = False, fuse: bool = False, tune: bool = True):
         """compile: torch.compile the one-token decode step (fuses the element-wise work between the weight
         reads; on a GPU the compiled step is then captured as a CUDA graph like the others).
         tune: with compile, inductor's coordinate-descent tuning (gpt-fast's setting): it also turns each
