@@ -102,9 +102,9 @@ def kernel_profile(engine: Engine, embeds, n: int = 10, top: int = 12) -> dict:
     kernels = [(e.key, getattr(e, attr) / 1e3 / n) for e in prof.key_averages() if getattr(e, attr) > 0]
     if DEVICE == "cuda":  # device rows are kernels and copies; CPU rows (aten ops) carry no device time of their own
         kernels = [(k, ms) for k, ms in kernels if not k.startswith(("aten::", "cuda", "Torch-Compiled"))]
-    families = {
-        "matmul (gemm/gemv)": ("gemm", "gemv", "sm90", "cutlass", "ampere", "matmul", "mm"),
+    families = {  # attention first: cuDNN's SDPA kernel names contain "wmma", which the matmul keys would take
         "attention": ("flash", "attention", "sdpa", "fmha", "softmax"),
+        "matmul (gemm/gemv)": ("gemm", "gemv", "sm90", "cutlass", "ampere", "matmul", "mm"),
         "fused / element-wise": ("triton", "elementwise", "vectorized", "reduce", "norm", "mul", "add", "cat"),
     }
     by_family: dict = {}
