@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from specalign.decode.engine import Engine, prompt_embeds
 from specalign.decode.sources import AdaptedDraft, VLMDraft, check_same_tokenizer
-from specalign.decode.speculative import Clock, speculative_decode, target_generate
+from specalign.decode.speculative import Clock, divergence, speculative_decode, target_generate
 from specalign.errors import SpecalignError
 from specalign.fsutil import atomic_path, ensure_dir, write_bytes, write_json
 from specalign.models.base import Sampling
@@ -114,6 +114,7 @@ def run_speculate(cfg: SpeculateConfig, progress: bool = True) -> dict:
             hf_s = time.perf_counter() - t0
         rows.append({
             "sample": i, "question": q, "sd_tokens": out, "target_tokens": ref, "same": out == ref,
+            "divergence": divergence(t_engine, te, ref, out) if out != ref and sampling.greedy else None,
             "alpha": stats.alpha, "tau": stats.tau, "drafted": stats.drafted, "accepted": stats.accepted,
             "rounds": stats.rounds, "free_tokens": stats.free_tokens,
             "first_token_accepted": stats.first_accepted / max(stats.rounds, 1),
@@ -160,6 +161,10 @@ def _summarise(cfg, rows, target, draft) -> dict:
         "gpu": torch.cuda.get_device_name() if target.device.type == "cuda" else None,
         "lossless": lossless,
         "lossless_rule": lossless_note,
+        # greedy answers that differ: where, and the target's margin there (see decode.speculative.divergence)
+        "divergences": [
+            {"sample": r["sample"], "question": r["question"], **r["divergence"]} for r in rows if r.get("divergence")
+        ],  # fmt: skip
         "totals": totals,
         "samples": rows,
     }
@@ -197,9 +202,23 @@ def _markdown(res: dict) -> str:
         "Time by stage (s, all answers): " + ", ".join(f"{k} {v:.3f}" for k, v in t["stage_seconds"].items())
         + (f"; prefill hiding on: {t['free_tokens_from_prefill_hiding']} tokens accepted from drafts made during "
            "the target's prefill" if c["hide_prefill"] else ""), "",
-        "## Examples", "",
     ]  # fmt: skip
-    for r in res["samples"][:5]:
+    if res.get("divergences"):
+        lines += ["## Where greedy SD left the target-alone answer", "",
+                  "margin = the target's logit of its own token minus that of the SD token at the first difference, "
+                  "computed token by token (alone) and in one verify forward (verify); near 0 = a near-tie that "
+                  "reduced precision can flip", "",
+                  "| sample | question | position | target token | SD token | margin alone | margin verify |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"| {d['sample']} | {d['question']} | {d['position']} | {d['target_token']} | {d['sd_token']} | "
+            f"{d.get('margin_alone', '-')} | {d.get('margin_verify', '-')} |"
+            for d in res["divergences"]
+        ]
+        lines.append("")
+    lines += ["## Examples", ""]
+    differing = [r for r in res["samples"] if not r["same"]]
+    for r in (differing + [r for r in res["samples"] if r["same"]])[:5]:
         lines += [f"**sample {r['sample']}: {r['question']}** (alpha {r['alpha']:.2f}, tau {r['tau']:.2f})", "",
                   f"- SD: {r['sd_text']}", f"- target alone: {r['target_text']}", ""]  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -122,6 +122,35 @@ def target_generate(target: Engine, embeds: torch.Tensor, max_new_tokens: int, e
     return out, seconds
 
 
+@torch.inference_mode()
+def divergence(target: Engine, embeds: torch.Tensor, ref: list[int], out: list[int]) -> dict | None:
+    """Where a greedy SD answer `out` first leaves the target-alone answer `ref`, and how close the target's
+    choice was there (None when they are equal). The target's logits at that position are computed twice: token by
+    token as the target alone does, and in one verify forward over the shared prefix as SD does. margin =
+    logit(ref token) - logit(SD token): a few hundredths on a path means a near-tie, where reduced precision (bf16
+    kernels that differ between one and k rows) can flip the argmax without any logic error. embeds [1, T, D]."""
+    p = next((i for i, (a, b) in enumerate(zip(ref, out, strict=False)) if a != b), min(len(ref), len(out)))
+    if p == len(ref) == len(out):
+        return None
+    row = {
+        "position": p,
+        "target_token": ref[p] if p < len(ref) else None,
+        "sd_token": out[p] if p < len(out) else None,
+    }
+    if row["target_token"] is None or row["sd_token"] is None:
+        return row  # one answer is a prefix of the other: nothing to compare at p
+    prefix = torch.tensor([ref[:p]], device=target.device)
+    logits = prefill(target, embeds)[0]
+    for t in prefix[0]:
+        logits = decode_one_token(target, t.reshape(1))[0]
+    paths = {"alone": logits}
+    logits = prefill(target, embeds)[0]
+    paths["verify"] = verify(target, prefix)[0, -1] if p else logits
+    for name, lg in paths.items():
+        row[f"margin_{name}"] = round(float(lg[ref[p]] - lg[out[p]]), 5)
+    return row
+
+
 def prefill_hidden(target: Engine, embeds: torch.Tensor, draft, k: int, stats: Stats):
     """The target prefills while the draft prefills and drafts k tokens from the prompt alone (its own CUDA
     stream on a shared GPU; on another device it simply runs while the target's kernels do). Returns (target

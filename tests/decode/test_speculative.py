@@ -8,7 +8,13 @@ from specalign.align.token_adapter import TokenAdapter, TokenAdapterConfig
 from specalign.data import open_dataset
 from specalign.decode.engine import Engine, decode_one_token, prefill, prompt_embeds
 from specalign.decode.sources import AdaptedDraft, FixedDraft, VLMDraft, check_same_tokenizer
-from specalign.decode.speculative import Proposal, accept_sampling, speculative_decode, target_generate
+from specalign.decode.speculative import (
+    Proposal,
+    accept_sampling,
+    divergence,
+    speculative_decode,
+    target_generate,
+)
 from specalign.errors import SpecalignError
 from specalign.models import load_model
 from specalign.models.base import Sampling
@@ -185,3 +191,18 @@ def test_fused_projections_give_the_same_tokens(minis, dataset):
     a, b = Engine(target, 700), fused
     la, lb = prefill(a, te), prefill(b, te)
     torch.testing.assert_close(lb, la, atol=1e-3, rtol=1e-3)
+
+
+def test_divergence_points_at_the_first_difference_and_the_targets_margin(minis, dataset):
+    target = minis[0]
+    engine = Engine(target, 700)
+    te = embeds(target, dataset[0], QUESTIONS[0])
+    ref, _ = target_generate(engine, te, 20, target.eos_token_id)
+    assert len(ref) > 6
+    assert divergence(engine, te, ref, list(ref)) is None
+    wrong = ref[:5] + [(ref[5] + 1) % 100] + ref[6:]
+    d = divergence(engine, te, ref, wrong)
+    assert (d["position"], d["target_token"], d["sd_token"]) == (5, ref[5], wrong[5])
+    assert d["margin_alone"] > 0 and d["margin_verify"] > 0  # the target's own token is its argmax on both paths
+    assert abs(d["margin_alone"] - d["margin_verify"]) < 1e-3  # fp32 on the CPU: the two paths agree
+    assert divergence(engine, te, ref, ref[:3])["sd_token"] is None  # a prefix: nothing to compare
