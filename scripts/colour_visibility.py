@@ -58,6 +58,23 @@ def named_objects(phrase: str, scene: dict) -> tuple[str, list[tuple[str, int]]]
     return "vehicle", [("vehicles", i) for i, v in enumerate(scene["vehicles"]) if v["colour"] == colour]
 
 
+MISSES = ("other colour", "other vehicle type", "not mentioned")
+VEHICLES = r"(?:car|van|truck|bus)"
+
+
+def kind_of_miss(phrase: str, answer: str) -> str:
+    """Why a colour fact was missed: the answer names the object with another colour ("blue car" for "red car"),
+    the colour with another vehicle type ("red van"), or neither (the object is left out)."""
+    colour = re.search(COLOURS, phrase).group(0)
+    other = re.escape(phrase).replace(colour, COLOURS)
+    if re.search(rf"\b{other}\b", answer):
+        return MISSES[0]
+    noun = re.search(rf"{VEHICLES}\b", phrase)
+    if noun and re.search(rf"\b{colour} {VEHICLES}\b", answer):
+        return MISSES[1]
+    return MISSES[2]
+
+
 BINS = ("all", "0 (not visible)", "1-29 px", "30-99 px", "100+ px")
 
 
@@ -98,7 +115,8 @@ def main() -> None:
             what, drop = named_objects(phrase, scene)
             px = visible_pixels(scene, t, drop, size) if drop else 0
             right = re.search(rf"\b{re.escape(phrase)}\b", answer) is not None
-            rows.append({"object": what, "pixels": px, "time_of_day": scene["time_of_day"], "right": right})
+            rows.append({"object": what, "pixels": px, "time_of_day": scene["time_of_day"], "right": right,
+                         "miss": None if right else kind_of_miss(phrase, answer)})  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(rows))
     print(f"{args.model}: {len(rows)} colour facts on {len(picks)} clips, "
@@ -111,6 +129,12 @@ def main() -> None:
     print("| object | visible size | facts | right |\n|---|---|---|---|")
     for (what, size), hits in sorted(table.items(), key=lambda kv: (kv[0][0], BINS.index(kv[0][1]))):
         print(f"| {what} | {size} | {len(hits)} | {np.mean(hits):.1%} |")
+    print("\nmisses of visible objects (>= 1 px) by kind:\n| object | misses | " + " | ".join(MISSES) + " |")
+    print("|---|---|" + "---|" * len(MISSES))
+    for what in sorted({r["object"] for r in rows}):
+        miss = [r["miss"] for r in rows if r["object"] == what and not r["right"] and r["pixels"] > 0]
+        print(f"| {what} | {len(miss)} | " + " | ".join(f"{miss.count(m) / max(len(miss), 1):.0%}" for m in MISSES)
+              + " |")  # fmt: skip
 
 
 if __name__ == "__main__":
