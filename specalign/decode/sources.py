@@ -78,15 +78,17 @@ class VLMDraft:
             tokens, dists = [], []
             for i in range(gamma):
                 q = probabilities(self.logits[0], self.sampling) if not self.sampling.greedy else None
-                tok = int(sample_token(self.logits, self.sampling, self.generator)[0])
+                tok = sample_token(self.logits, self.sampling, self.generator)  # [1], on the device
+                conf = None
                 if tokens and self.min_confidence > 0:  # adaptive gamma: the only user of the confidence
-                    conf = q[tok] if q is not None else torch.softmax(self.logits[0].float(), -1)[tok]
-                    if float(conf) < self.min_confidence:
-                        break
-                tokens.append(tok)
+                    conf = q[tok[0]] if q is not None else torch.softmax(self.logits[0].float(), -1)[tok[0]]
+                if i < gamma - 1:  # queued before the token is read on the host (see target_generate)
+                    self.logits = verify(self.engine, tok.reshape(1, 1))[:, -1]
+                    self.fed.append(int(tok[0]))
+                if conf is not None and float(conf) < self.min_confidence:
+                    break  # the token may sit fed in the cache: the next round's resync keeps or drops it
+                tokens.append(int(tok[0]))
                 dists.append(q)
-                if i < gamma - 1:
-                    self._feed([tok])
         return tokens, dists
 
     def propose(self, accepted: list[int], gamma: int, stats: Stats) -> Proposal:

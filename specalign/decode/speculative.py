@@ -113,12 +113,18 @@ def target_generate(target: Engine, embeds: torch.Tensor, max_new_tokens: int, e
         logits = prefill(target, embeds)
     out = []
     with Clock(target.device, seconds, "decode"):
+        token = sample_token(logits, sampling, generator)  # [1], on the device
         while True:
-            token = int(sample_token(logits, sampling, generator)[0])
-            out.append(token)
-            if token == eos or len(out) >= max_new_tokens:
+            # queue the next step before reading this token: the host then waits for the step that made it while
+            # the GPU already runs the next one (reading first leaves the GPU idle during every launch); after
+            # EOS one queued step is wasted
+            more = len(out) + 1 < max_new_tokens
+            if more:
+                logits = decode_one_token(target, token)
+            out.append(int(token[0]))
+            if out[-1] == eos or not more:
                 break
-            logits = decode_one_token(target, torch.tensor([token], device=target.device))
+            token = sample_token(logits, sampling, generator)
     return out, seconds
 
 

@@ -206,3 +206,16 @@ def test_divergence_points_at_the_first_difference_and_the_targets_margin(minis,
     assert d["margin_alone"] > 0 and d["margin_verify"] > 0  # the target's own token is its argmax on both paths
     assert abs(d["margin_alone"] - d["margin_verify"]) < 1e-3  # fp32 on the CPU: the two paths agree
     assert divergence(engine, te, ref, ref[:3])["sd_token"] is None  # a prefix: nothing to compare
+
+
+def test_target_generate_stops_at_eos_like_hf_generate(minis, dataset):
+    """target_generate queues each next step before reading the token: it must still stop right at EOS."""
+    target = minis[0]
+    engine, eos = Engine(target, 700), target.eos_token_id
+    for i in range(2):
+        prompt = target.prepare(dataset[i], QUESTIONS[2])
+        hf = target.generate([prompt], max_new_tokens=60)[0]
+        out, _ = target_generate(engine, embeds(target, dataset[i], QUESTIONS[2]), 60, eos)
+        assert out[-1] == eos and eos not in out[:-1]  # the mini target ends its answers well before 60 tokens
+        assert [t for t in out if t != eos] == [t for t in hf if t != eos]
+        assert target_generate(engine, embeds(target, dataset[i], QUESTIONS[2]), 5, eos)[0] == out[:5]
