@@ -2,8 +2,9 @@
 
 For every colour fact of the ground-truth answers (to the questions whose answers state colours), the named
 objects are removed from the scene and the clip's middle instant is rendered with and without them: the object's
-visible size is the number of pixels whose RGB radiance changes (> 0.02). Occlusion, the frame's edges and an
-object behind the camera all count, so 0 px means the fact cannot be read off the frames at all.
+visible size is the number of pixels whose RGB radiance changes (> 0.02), counted in the part of the frame the
+model sees (the central square its processor crops; the whole frame's count is kept too). Occlusion, the frame's
+edges and an object behind the camera all count, so 0 px means the fact cannot be read off the model's input.
 
     python scripts/colour_visibility.py --model mini-target --dataset WORLD/my_egpt_dsec_seq_1s [--clips 100]
 """
@@ -33,8 +34,10 @@ from specalign.world.scene import Scene  # noqa: E402
 T0_US = 50_000_000_000  # the world builder's clock offset; drive i starts at T0_US + i * 1e9 us
 
 
-def visible_pixels(scene: dict, t: float, drop: list[tuple[str, int]], size: tuple[int, int]) -> int:
-    """Pixels whose radiance changes when the objects `drop` ([(scene field, index)]) are taken out at time t."""
+def visible_pixels(scene: dict, t: float, drop: list[tuple[str, int]], size: tuple[int, int]) -> tuple[int, int]:
+    """Pixels whose radiance changes when the objects `drop` ([(scene field, index)]) are taken out at time t:
+    (in the whole frame, in the model's view). The view is the frame's central square: Video-LLaVA's processor
+    resizes the shortest side and centre-crops a square, so a 4:3 frame loses its left and right eighths."""
     less = copy.deepcopy(scene)
     for name, i in sorted(drop, reverse=True):
         if name == "traffic_light":
@@ -43,7 +46,11 @@ def visible_pixels(scene: dict, t: float, drop: list[tuple[str, int]], size: tup
             del less[name][i]
     full = render(Scene.from_dict(scene), t, *size, 3)
     without = render(Scene.from_dict(less), t, *size, 3)
-    return int((np.abs(full - without).max(-1) > 0.02).sum())
+    changed = np.abs(full - without).max(-1) > 0.02  # [H, W]
+    h, w = changed.shape
+    side = min(h, w)
+    view = changed[(h - side) // 2 : (h + side) // 2, (w - side) // 2 : (w + side) // 2]
+    return int(changed.sum()), int(view.sum())
 
 
 def named_objects(phrase: str, scene: dict) -> tuple[str, list[tuple[str, int]]]:
@@ -113,10 +120,10 @@ def main() -> None:
             if kind != "colour":
                 continue
             what, drop = named_objects(phrase, scene)
-            px = visible_pixels(scene, t, drop, size) if drop else 0
+            px_frame, px = visible_pixels(scene, t, drop, size) if drop else (0, 0)
             right = re.search(rf"\b{re.escape(phrase)}\b", answer) is not None
-            rows.append({"object": what, "pixels": px, "time_of_day": scene["time_of_day"], "right": right,
-                         "miss": None if right else kind_of_miss(phrase, answer)})  # fmt: skip
+            rows.append({"object": what, "pixels": px, "pixels_frame": px_frame, "time_of_day": scene["time_of_day"],
+                         "right": right, "miss": None if right else kind_of_miss(phrase, answer)})  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(rows))
     print(f"{args.model}: {len(rows)} colour facts on {len(picks)} clips, "

@@ -23,7 +23,7 @@ def cmd_world_build(args) -> None:
     cfg = WorldConfig(
         out=args.out, duration=args.duration, train=args.train, test=args.test, seed=args.seed,
         width=w, height=h, clips_per_sequence=args.clips_per_sequence, mp4=not args.no_mp4, tokenizer=args.tokenizer,
-        raw_dsec=args.raw_dsec, workers=args.workers,
+        raw_dsec=args.raw_dsec, workers=args.workers, frame_scale=args.frame_scale,
     )  # fmt: skip
     summary = build_world(cfg, progress=not args.quiet)
     print_world_summary(summary)
@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     b.add_argument("--size", type=_size, default=(128, 96), help="frame and event-sensor size WxH (default 128x96)")
+    b.add_argument("--frame-scale", type=int, default=1,
+                   help="RGB frames at this multiple of the event sensor's size (DSEC's RGB camera has more pixels "
+                   "than its event camera); the events do not change (default 1)")  # fmt: skip
     b.add_argument("--clips-per-sequence", type=int, default=8, help="50%%-overlap clips cut from one drive")
     b.add_argument("--raw-dsec", action="store_true", help="also write raw DSEC-layout sequences (events.h5, ...)")
     b.add_argument("--no-mp4", action="store_true", help="skip the mp4 copies of the clips")

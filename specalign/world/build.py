@@ -50,8 +50,11 @@ class WorldConfig:
     train: int = 5208
     test: int = 1100
     seed: int = 0
-    width: int = 128  # frames and event sensor share one size, so one render serves both
+    width: int = 128  # the event sensor; the RGB frames too unless frame_scale > 1
     height: int = 96
+    # RGB frames at frame_scale x the event sensor's size (DSEC's RGB camera has 1440x1080 pixels to its event
+    # camera's 640x480); the events stay what a frame_scale 1 world of the same seed gives
+    frame_scale: int = 1
     clips_per_sequence: int = 8
     mp4: bool = True
     raw_dsec: bool = False
@@ -65,12 +68,21 @@ class WorldConfig:
         self.event.width, self.event.height = self.width, self.height
         if self.width % 2 or self.height % 2 or self.width < 16 or self.height < 16:
             raise SpecalignError(f"frame size {self.width}x{self.height}: need even sizes of at least 16")
+        if not 1 <= self.frame_scale <= 8:
+            raise SpecalignError(f"--frame-scale {self.frame_scale}: choose 1 to 8")
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(width, height) of the RGB frames."""
+        return self.width * self.frame_scale, self.height * self.frame_scale
 
     def settings(self) -> dict:
         """What must match for a resumed build to continue the same data."""
         d = asdict(self)
         for k in ("out", "workers", "tokenizer"):  # none of them changes a clip
             d.pop(k)
+        if d["frame_scale"] == 1:  # worlds built before frame_scale existed resume unchanged
+            d.pop("frame_scale")
         return d
 
 
@@ -114,7 +126,7 @@ def simulate_sequence(scene: Scene, seconds: float, cfg: WorldConfig, rng: np.ra
     for t_us in grid.tolist():
         t = t_us * 1e-6
         img = render(scene, t, cfg.width, cfg.height, 4)
-        rgb = img[..., :3]
+        rgb = img[..., :3] if cfg.frame_scale == 1 else None  # larger frames: rendered apart, only when exposed
         sim.step(t_us, img[..., 3])
         while first < len(windows) and windows[first][1] < t - 1e-9:
             first += 1
@@ -123,12 +135,14 @@ def simulate_sequence(scene: Scene, seconds: float, cfg: WorldConfig, rng: np.ra
             if lo - 1e-9 > t:
                 break
             if t <= hi + 1e-9:
+                if rgb is None:
+                    rgb = render(scene, t, *cfg.frame_size, 3)
                 sums[i] = rgb.copy() if sums[i] is None else sums[i] + rgb
                 counts[i] += 1
     frames = []
     for i, ts in enumerate(image_ts.tolist()):
         if sums[i] is None:  # exposure shorter than the render step: take the render at the timestamp
-            sums[i], counts[i] = render(scene, ts * 1e-6, cfg.width, cfg.height, 3), 1
+            sums[i], counts[i] = render(scene, ts * 1e-6, *cfg.frame_size, 3), 1
         frames.append(expose(sums[i] / counts[i], scene, cfg.frame, rng))
     return sim.events(), image_ts, frames
 
@@ -154,7 +168,7 @@ def clip_frames(scene: Scene, cfg: WorldConfig, rng: np.random.Generator, n: int
         ks = range(int(np.floor(lo * 1e6 / render_step_us)), int(np.ceil(hi * 1e6 / render_step_us)) + 1)
         times = [k * render_step_us * 1e-6 for k in ks if k >= 0]
         times = [t for t in times if lo - 1e-9 <= t <= hi + 1e-9] or [ts * 1e-6]
-        radiance = sum(render(scene, t, cfg.width, cfg.height, 3) for t in times) / len(times)
+        radiance = sum(render(scene, t, *cfg.frame_size, 3) for t in times) / len(times)
         frames.append(expose(radiance, scene, cfg.frame, rng))
     return np.stack(frames)
 

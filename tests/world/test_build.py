@@ -167,3 +167,35 @@ def test_clip_frames_match_a_simulated_drive():
             assert fast.shape == (8, 32, 48, 3) and fast.dtype == np.uint8
             assert np.abs(fast.astype(int) - full).max() <= 1, (scene.time_of_day, window)  # rounding only
     assert len(tod) >= 2, "several exposure times covered"
+
+
+def test_frame_scale_renders_larger_frames_and_the_same_events(world, tmp_path):
+    from specalign.data import open_dataset
+    from specalign.world.build import load_world_config
+
+    big = tmp_path / "big"
+    build_world(tiny(big, frame_scale=2), progress=False)
+    a, b = digests(world), digests(big)
+    assert a.keys() == b.keys()
+    npy = [k for k in a if k.endswith(".npy")]
+    assert npy and all(a[k] == b[k] for k in npy), "the event camera does not see the frame scale"
+    small, large = open_dataset(world / "my_egpt_dsec_train_500ms"), open_dataset(big / "my_egpt_dsec_train_500ms")
+    assert small[0].frames(8).shape == (8, 32, 48, 3) and large[0].frames(8).shape == (8, 64, 96, 3)
+    # the large frames are the small ones' scene at twice the resolution: 2x2 block means match closely
+    pooled = large[0].frames(8).astype(float).reshape(8, 32, 2, 48, 2, 3).mean(axis=(2, 4))
+    assert np.abs(pooled - small[0].frames(8)).mean() < 6
+    assert load_world_config(big, "500ms").frame_scale == 2
+    assert "frame_scale" not in tiny(world).settings()  # worlds from before frame_scale still resume
+
+
+def test_clip_frames_follow_the_frame_scale():
+    from specalign.world.build import clip_frames, simulate_sequence
+    from specalign.world.camera import FrameCameraConfig
+    from specalign.world.scene import sample_scene
+
+    cfg = tiny("-", frame_scale=2, frame=FrameCameraConfig(full_well=1e12, read_noise=0.0))
+    scene = sample_scene(np.random.default_rng([7, 0]))
+    _, _, frames = simulate_sequence(scene, 0.5, cfg, np.random.default_rng(0))
+    fast = clip_frames(scene, cfg, np.random.default_rng(0))
+    assert fast.shape == (8, 64, 96, 3) and frames[0].shape == (64, 96, 3)
+    assert np.abs(fast[0].astype(int) - frames[0]).max() <= 1
