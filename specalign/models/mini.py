@@ -102,11 +102,24 @@ def new_model(role: str, tokenizer_file: Path, sizes: MiniSizes, seed: int = 0):
         vlm = build_eventgpt(tokenizer_file, sizes, seed=seed)
     else:
         raise SpecalignError(f"--role: unknown role {role!r}: choose target or draft")
-    # CLIP's shortest-edge resize + centre crop would cut 12 % off each side of a 4:3 frame, where the parked
-    # cars and buildings are: squash the whole frame into the square instead.
-    vlm.image_processor.do_center_crop = False
-    vlm.image_processor.size = {"height": sizes.image_size, "width": sizes.image_size}
+    squash_frames(vlm)
     return vlm
+
+
+def squash_frames(vlm) -> bool:
+    """Resize whole frames into the vision tower's square; returns whether that changed the model's input.
+
+    CLIP's shortest-edge resize + centre crop cuts 12.5 % off each side of a 4:3 frame, where the parked cars and
+    buildings are. The setting is saved with the checkpoint, so the model sees at inference what it trained on.
+    """
+    proc = vlm.image_processor
+    crop = proc.crop_size  # the vision tower's input side: a dict or a SizeDict
+    side = crop["height"] if isinstance(crop, dict) else crop.height
+    size = {"height": side, "width": side}
+    changed = bool(getattr(proc, "do_center_crop", False)) or dict(proc.size) != size
+    proc.do_center_crop = False
+    proc.size = size
+    return changed
 
 
 def _init_from(cfg: TrainConfig, tokenizer_file: Path):
@@ -119,6 +132,9 @@ def _init_from(cfg: TrainConfig, tokenizer_file: Path):
     expected = {"target": "video-llava", "draft": "eventgpt"}[cfg.role]
     if vlm.kind != expected:
         raise SpecalignError(f"--init {cfg.init}: a {vlm.kind} checkpoint cannot continue as the {cfg.role}")
+    if squash_frames(vlm):  # checkpoints from before the squash saw centre crops: they adapt as they train on
+        print(f"[train-mini {cfg.role}] {cfg.init} centre-cropped its frames: training on whole frames from here",
+              flush=True)  # fmt: skip
     if vlm.tokenizer.get_vocab() != Tokenizer.from_file(str(tokenizer_file)).get_vocab():
         source = (bundled_path(cfg.init) or Path(cfg.init)) / "tokenizer.json"
         raise SpecalignError(f"--init {cfg.init}: its tokenizer differs from {tokenizer_file}; build the world "

@@ -36,6 +36,7 @@ def test_train_mini_runs_saves_and_loads(world, tmp_path, role):
     assert json.loads((out / "manifest.json").read_text())["train_config"]["steps"] == 6
     vlm = load_model(str(out))  # the same code path as a user's checkpoint
     assert vlm.kind == ("video-llava" if role == "target" else "eventgpt")
+    assert not vlm.image_processor.do_center_crop  # whole frames squashed into the square, saved with the weights
     sample = open_dataset(world / "my_egpt_dsec_seq_500ms")[0]
     assert isinstance(vlm.answer(sample, "Describe the scene.", max_new_tokens=5), str)
 
@@ -110,6 +111,8 @@ def test_training_continues_from_a_bundled_model(world, tmp_path):
     assert manifest["train_config"]["init"] == "mini-draft"
     before, after = load_model("mini-draft"), load_model(str(tmp_path / "cont"))
     assert before.vocab_size == after.vocab_size
+    # the bundled draft was trained on centre crops; its continuation trains on (and saves) whole frames
+    assert before.image_processor.do_center_crop and not after.image_processor.do_center_crop
     changed = [not torch.equal(a, b) for a, b in zip(before.model.parameters(), after.model.parameters(), strict=True)]
     assert any(changed), "two steps of training moved the weights"
     with pytest.raises(SpecalignError, match="tokenizer differs"):
