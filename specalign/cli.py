@@ -55,13 +55,26 @@ def cmd_data_build_dsec(args) -> None:
 
 
 def cmd_train_mini(args) -> None:
+    from dataclasses import replace
+
+    from specalign.errors import SpecalignError
     from specalign.models.mini import SIZES, TrainConfig, train_mini
 
+    sizes = SIZES.get(args.role)
+    if args.image_size or args.patch_size:
+        if args.init:
+            raise SpecalignError("--image-size/--patch-size: a model continued with --init keeps its own sizes")
+        sizes = replace(sizes, image_size=args.image_size or sizes.image_size,
+                        patch_size=args.patch_size or sizes.patch_size)  # fmt: skip
+        if sizes.image_size % sizes.patch_size:
+            raise SpecalignError(
+                f"--image-size {sizes.image_size} is not a multiple of --patch-size {sizes.patch_size}"
+            )
     cfg = TrainConfig(
         role=args.role, world=args.world, out=args.out or f"assets/mini-{args.role}", duration=args.duration,
         steps=args.steps, clips_per_batch=args.clips_per_batch,
         questions_per_clip=args.questions_per_clip, lr=args.lr, seed=args.seed,
-        eval_clips=args.eval_clips, max_train_clips=args.max_train_clips, sizes=SIZES.get(args.role),
+        eval_clips=args.eval_clips, max_train_clips=args.max_train_clips, sizes=sizes,
         time_budget=args.time_budget, init=args.init, fresh_scenes=args.fresh_scenes, fresh_buffer=args.fresh_buffer,
         fresh_workers=args.fresh_workers,
         **({"device": args.device} if args.device else {}),
@@ -294,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fresh-buffer", type=int, default=8192, help="clips held at once with --fresh-scenes")
     t.add_argument("--fresh-workers", type=int, default=None,
                    help="processes rendering fresh scenes (default: all cores but two)")  # fmt: skip
+    t.add_argument("--image-size", type=int, default=None,
+                   help="from scratch: the vision tower's input side (default 112; e.g. 224 with --patch-size "
+                   "28 on a world built with --frame-scale 2: finer pixels, as many visual tokens)")  # fmt: skip
+    t.add_argument("--patch-size", type=int, default=None, help="from scratch: the vision tower's patch (default 14)")
     t.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train_mini)

@@ -138,3 +138,24 @@ def test_fresh_scenes_flow_into_training(world, tmp_path, capsys):
     assert "fresh scenes from 1 worker processes, buffer 6 clips" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["fresh_clips"] >= 1 and manifest["train_config"]["fresh_workers"] == 1
+
+
+def test_cli_trains_a_target_at_another_input_size(tmp_path, capsys):
+    """--frame-scale 2 frames into a 2x vision input with 2x patches: finer pixels, as many visual tokens."""
+    big = tmp_path / "big"
+    build_world(WorldConfig(out=str(big), duration="500ms", train=2, test=1, width=32, height=24, frame_scale=2,
+                            clips_per_sequence=2, mp4=False), progress=False)  # fmt: skip
+    out = tmp_path / "t"
+    args = ["models", "train-mini", "--role", "target", "--world", str(big), "--out", str(out), "--duration", "500ms",
+            "--steps", "2", "--clips-per-batch", "1", "--questions-per-clip", "1", "--eval-clips", "1", "--device",
+            "cpu", "--image-size", "56", "--patch-size", "28", "--quiet"]  # fmt: skip
+    assert main(args) in (0, None)
+    vlm = load_model(str(out))
+    vc = vlm.model.config.vision_config
+    assert (vc.image_size, vc.patch_size) == (56, 28)
+    sample = open_dataset(big / "my_egpt_dsec_seq_500ms")[0]
+    assert sample.frames(8).shape == (8, 48, 64, 3)
+    assert vlm.visual_inputs(sample)["pixel_values_videos"].shape[-2:] == (56, 56)
+    capsys.readouterr()
+    assert main([*args[:-5], "--image-size", "56", "--init", str(out), "--quiet"]) == 2
+    assert "keeps its own sizes" in capsys.readouterr().err
