@@ -14,6 +14,8 @@
 # trains (train-mini --fresh-scenes); the world then only needs its test split and a small train split.
 # FRESH_WORKERS: how many processes render them (default all cores but two).
 # CLIPS_PER_BATCH, QUESTIONS_PER_CLIP: one step's batch (default 64 x 2 answers).
+# FRAME_SCALE: RGB frames at this multiple of the event sensor's size (world build --frame-scale, default 1);
+# IMAGE_SIZE, PATCH_SIZE: a from-scratch model's vision input (e.g. 224 and 28 with FRAME_SCALE=2).
 # Two clips per drive (not the default 8): the answers describe the drive's scene, so what the models must
 # generalise over is the number of distinct scenes; 2,600 train drives instead of 650 for ~1.3x the build time.
 set -euo pipefail
@@ -27,7 +29,7 @@ ROLES=${ROLES:-"target draft"}
 WORLD=${WORLD:-/tmp/world}; TRAIN_DIR=${TRAIN_DIR:-/tmp}; mkdir -p "$TRAIN_DIR"
 tok=(); [ -n "${INIT:-}" ] && tok=(--tokenizer assets/mini-target/tokenizer.json)
 python3 -m specalign world build --out "$WORLD" --train "${TRAIN_CLIPS:-5200}" --test 800 \
-  --clips-per-sequence "${CLIPS_PER_SEQ:-2}" \
+  --clips-per-sequence "${CLIPS_PER_SEQ:-2}" --frame-scale "${FRAME_SCALE:-1}" \
   --workers "$(nproc)" --no-mp4 --quiet "${tok[@]}" | tee "$OUT/world.txt"
 echo "world built in $(( $(date +%s) - start )) s" | tee -a "$OUT/world.txt"
 budget=$(( TOTAL - ($(date +%s) - start) - RESERVE ))
@@ -37,6 +39,7 @@ common=(--world "$WORLD" --steps 100000 --time-budget "$budget" --eval-clips 100
   --clips-per-batch "${CLIPS_PER_BATCH:-64}" --questions-per-clip "${QUESTIONS_PER_CLIP:-2}" --quiet)
 [ -n "${FRESH:-}" ] && common+=(--fresh-scenes)
 [ -n "${FRESH_WORKERS:-}" ] && common+=(--fresh-workers "$FRESH_WORKERS")
+[ -n "${IMAGE_SIZE:-}" ] && common+=(--image-size "$IMAGE_SIZE" --patch-size "${PATCH_SIZE:-14}")
 for role in $ROLES; do
   init=()
   if [ "${INIT:-}" = 1 ]; then
