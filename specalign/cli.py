@@ -125,7 +125,7 @@ def cmd_speculate(args) -> None:
         use_token_adapter=args.use_token_adapter or args.token_adapter_path is not None,
         token_adapter_path=args.token_adapter_path, adapter_resync=args.adapter_resync,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-        dtype=args.dtype, hf_baseline=not args.no_hf_baseline, hide_prefill=args.hide_prefill,
+        dtype=args.dtype, hf_baseline=not args.no_hf_baseline, hide_prefill=args.hide_prefill, fp32_head=args.fp32_head,
         draft_device=args.draft_device, target_device=args.target_device,
         **({"device": args.device} if args.device else {}),
     )  # fmt: skip
@@ -385,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--target-device", default=None, help="e.g. cuda:0 (default: --device)")
     sp.add_argument("--dtype", default=None)
     sp.add_argument("--no-hf-baseline", action="store_true", help="skip timing HF generate")
+    sp.add_argument("--fp32-head", action="store_true",
+                    help="the target's logits from an fp32 LM head: bf16 logits tie now and then, and a tie may "
+                    "break differently in a verify than in a decode step on a GPU")  # fmt: skip
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_speculate)
 

@@ -79,15 +79,22 @@ class _Graph:
 class Engine:
     """One model's language side with a static KV cache of `max_len` slots for `batch` rows."""
 
-    def __init__(self, vlm, max_len: int, batch: int = 1, compile: bool = False, fuse: bool = False, tune: bool = True):
+    def __init__(self, vlm, max_len: int, batch: int = 1, compile: bool = False, fuse: bool = False, tune: bool = True,
+                 fp32_head: bool = False):  # fmt: skip
         """compile: torch.compile the one-token decode step (fuses the element-wise work between the weight
         reads; on a GPU the compiled step is then captured as a CUDA graph like the others).
         tune: with compile, inductor's coordinate-descent tuning (gpt-fast's setting): it also turns each
         one-row matmul into a Triton reduction tuned for memory bandwidth instead of a cuBLAS GEMV.
         fuse: one q/k/v and one gate/up matmul per layer instead of three and two (engine-owned copies of those
-        weights: costs their memory again, so it is off by default; benchmarks/decode_7b.py measures it)."""
+        weights: costs their memory again, so it is off by default; benchmarks/decode_7b.py measures it).
+        fp32_head: logits from an fp32 copy of the LM head. bf16 logits keep 8 bits of mantissa, so the top two tie
+        exactly now and then (7 of 48 mini-target answers, scripts/logit_margins.py), and a one-row decode step and
+        a k-row verify may break the tie apart on a GPU: greedy SD then leaves the target-alone answer."""
         self.vlm = vlm
         self.lm, self.head = language_model(vlm)
+        if fp32_head and self.head.weight.dtype != torch.float32:
+            weight = self.head.weight.detach().float()
+            self.head = lambda h: F.linear(h.float(), weight)
         self.fused = [fused_weights(layer) for layer in self.lm.layers] if fuse else None
         cfg = self.lm.config
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads

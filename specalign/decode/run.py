@@ -50,6 +50,7 @@ class SpeculateConfig:
     hide_prefill: bool = False  # the draft drafts while the target prefills
     dtype: str | None = None
     hf_baseline: bool = True
+    fp32_head: bool = False  # the target's logits from an fp32 LM head (Engine(fp32_head=)): no bf16 ties
 
 
 def run_speculate(cfg: SpeculateConfig, progress: bool = True) -> dict:
@@ -89,7 +90,7 @@ def run_speculate(cfg: SpeculateConfig, progress: bool = True) -> dict:
             de, _ = prompt_embeds(draft, draft.collate([d_prompt]))
         need_t, need_d = te.shape[1] + cfg.max_new_tokens + cfg.gamma + 2, de.shape[1] + cfg.max_new_tokens + 2
         if t_engine is None or t_engine.max_len < need_t:
-            t_engine = Engine(target, need_t + 64)
+            t_engine = Engine(target, need_t + 64, fp32_head=cfg.fp32_head)
         if d_engine is None or d_engine.max_len < need_d + cfg.gamma:
             d_engine = Engine(draft, need_d + cfg.gamma + 64)
         if not rows:  # warm-up: CUDA graphs are captured on first use, not inside the timed runs

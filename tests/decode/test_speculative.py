@@ -219,3 +219,19 @@ def test_target_generate_stops_at_eos_like_hf_generate(minis, dataset):
         assert out[-1] == eos and eos not in out[:-1]  # the mini target ends its answers well before 60 tokens
         assert [t for t in out if t != eos] == [t for t in hf if t != eos]
         assert target_generate(engine, embeds(target, dataset[i], QUESTIONS[2]), 5, eos)[0] == out[:5]
+
+
+def test_fp32_head_gives_fp32_logits_and_sd_stays_lossless(dataset):
+    """bf16 logits tie now and then; an fp32 head keeps the precision the bf16 hidden state has."""
+    target = load_model("mini-target", dtype="bf16")
+    draft = load_model("mini-draft", dtype="bf16")
+    t_engine, d_engine = Engine(target, 700, fp32_head=True), Engine(draft, 400)
+    te, de = embeds(target, dataset[0], QUESTIONS[0]), embeds(draft, dataset[0], QUESTIONS[0])
+    logits = prefill(t_engine, te)
+    assert logits.dtype == torch.float32 and (logits != logits.bfloat16().float()).any()
+    bf16 = prefill(Engine(target, 700), te)
+    assert torch.allclose(logits, bf16, atol=0.25) and (bf16 == bf16.bfloat16().float()).all()
+    ref, _ = target_generate(t_engine, te, 30, target.eos_token_id)
+    for gamma in (1, 4):
+        out, _ = speculative_decode(t_engine, te, VLMDraft(d_engine, de), gamma, 30, target.eos_token_id)
+        assert out == ref
