@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,23 +33,15 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--fp32-head", action="store_true", help="the LM head in fp32 (an fp32 copy of its weights)")
+    p.add_argument("--fp32-head", action="store_true", help="the LM head in fp32 (Engine(fp32_head=True))")
     args = p.parse_args()
     dataset = open_dataset(args.dataset)
     vlm = load_model(args.model, device=args.device, dtype=args.dtype)
-    head32 = vlm.model.lm_head.weight.float() if args.fp32_head else None
-
-    def new_engine(max_len: int) -> Engine:
-        engine = Engine(vlm, max_len)
-        if head32 is not None:
-            engine.head = lambda h: F.linear(h.float(), head32)
-        return engine
-
     engine, rows = None, []
     for i in range(min(args.samples, len(dataset))):
         embeds, _ = prompt_embeds(vlm, vlm.collate([vlm.prepare(dataset[i], args.question)]))
         if engine is None or engine.max_len < embeds.shape[1] + args.max_new_tokens:
-            engine = new_engine(embeds.shape[1] + args.max_new_tokens + 8)
+            engine = Engine(vlm, embeds.shape[1] + args.max_new_tokens + 8, fp32_head=args.fp32_head)
         logits = prefill(engine, embeds)[0]
         smallest = (float("inf"), -1)
         for step in range(args.max_new_tokens):
