@@ -204,6 +204,11 @@ def main() -> None:
     p.add_argument("--result", default=str(Path(__file__).parent / "results" / "decode_7b.json"))
     p.add_argument("--compile", action="store_true", help="also time the torch.compiled decode step")
     p.add_argument("--profile", action="store_true", help="also break one decode step's GPU time down by kernel")
+    p.add_argument(
+        "--variants",
+        default="plain,fused,tuned,fused_tuned",
+        help="with --compile: which compiled steps to time (comma-separated)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing")
     args = p.parse_args()
     global DEVICE
@@ -231,45 +236,41 @@ def main() -> None:
     graphs, engine.graphs = engine.graphs, False
     eager = [decode_loop(engine, embeds, 20, True) for _ in range(2)]
     engine.graphs = graphs
-    compiled = {}  # row name -> (ms/token runs, compile seconds)
-    # the decode step through torch.compile, then captured as a CUDA graph; and the same with q/k/v and
-    # gate/up fused into one matmul each; both with and without inductor's coordinate-descent tuning (which
-    # also swaps cuBLAS GEMVs for tuned Triton reductions)
-    variants = (("engine_compiled_cuda_graphs", False, False), ("engine_compiled_fused_cuda_graphs", True, False),
-                ("engine_compiled_tuned_cuda_graphs", False, True),
-                ("engine_compiled_fused_tuned_cuda_graphs", True, True))  # fmt: skip
-    for name, fuse, tune in variants:
-        if not args.compile:
-            break
-        c_engine = Engine(target, max_len, compile=True, fuse=fuse, tune=tune)
-        t = time.perf_counter()
-        decode_loop(c_engine, embeds, 8, True)
-        compile_s = time.perf_counter() - t
-        compiled[name] = ([decode_loop(c_engine, embeds, args.tokens, True) for _ in range(3)], compile_s)
-        compiled[name + "_pipelined"] = ([decode_loop(c_engine, embeds, args.tokens, "pipelined")
-                                          for _ in range(3)], compile_s)  # fmt: skip
-        print(name, round(statistics.median(compiled[name][0]), 3), "ms/token; compiled in", round(compile_s, 1), "s",
-              flush=True)  # fmt: skip
-        if args.profile:
-            res["kernel_profile_" + name.removeprefix("engine_").removesuffix("_cuda_graphs")] = kernel_profile(
-                c_engine, embeds)  # fmt: skip
-        del c_engine
-    if args.profile:
-        res["kernel_profile_eager"] = kernel_profile(engine, embeds)
-        print(json.dumps({k: v["by_family_ms"] for k, v in res.items() if k.startswith("kernel_profile")}), flush=True)
-    res["decode_ms_per_token"] = {
+    ms = res["decode_ms_per_token"] = {
         "engine_cuda_graphs": round(statistics.median(graph), 3),
         "engine_cuda_graphs_no_host_read": round(statistics.median(graph_async), 3),
         "engine_cuda_graphs_pipelined_host_read": round(statistics.median(graph_pipelined), 3),
         "engine_eager": round(statistics.median(eager), 3),
-        **{name: round(statistics.median(runs), 3) for name, (runs, _) in compiled.items()},
-        **(
-            {"compile_seconds": {name: round(s, 1) for name, (_, s) in compiled.items() if "pipelined" not in name}}
-            if compiled
-            else {}
-        ),
         "goal": 4.5,
     }
+    write_json(args.result, {**res, "partial": True})  # a run cut short keeps what it measured
+    # the decode step through torch.compile, then captured as a CUDA graph; and the same with q/k/v and
+    # gate/up fused into one matmul each; both with and without inductor's coordinate-descent tuning (which
+    # also swaps cuBLAS GEMVs for tuned Triton reductions); tuned + fp32 head: what `speculate`'s default fp32
+    # LM head costs at this shape
+    variants = {"plain": ("engine_compiled_cuda_graphs", False, False, False),
+                "fused": ("engine_compiled_fused_cuda_graphs", True, False, False),
+                "tuned": ("engine_compiled_tuned_cuda_graphs", False, True, False),
+                "fused_tuned": ("engine_compiled_fused_tuned_cuda_graphs", True, True, False),
+                "tuned_fp32_head": ("engine_compiled_tuned_fp32_head_cuda_graphs", False, True, True)}  # fmt: skip
+    for key in args.variants.split(",") if args.compile else []:
+        name, fuse, tune, fp32_head = variants[key]
+        c_engine = Engine(target, max_len, compile=True, fuse=fuse, tune=tune, fp32_head=fp32_head)
+        t = time.perf_counter()
+        decode_loop(c_engine, embeds, 8, True)
+        ms.setdefault("compile_seconds", {})[name] = round(time.perf_counter() - t, 1)
+        ms[name] = round(statistics.median([decode_loop(c_engine, embeds, args.tokens, True) for _ in range(3)]), 3)
+        ms[name + "_pipelined"] = round(statistics.median(
+            [decode_loop(c_engine, embeds, args.tokens, "pipelined") for _ in range(3)]), 3)  # fmt: skip
+        print(name, ms[name], "ms/token; compiled in", ms["compile_seconds"][name], "s", flush=True)
+        if args.profile:
+            res["kernel_profile_" + name.removeprefix("engine_").removesuffix("_cuda_graphs")] = kernel_profile(
+                c_engine, embeds)  # fmt: skip
+        del c_engine
+        write_json(args.result, {**res, "partial": True})
+    if args.profile:
+        res["kernel_profile_eager"] = kernel_profile(engine, embeds)
+        print(json.dumps({k: v["by_family_ms"] for k, v in res.items() if k.startswith("kernel_profile")}), flush=True)
     print(json.dumps(res["decode_ms_per_token"]), flush=True)
     try:  # HF generate with a DynamicCache, the reference's path (prefill + 50 tokens minus prefill + 1)
 
@@ -306,6 +307,7 @@ def main() -> None:
     res["draft_decode_ms_per_token"] = round(statistics.median(
         [decode_loop(d_engine, d_embeds, args.tokens, True) for _ in range(3)]), 3)  # fmt: skip
     print(json.dumps({k: res[k] for k in ("prefill_ms", "draft_prefill_ms", "draft_decode_ms_per_token")}))
+    write_json(args.result, {**res, "partial": True})
 
     if args.traces:
         res["projection"] = []
@@ -331,6 +333,7 @@ def main() -> None:
                    "label": "projection: minidsec acceptance replayed at 7B shape"}  # fmt: skip
             res["projection"].append(row)
             print(json.dumps(row), flush=True)
+            write_json(args.result, {**res, "partial": True})
     write_json(args.result, res)
 
 

@@ -43,7 +43,14 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on a GPU, fp32 on the CPU)")
-    p.add_argument("--fp32-head", action="store_true", help="the target's logits from an fp32 LM head")
+    p.add_argument(
+        "--fp32-head",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the target's logits from an fp32 LM head (default on, as in speculate)",
+    )
+    p.add_argument("--draft-device", default=None, help="e.g. cuda:1: the draft (and adapter) on a second GPU")
+    p.add_argument("--sources", default=None, help="comma-separated row numbers of SOURCES to run (default all)")
     p.add_argument("--runs", default="/tmp/speculate_runs", help="each source's speculate output folder")
     p.add_argument("--result", default=str(Path(__file__).parent / "results" / "speculate_mini.json"))
     args = p.parse_args()
@@ -52,12 +59,15 @@ def main() -> None:
         build_world(WorldConfig(out=str(world), train=0, test=args.samples, clips_per_sequence=2, mp4=False,
                                 workers=8), progress=False)  # fmt: skip
     rows = []
+    picked = None if args.sources is None else {int(i) for i in args.sources.split(",")}
     for i, (name, opts) in enumerate(SOURCES.items()):
+        if picked is not None and i not in picked:
+            continue
         out = Path(args.runs) / f"source{i}"
         shutil.rmtree(out, ignore_errors=True)
         cfg = SpeculateConfig(dataset=str(world / "my_egpt_dsec_seq_1s"), out=str(out), max_samples=args.samples,
                               gamma=args.gamma, token_adapter_path=args.adapter, dtype=args.dtype,
-                              fp32_head=args.fp32_head, **opts)  # fmt: skip
+                              fp32_head=args.fp32_head, draft_device=args.draft_device, **opts)  # fmt: skip
         res = run_speculate(cfg, progress=False)
         t = res["totals"]
         rows.append({"source": name, "run": str(out), "lossless": res["lossless"], "divergences": res["divergences"],
@@ -73,6 +83,7 @@ def main() -> None:
                     "torch": torch.__version__},
         "setup": {"target": "mini-target", "draft": "mini-draft", "adapter": args.adapter, "gamma": args.gamma,
                   "dtype": args.dtype or "default", "fp32_head": args.fp32_head,
+                  "draft_device": args.draft_device or "same as the target",
                   "greedy": True, "max_new_tokens": 50, "questions": 1, "samples": args.samples,
                   "world": "minidsec test split, 2 clips per drive, seed 0"},
         "rows": rows,

@@ -16,6 +16,8 @@
 # CLIPS_PER_BATCH, QUESTIONS_PER_CLIP: one step's batch (default 64 x 2 answers).
 # FRAME_SCALE: RGB frames at this multiple of the event sensor's size (world build --frame-scale, default 1);
 # IMAGE_SIZE, PATCH_SIZE: a from-scratch model's vision input (e.g. 224 and 28 with FRAME_SCALE=2).
+# ADD_VISION_LAYERS, ADD_LM_LAYERS (with INIT, target only): deepen the model first (layers that start as the
+# identity: train-mini --add-vision-layers/--add-lm-layers).
 # Two clips per drive (not the default 8): the answers describe the drive's scene, so what the models must
 # generalise over is the number of distinct scenes; 2,600 train drives instead of 650 for ~1.3x the build time.
 set -euo pipefail
@@ -39,6 +41,8 @@ common=(--world "$WORLD" --steps 100000 --time-budget "$budget" --eval-clips 100
   --clips-per-batch "${CLIPS_PER_BATCH:-64}" --questions-per-clip "${QUESTIONS_PER_CLIP:-2}" --quiet)
 [ -n "${FRESH:-}" ] && common+=(--fresh-scenes)
 [ -n "${FRESH_WORKERS:-}" ] && common+=(--fresh-workers "$FRESH_WORKERS")
+[ -n "${ADD_VISION_LAYERS:-}${ADD_LM_LAYERS:-}" ] && common+=(--add-vision-layers "${ADD_VISION_LAYERS:-0}" \
+  --add-lm-layers "${ADD_LM_LAYERS:-0}")
 [ -n "${IMAGE_SIZE:-}" ] && common+=(--image-size "$IMAGE_SIZE" --patch-size "${PATCH_SIZE:-14}")
 for role in $ROLES; do
   init=()

@@ -61,6 +61,8 @@ def cmd_train_mini(args) -> None:
     from specalign.models.mini import SIZES, TrainConfig, train_mini
 
     sizes = SIZES.get(args.role)
+    if (args.add_vision_layers or args.add_lm_layers) and not args.init:
+        raise SpecalignError("--add-vision-layers/--add-lm-layers deepen a model continued with --init")
     if args.image_size or args.patch_size:
         if args.init:
             raise SpecalignError("--image-size/--patch-size: a model continued with --init keeps its own sizes")
@@ -76,7 +78,7 @@ def cmd_train_mini(args) -> None:
         questions_per_clip=args.questions_per_clip, lr=args.lr, seed=args.seed,
         eval_clips=args.eval_clips, max_train_clips=args.max_train_clips, sizes=sizes,
         time_budget=args.time_budget, init=args.init, fresh_scenes=args.fresh_scenes, fresh_buffer=args.fresh_buffer,
-        fresh_workers=args.fresh_workers,
+        fresh_workers=args.fresh_workers, add_vision_layers=args.add_vision_layers, add_lm_layers=args.add_lm_layers,
         **({"device": args.device} if args.device else {}),
     )  # fmt: skip
     manifest = train_mini(cfg, progress=not args.quiet)
@@ -300,6 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", default=None,
                    help="continue from this checkpoint (e.g. mini-target) instead of from scratch")  # fmt: skip
     t.add_argument(
+        "--add-vision-layers",
+        type=int,
+        default=0,
+        help="with --init, target only: insert this many vision layers that start as the identity",
+    )
+    t.add_argument(
+        "--add-lm-layers",
+        type=int,
+        default=0,
+        help="with --init, target only: append this many LM layers that start as the identity",
+    )
+    t.add_argument(
         "--fresh-scenes",
         action="store_true",
         help="target only: keep replacing training clips with never-seen drives rendered on the fly",
@@ -385,9 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--target-device", default=None, help="e.g. cuda:0 (default: --device)")
     sp.add_argument("--dtype", default=None)
     sp.add_argument("--no-hf-baseline", action="store_true", help="skip timing HF generate")
-    sp.add_argument("--fp32-head", action="store_true",
-                    help="the target's logits from an fp32 LM head: bf16 logits tie now and then, and a tie may "
-                    "break differently in a verify than in a decode step on a GPU")  # fmt: skip
+    sp.add_argument("--fp32-head", action=argparse.BooleanOptionalAction, default=True,
+                    help="the target's logits from an fp32 LM head (default on): bf16 logits tie now and then, and "
+                    "a tie may break differently in a verify than in a decode step on a GPU")  # fmt: skip
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_speculate)
 

@@ -50,7 +50,8 @@ class SpeculateConfig:
     hide_prefill: bool = False  # the draft drafts while the target prefills
     dtype: str | None = None
     hf_baseline: bool = True
-    fp32_head: bool = False  # the target's logits from an fp32 LM head (Engine(fp32_head=)): no bf16 ties
+    # the target's logits from an fp32 LM head (Engine(fp32_head=)): bf16 ties broke greedy SD apart on the H200
+    fp32_head: bool = True
 
 
 def run_speculate(cfg: SpeculateConfig, progress: bool = True) -> dict:

@@ -73,6 +73,8 @@ class TrainConfig:
     max_train_clips: int | None = None
     time_budget: float | None = None  # seconds of training at most: stops early (and saves) when reached
     init: str | None = None  # continue from this checkpoint (a bundled name or a directory) instead of from scratch
+    add_vision_layers: int = 0  # with init (target only): deepen the model first (deepen_target), then train
+    add_lm_layers: int = 0
     fresh_scenes: bool = False  # target only: keep replacing training clips with never-seen drives (FreshScenes)
     fresh_buffer: int = 8192  # clips held for training at once when fresh scenes flow in
     fresh_workers: int | None = None  # processes rendering them (default: all cores but two)
@@ -122,6 +124,42 @@ def squash_frames(vlm) -> bool:
     return changed
 
 
+def deepen_target(vlm, vision_layers: int = 0, lm_layers: int = 0) -> None:
+    """Make a Video-LLaVA model deeper, in place, without changing what it computes: training then continues
+    with more capacity instead of starting over.
+
+    Each new layer is a copy of its neighbour with the output projections of its attention and MLP zeroed
+    (out_proj/fc2 in CLIP, o_proj/down_proj in Llama), so its residual branches add nothing until trained.
+    New Llama layers go after the last; new vision layers before the tower's last one, because Video-LLaVA reads
+    the second-to-last layer's output (vision_feature_layer -2) and so never uses the last."""
+    import copy
+
+    model, cfg = vlm.model, vlm.model.config
+    if vision_layers:
+        if cfg.vision_feature_layer not in (-1, -2):
+            raise SpecalignError(f"deepen: vision_feature_layer {cfg.vision_feature_layer} (only -1 or -2 handled)")
+        for tower in (model.model.video_tower, model.model.image_tower):  # one vision config builds both towers
+            layers = getattr(tower, "vision_model", tower).encoder.layers  # transformers 5 flattened it
+            at = len(layers) + 1 + cfg.vision_feature_layer  # after the layer whose output is read
+            for _ in range(vision_layers):
+                new = copy.deepcopy(layers[at - 1])
+                for linear in (new.self_attn.out_proj, new.mlp.fc2):
+                    torch.nn.init.zeros_(linear.weight)
+                    torch.nn.init.zeros_(linear.bias)
+                layers.insert(at, new)
+        cfg.vision_config.num_hidden_layers += vision_layers
+    if lm_layers:
+        layers = model.model.language_model.layers
+        for _ in range(lm_layers):
+            new = copy.deepcopy(layers[-1])
+            torch.nn.init.zeros_(new.self_attn.o_proj.weight)
+            torch.nn.init.zeros_(new.mlp.down_proj.weight)
+            layers.append(new)
+        for i, layer in enumerate(layers):  # the KV cache finds a layer's slot by its index
+            layer.self_attn.layer_idx = i
+        cfg.text_config.num_hidden_layers += lm_layers
+
+
 def _init_from(cfg: TrainConfig, tokenizer_file: Path):
     """The checkpoint to continue from, in fp32; its tokenizer must be the world's (answers are token ids)."""
     from tokenizers import Tokenizer
@@ -132,6 +170,10 @@ def _init_from(cfg: TrainConfig, tokenizer_file: Path):
     expected = {"target": "video-llava", "draft": "eventgpt"}[cfg.role]
     if vlm.kind != expected:
         raise SpecalignError(f"--init {cfg.init}: a {vlm.kind} checkpoint cannot continue as the {cfg.role}")
+    if cfg.add_vision_layers or cfg.add_lm_layers:
+        if cfg.role != "target":
+            raise SpecalignError("--add-vision-layers/--add-lm-layers: only the target can be deepened")
+        deepen_target(vlm, cfg.add_vision_layers, cfg.add_lm_layers)
     if squash_frames(vlm):  # checkpoints from before the squash saw centre crops: they adapt as they train on
         print(f"[train-mini {cfg.role}] {cfg.init} centre-cropped its frames: training on whole frames from here",
               flush=True)  # fmt: skip

@@ -51,3 +51,30 @@ def test_shared_prefix_extraction_matches_hf_on_gpu(dataset):
     questions = ["What are the key elements in this scene?", "Describe the road.", "What color are the vehicles?"]
     groups = [[vlm.prepare(dataset[i], q) for q in questions] for i in range(len(dataset))]
     assert generate_shared(vlm, groups, 30) == [vlm.generate(g, max_new_tokens=30) for g in groups]
+
+
+def test_draft_on_a_second_gpu_is_lossless_and_hides_its_prefill(dataset, tmp_path):
+    """--draft-device cuda:1: the draft's engine and tokens live on the second GPU; SD (with prefill hiding, the
+    draft then runs while the target's kernels do) still gives the target's greedy tokens, and speculate records
+    the devices."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    from specalign.decode.run import SpeculateConfig, run_speculate
+
+    target = load_model("mini-target", device="cuda:0", dtype="bf16")
+    draft = load_model("mini-draft", device="cuda:1", dtype="bf16")
+    t_engine, d_engine = Engine(target, 700, fp32_head=True), Engine(draft, 400)
+    assert d_engine.k[0].device == torch.device("cuda:1") and t_engine.k[0].device == torch.device("cuda:0")
+    for i in range(len(dataset)):
+        q = "What vehicles are in the scene?"
+        te = prompt_embeds(target, target.collate([target.prepare(dataset[i], q)]))[0]
+        de = prompt_embeds(draft, draft.collate([draft.prepare(dataset[i], q)]))[0]
+        ref, _ = target_generate(t_engine, te, 40, target.eos_token_id)
+        for hide in (False, True):
+            out, stats = speculative_decode(t_engine, te, VLMDraft(d_engine, de), 4, 40, target.eos_token_id,
+                                            hide_prefill=hide)  # fmt: skip
+            assert out == ref and stats.rounds > 0
+    res = run_speculate(SpeculateConfig(dataset=str(dataset.root), out=str(tmp_path / "run"), max_samples=2,
+                                        draft_device="cuda:1", target_device="cuda:0", hide_prefill=True,
+                                        dtype="bf16", hf_baseline=False), progress=False)  # fmt: skip
+    assert res["lossless"] and res["totals"]["answers"] == 2
