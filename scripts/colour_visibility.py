@@ -69,17 +69,19 @@ MISSES = ("other colour", "other vehicle type", "not mentioned")
 VEHICLES = r"(?:car|van|truck|bus)"
 
 
-def kind_of_miss(phrase: str, answer: str) -> str:
+def kind_of_miss(phrase: str, answer: str) -> tuple[str, str | None]:
     """Why a colour fact was missed: the answer names the object with another colour ("blue car" for "red car"),
-    the colour with another vehicle type ("red van"), or neither (the object is left out)."""
+    the colour with another vehicle type ("red van"), or neither (the object is left out). Also the vehicle type
+    the answer gave that colour, for the second kind."""
     colour = re.search(COLOURS, phrase).group(0)
     other = re.escape(phrase).replace(colour, COLOURS)
     if re.search(rf"\b{other}\b", answer):
-        return MISSES[0]
+        return MISSES[0], None
     noun = re.search(rf"{VEHICLES}\b", phrase)
-    if noun and re.search(rf"\b{colour} {VEHICLES}\b", answer):
-        return MISSES[1]
-    return MISSES[2]
+    said = re.search(rf"\b{colour} ({VEHICLES})\b", answer)
+    if noun and said:
+        return MISSES[1], said.group(1)
+    return MISSES[2], None
 
 
 BINS = ("all", "0 (not visible)", "1-29 px", "30-99 px", "100+ px")
@@ -122,8 +124,13 @@ def main() -> None:
             what, drop = named_objects(phrase, scene)
             px_frame, px = visible_pixels(scene, t, drop, size) if drop else (0, 0)
             right = re.search(rf"\b{re.escape(phrase)}\b", answer) is not None
+            miss, said = (None, None) if right else kind_of_miss(phrase, answer)
+            noun = re.search(rf"{VEHICLES}\b", phrase) if what == "vehicle" else None
             rows.append({"object": what, "pixels": px, "pixels_frame": px_frame, "time_of_day": scene["time_of_day"],
-                         "right": right, "miss": None if right else kind_of_miss(phrase, answer)})  # fmt: skip
+                         "right": right, "miss": miss, "type": noun.group(0) if noun else None, "said": said,
+                         "side_view": noun is not None and any(  # crossing vehicles show their side
+                             v["state"] == "crossing" for v in scene["vehicles"]
+                             if v["kind"] == noun.group(0) and phrase.startswith(v["colour"]))})  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(rows))
     print(f"{args.model}: {len(rows)} colour facts on {len(picks)} clips, "
@@ -142,6 +149,15 @@ def main() -> None:
         miss = [r["miss"] for r in rows if r["object"] == what and not r["right"] and r["pixels"] > 0]
         print(f"| {what} | {len(miss)} | " + " | ".join(f"{miss.count(m) / max(len(miss), 1):.0%}" for m in MISSES)
               + " |")  # fmt: skip
+    print("\nvisible vehicles seen from behind or ahead (crossing ones show their side): the type an answer gave the "
+          "fact's colour, when it was another type (rows: the truth)")  # fmt: skip
+    kinds = ("car", "van", "truck", "bus")
+    print("| type | facts | right | " + " | ".join(f"said {k}" for k in kinds) + " |\n|---|---|---|" + "---|" * 4)
+    for k in kinds:
+        of = [r for r in rows if r["type"] == k and r["pixels"] > 0 and not r["side_view"]]
+        said = [r["said"] for r in of if r["said"]]
+        print(f"| {k} | {len(of)} | {np.mean([r['right'] for r in of]) if of else 0:.1%} | "
+              + " | ".join(str(said.count(o)) for o in kinds) + " |")  # fmt: skip
 
 
 if __name__ == "__main__":

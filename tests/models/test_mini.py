@@ -111,8 +111,8 @@ def test_training_continues_from_a_bundled_model(world, tmp_path):
     assert manifest["train_config"]["init"] == "mini-draft"
     before, after = load_model("mini-draft"), load_model(str(tmp_path / "cont"))
     assert before.vocab_size == after.vocab_size
-    # the bundled draft was trained on centre crops; its continuation trains on (and saves) whole frames
-    assert before.image_processor.do_center_crop and not after.image_processor.do_center_crop
+    # the bundled draft was trained on centre crops, and its continuation keeps that view
+    assert before.image_processor.do_center_crop and after.image_processor.do_center_crop
     changed = [not torch.equal(a, b) for a, b in zip(before.model.parameters(), after.model.parameters(), strict=True)]
     assert any(changed), "two steps of training moved the weights"
     with pytest.raises(SpecalignError, match="tokenizer differs"):
@@ -159,3 +159,46 @@ def test_cli_trains_a_target_at_another_input_size(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args[:-5], "--image-size", "56", "--init", str(out), "--quiet"]) == 2
     assert "keeps its own sizes" in capsys.readouterr().err
+
+
+def test_deepened_target_computes_the_same_and_trains_on(world, tmp_path, capsys):
+    """deepen_target adds layers that start as the identity: same logits, same answers, saved and reloaded at the
+    new depth; train-mini --init --add-lm-layers/--add-vision-layers trains the deeper model on."""
+    from dataclasses import replace
+
+    from specalign.models.mini import deepen_target
+
+    out = tmp_path / "t"
+    cfg = TrainConfig(role="target", world=str(world), out=str(out), duration="500ms", steps=3, clips_per_batch=2,
+                      questions_per_clip=2, lr=3e-3, warmup=1, eval_clips=1, device="cpu",
+                      sizes=replace(TINY, vision_layers=2))  # fmt: skip
+    train_mini(cfg, progress=False)
+    vlm = load_model(str(out), dtype="fp32")
+    prompts = [vlm.prepare(open_dataset(world / "my_egpt_dsec_seq_500ms")[i], "Describe the scene.") for i in (0, 1)]
+    batch = vlm.collate(prompts)
+
+    def logits():
+        with torch.no_grad():
+            return vlm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             **vlm.visual_kwargs(batch.visual)).logits  # fmt: skip
+
+    before, answers = logits(), vlm.generate(prompts, max_new_tokens=12)
+    n = sum(p.numel() for p in vlm.model.parameters())
+    deepen_target(vlm, vision_layers=1, lm_layers=2)
+    assert torch.allclose(logits(), before, atol=1e-5)
+    assert vlm.generate(prompts, max_new_tokens=12) == answers
+    assert sum(p.numel() for p in vlm.model.parameters()) > n
+    vlm.save(tmp_path / "deep")
+    again = load_model(str(tmp_path / "deep"), dtype="fp32")
+    assert again.model.config.text_config.num_hidden_layers == 3
+    assert again.model.config.vision_config.num_hidden_layers == 3
+    assert again.generate(prompts, max_new_tokens=12) == answers
+
+    args = ["models", "train-mini", "--role", "target", "--world", str(world), "--out", str(tmp_path / "cont"),
+            "--duration", "500ms", "--steps", "2", "--clips-per-batch", "1", "--questions-per-clip", "1",
+            "--eval-clips", "1", "--device", "cpu", "--quiet", "--add-lm-layers", "1"]  # fmt: skip
+    assert main([*args, "--init", str(out)]) in (0, None)
+    assert load_model(str(tmp_path / "cont")).model.config.text_config.num_hidden_layers == 2
+    capsys.readouterr()
+    assert main(args) == 2  # no --init: nothing to deepen
+    assert "--init" in capsys.readouterr().err
