@@ -1,10 +1,11 @@
 """Where a model's colour misses are: held-out colour facts by the object they name and how visible it is.
 
-For every colour fact of the ground-truth answers (to the questions whose answers state colours), the named
-objects are removed from the scene and the clip's middle instant is rendered with and without them: the object's
-visible size is the number of pixels whose RGB radiance changes (> 0.02), counted in the part of the frame the
-model sees (the central square its processor crops; the whole frame's count is kept too). Occlusion, the frame's
-edges and an object behind the camera all count, so 0 px means the fact cannot be read off the model's input.
+For every colour fact of the ground-truth answers (to the questions whose answers state colours), the clip's
+middle instant is rendered as it is and with the named objects in another colour: how visible the fact is is the
+number of pixels whose 8-bit value changes by 4 or more (noise aside), counted in the part of the frame the model
+sees (the whole frame's count is kept too). Occlusion, the frame's edges and an object behind the camera all
+count, so 0 px means the fact cannot be read off the model's input. It also splits the misses by kind and, for
+vehicles, by the type the answer gave the colour (trucks and buses are easily swapped).
 
     python scripts/colour_visibility.py --model mini-target --dataset WORLD/my_egpt_dsec_seq_1s [--clips 100]
 """
@@ -28,28 +29,39 @@ from specalign.data import open_dataset  # noqa: E402
 from specalign.evaluate.quality import COLOURS, facts  # noqa: E402
 from specalign.models import load_model  # noqa: E402
 from specalign.models.base import Prompt  # noqa: E402
-from specalign.world.render import render  # noqa: E402
-from specalign.world.scene import Scene  # noqa: E402
+from specalign.world.camera import EXPOSURE_S  # noqa: E402
+from specalign.world.render import LAMPS, render  # noqa: E402
+from specalign.world.scene import COLOUR_HUES, Scene  # noqa: E402
 
+MIN_DN = 4  # a pixel shows a colour change of at least this many 8-bit levels (read noise: 1.4 DN by day)
 T0_US = 50_000_000_000  # the world builder's clock offset; drive i starts at T0_US + i * 1e9 us
 
 
-def visible_pixels(scene: dict, t: float, drop: list[tuple[str, int]], size: tuple[int, int]) -> tuple[int, int]:
-    """Pixels whose radiance changes when the objects `drop` ([(scene field, index)]) are taken out at time t:
-    (in the whole frame, in the model's view). The view is the frame's central square: Video-LLaVA's processor
-    resizes the shortest side and centre-crops a square, so a 4:3 frame loses its left and right eighths."""
-    less = copy.deepcopy(scene)
-    for name, i in sorted(drop, reverse=True):
+def colour_pixels(scene: dict, t: float, objects: list[tuple[str, int]], size: tuple[int, int],
+                  crop: bool) -> tuple[int, int]:  # fmt: skip
+    """Pixels that show the colour of `objects` ([(scene field, index)]) at time t: those whose 8-bit value changes
+    by MIN_DN or more when each object takes the palette colour furthest from its own (a traffic light: shows the lamp
+    furthest from its own), as (in the whole frame, in the model's view). So occlusion, the frame's edges and an
+    object behind the camera all count, and a traffic light counts its lamps only, not its pole and housing.
+    The view is what the model's processor keeps: with crop the central square (a 4:3 frame loses its left and
+    right eighths), else the whole frame squashed."""
+    other = copy.deepcopy(scene)
+    for name, i in objects:
         if name == "traffic_light":
-            less["traffic_light"] = None
+            own = LAMPS[scene["traffic_light"]["state"]]
+            other["traffic_light"]["state"] = max(LAMPS, key=lambda k: np.abs(np.subtract(LAMPS[k], own)).sum())
         else:
-            del less[name][i]
+            own = COLOUR_HUES[scene[name][i]["colour"]]
+            other[name][i]["colour"] = max(COLOUR_HUES, key=lambda k: np.abs(np.subtract(COLOUR_HUES[k], own)).sum())
     full = render(Scene.from_dict(scene), t, *size, 3)
-    without = render(Scene.from_dict(less), t, *size, 3)
-    changed = np.abs(full - without).max(-1) > 0.02  # [H, W]
+    recoloured = render(Scene.from_dict(other), t, *size, 3)
+    # compared as the camera records them (noise aside): 8-bit values after the exposure, which is 11x longer at
+    # night than by day, so a radiance step that is 5 DN by day is 57 DN at night
+    dn = 255.0 * EXPOSURE_S[scene["time_of_day"]] / EXPOSURE_S["day"]
+    changed = np.abs(full - recoloured).max(-1) * dn >= MIN_DN  # [H, W]
     h, w = changed.shape
     side = min(h, w)
-    view = changed[(h - side) // 2 : (h + side) // 2, (w - side) // 2 : (w + side) // 2]
+    view = changed[(h - side) // 2 : (h + side) // 2, (w - side) // 2 : (w + side) // 2] if crop else changed
     return int(changed.sum()), int(view.sum())
 
 
@@ -100,6 +112,7 @@ def main() -> None:
     args = p.parse_args()
     dataset = open_dataset(args.dataset)
     vlm = load_model(args.model, dtype="fp32")
+    crop = bool(getattr(vlm.image_processor, "do_center_crop", False))
     picks = np.unique(np.linspace(0, len(dataset) - 1, min(args.clips, len(dataset))).round().astype(int))
     jobs = []  # (prompt, truth, scene, t, size)
     for i in picks.tolist():
@@ -122,7 +135,7 @@ def main() -> None:
             if kind != "colour":
                 continue
             what, drop = named_objects(phrase, scene)
-            px_frame, px = visible_pixels(scene, t, drop, size) if drop else (0, 0)
+            px_frame, px = colour_pixels(scene, t, drop, size, crop) if drop else (0, 0)
             right = re.search(rf"\b{re.escape(phrase)}\b", answer) is not None
             miss, said = (None, None) if right else kind_of_miss(phrase, answer)
             noun = re.search(rf"{VEHICLES}\b", phrase) if what == "vehicle" else None
