@@ -34,6 +34,14 @@ from specalign.fsutil import write_json  # noqa: E402
 from specalign.models.base import VLM  # noqa: E402
 
 DEVICE = "cuda"
+# --variants: compiled decode steps -> (result row, fuse, tune, fp32_head). Fused: q/k/v and gate/up as one matmul
+# each; tuned: inductor's coordinate-descent tuning (which also swaps cuBLAS GEMVs for tuned Triton reductions);
+# fp32 head: what `speculate`'s default fp32 LM head costs at this shape
+VARIANTS = {"plain": ("engine_compiled_cuda_graphs", False, False, False),
+            "fused": ("engine_compiled_fused_cuda_graphs", True, False, False),
+            "tuned": ("engine_compiled_tuned_cuda_graphs", False, True, False),
+            "fused_tuned": ("engine_compiled_fused_tuned_cuda_graphs", True, True, False),
+            "tuned_fp32_head": ("engine_compiled_tuned_fp32_head_cuda_graphs", False, True, True)}  # fmt: skip
 
 
 def sync() -> None:
@@ -207,10 +215,14 @@ def main() -> None:
     p.add_argument(
         "--variants",
         default="plain,fused,tuned,fused_tuned",
-        help="with --compile: which compiled steps to time (comma-separated)",
+        help="with --compile: which compiled steps to time (comma-separated: " + ", ".join(VARIANTS) + ")",
     )
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing")
     args = p.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        p.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
+    partial = Path(args.result).with_suffix(".partial.json")  # a run cut short keeps what it measured here
     global DEVICE
     if args.smoke:
         DEVICE = "cpu"
@@ -243,18 +255,10 @@ def main() -> None:
         "engine_eager": round(statistics.median(eager), 3),
         "goal": 4.5,
     }
-    write_json(args.result, {**res, "partial": True})  # a run cut short keeps what it measured
-    # the decode step through torch.compile, then captured as a CUDA graph; and the same with q/k/v and
-    # gate/up fused into one matmul each; both with and without inductor's coordinate-descent tuning (which
-    # also swaps cuBLAS GEMVs for tuned Triton reductions); tuned + fp32 head: what `speculate`'s default fp32
-    # LM head costs at this shape
-    variants = {"plain": ("engine_compiled_cuda_graphs", False, False, False),
-                "fused": ("engine_compiled_fused_cuda_graphs", True, False, False),
-                "tuned": ("engine_compiled_tuned_cuda_graphs", False, True, False),
-                "fused_tuned": ("engine_compiled_fused_tuned_cuda_graphs", True, True, False),
-                "tuned_fp32_head": ("engine_compiled_tuned_fp32_head_cuda_graphs", False, True, True)}  # fmt: skip
-    for key in args.variants.split(",") if args.compile else []:
-        name, fuse, tune, fp32_head = variants[key]
+    write_json(partial, res)
+    # the decode step through torch.compile, then captured as a CUDA graph (VARIANTS)
+    for key in variants if args.compile else []:
+        name, fuse, tune, fp32_head = VARIANTS[key]
         c_engine = Engine(target, max_len, compile=True, fuse=fuse, tune=tune, fp32_head=fp32_head)
         t = time.perf_counter()
         decode_loop(c_engine, embeds, 8, True)
@@ -267,7 +271,7 @@ def main() -> None:
             res["kernel_profile_" + name.removeprefix("engine_").removesuffix("_cuda_graphs")] = kernel_profile(
                 c_engine, embeds)  # fmt: skip
         del c_engine
-        write_json(args.result, {**res, "partial": True})
+        write_json(partial, res)
     if args.profile:
         res["kernel_profile_eager"] = kernel_profile(engine, embeds)
         print(json.dumps({k: v["by_family_ms"] for k, v in res.items() if k.startswith("kernel_profile")}), flush=True)
@@ -307,7 +311,7 @@ def main() -> None:
     res["draft_decode_ms_per_token"] = round(statistics.median(
         [decode_loop(d_engine, d_embeds, args.tokens, True) for _ in range(3)]), 3)  # fmt: skip
     print(json.dumps({k: res[k] for k in ("prefill_ms", "draft_prefill_ms", "draft_decode_ms_per_token")}))
-    write_json(args.result, {**res, "partial": True})
+    write_json(partial, res)
 
     if args.traces:
         res["projection"] = []
@@ -333,8 +337,9 @@ def main() -> None:
                    "label": "projection: minidsec acceptance replayed at 7B shape"}  # fmt: skip
             res["projection"].append(row)
             print(json.dumps(row), flush=True)
-            write_json(args.result, {**res, "partial": True})
+            write_json(partial, res)
     write_json(args.result, res)
+    partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

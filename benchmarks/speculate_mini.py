@@ -60,6 +60,8 @@ def main() -> None:
                                 workers=8), progress=False)  # fmt: skip
     rows = []
     picked = None if args.sources is None else {int(i) for i in args.sources.split(",")}
+    if picked is not None and not picked <= set(range(len(SOURCES))):
+        p.error(f"--sources: rows are 0..{len(SOURCES) - 1}")
     for i, (name, opts) in enumerate(SOURCES.items()):
         if picked is not None and i not in picked:
             continue

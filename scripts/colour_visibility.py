@@ -58,7 +58,8 @@ def colour_pixels(scene: dict, t: float, objects: list[tuple[str, int]], size: t
     # compared as the camera records them (noise aside): 8-bit values after the exposure, which is 11x longer at
     # night than by day, so a radiance step that is 5 DN by day is 57 DN at night
     dn = 255.0 * EXPOSURE_S[scene["time_of_day"]] / EXPOSURE_S["day"]
-    changed = np.abs(full - recoloured).max(-1) * dn >= MIN_DN  # [H, W]
+    full, recoloured = (np.clip(img * dn, 0, 255) for img in (full, recoloured))  # the 8-bit range clips
+    changed = np.abs(full - recoloured).max(-1) >= MIN_DN  # [H, W]
     h, w = changed.shape
     side = min(h, w)
     view = changed[(h - side) // 2 : (h + side) // 2, (w - side) // 2 : (w + side) // 2] if crop else changed
@@ -74,7 +75,9 @@ def named_objects(phrase: str, scene: dict) -> tuple[str, list[tuple[str, int]]]
         side = re.search(r"on the (left|right)", phrase)
         return "building", [("roadside", i) for i, r in enumerate(scene["roadside"]) if r["kind"] == "building"
                             and r["colour"] == colour and (side is None or r["side"] == side.group(1))]  # fmt: skip
-    return "vehicle", [("vehicles", i) for i, v in enumerate(scene["vehicles"]) if v["colour"] == colour]
+    noun = re.search(VEHICLES, phrase)  # "red truck"; "is red" names no type
+    return "vehicle", [("vehicles", i) for i, v in enumerate(scene["vehicles"])
+                       if v["colour"] == colour and (noun is None or v["kind"] == noun.group(0))]  # fmt: skip
 
 
 MISSES = ("other colour", "other vehicle type", "not mentioned")

@@ -41,8 +41,6 @@ common=(--world "$WORLD" --steps 100000 --time-budget "$budget" --eval-clips 100
   --clips-per-batch "${CLIPS_PER_BATCH:-64}" --questions-per-clip "${QUESTIONS_PER_CLIP:-2}" --quiet)
 [ -n "${FRESH:-}" ] && common+=(--fresh-scenes)
 [ -n "${FRESH_WORKERS:-}" ] && common+=(--fresh-workers "$FRESH_WORKERS")
-[ -n "${ADD_VISION_LAYERS:-}${ADD_LM_LAYERS:-}" ] && common+=(--add-vision-layers "${ADD_VISION_LAYERS:-0}" \
-  --add-lm-layers "${ADD_LM_LAYERS:-0}")
 [ -n "${IMAGE_SIZE:-}" ] && common+=(--image-size "$IMAGE_SIZE" --patch-size "${PATCH_SIZE:-14}")
 for role in $ROLES; do
   init=()
@@ -53,7 +51,11 @@ for role in $ROLES; do
     rm -rf "$TRAIN_DIR/mini-$role"
     init=(--init "$TRAIN_DIR/init-$role")
   fi
+  deepen=()  # only the target can be deepened
+  [ "$role" = target ] && [ -n "${ADD_VISION_LAYERS:-}${ADD_LM_LAYERS:-}" ] && \
+    deepen=(--add-vision-layers "${ADD_VISION_LAYERS:-0}" --add-lm-layers "${ADD_LM_LAYERS:-0}")
   python3 -m specalign models train-mini --role "$role" --out "$TRAIN_DIR/mini-$role" "${common[@]}" "${init[@]}" \
+    "${deepen[@]}" \
     > "$OUT/train-$role.log" 2>&1 &
 done
 wait

@@ -61,6 +61,8 @@ def cmd_train_mini(args) -> None:
     from specalign.models.mini import SIZES, TrainConfig, train_mini
 
     sizes = SIZES.get(args.role)
+    if args.add_vision_layers < 0 or args.add_lm_layers < 0:
+        raise SpecalignError("--add-vision-layers/--add-lm-layers: layers can only be added (give a count >= 0)")
     if (args.add_vision_layers or args.add_lm_layers) and not args.init:
         raise SpecalignError("--add-vision-layers/--add-lm-layers deepen a model continued with --init")
     if args.image_size or args.patch_size:

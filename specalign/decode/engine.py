@@ -170,11 +170,12 @@ class Engine:
             start = torch.tensor(self.length) if step is not self._step else self.length  # compiled: no recompiles
             logits = step(tokens.to(self.device), start)
         else:
-            g = self.graphs.get((B, T)) or self._capture(B, T)
-            g.tokens.copy_(tokens)
-            g.start.fill_(self.length)  # a kernel argument, not a host-to-device copy: the host never waits
-            g.graph.replay()
-            logits = g.logits.clone()  # the next replay overwrites the graph's output buffer
+            with torch.cuda.device(self.device):  # a draft on a second GPU captures and replays on that GPU
+                g = self.graphs.get((B, T)) or self._capture(B, T)
+                g.tokens.copy_(tokens)
+                g.start.fill_(self.length)  # a kernel argument, not a host-to-device copy: the host never waits
+                g.graph.replay()
+                logits = g.logits.clone()  # the next replay overwrites the graph's output buffer
         self.length += T
         self.count += T
         return logits
@@ -184,14 +185,15 @@ class Engine:
         start = torch.tensor(self.length, device=self.device)
         step = self.decode_step if T == 1 else self._step
         saved = [(k.clone(), v.clone()) for k, v in zip(self.k, self.v, strict=True)] if self.length else None
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):  # warm-up outside the graph (allocator, cuBLAS handles, compiling)
             for _ in range(2):
                 step(tokens, start)
-        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.current_stream(self.device).wait_stream(s)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # torch's default capture stream lives on the first device that captured: give each engine its own
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device)):
             logits = step(tokens, start)
         if saved:  # the warm-up and capture wrote zeros' K/V into the live slots: put the real ones back
             for (k, v), (ks, vs) in zip(zip(self.k, self.v, strict=True), saved, strict=True):

@@ -77,6 +77,8 @@ def run_speculate(cfg: SpeculateConfig, progress: bool = True) -> dict:
     check_same_tokenizer(draft, target)
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed)
     gen = torch.Generator(device=target.device).manual_seed(cfg.seed)
+    # the draft samples on its own device (a generator serves one device)
+    d_gen = gen if draft.device == target.device else torch.Generator(device=draft.device).manual_seed(cfg.seed + 1)
     eos = target.eos_token_id
     n = len(dataset) if cfg.max_samples is None else min(cfg.max_samples, len(dataset))
     jobs = [(i, q) for i in range(n) for q in questions]
@@ -100,9 +102,9 @@ def run_speculate(cfg: SpeculateConfig, progress: bool = True) -> dict:
         t0 = time.perf_counter()
         ref, ref_seconds = target_generate(t_engine, te, cfg.max_new_tokens, eos, sampling, gen)
         target_s = time.perf_counter() - t0
-        source = VLMDraft(d_engine, de, sampling, gen, cfg.min_confidence)
+        source = VLMDraft(d_engine, de, sampling, d_gen, cfg.min_confidence)
         if adapter is not None:
-            source = AdaptedDraft(source, adapter, sampling, gen, cfg.adapter_resync, cfg.max_new_tokens)
+            source = AdaptedDraft(source, adapter, sampling, d_gen, cfg.adapter_resync, cfg.max_new_tokens)
         t0 = time.perf_counter()
         out, stats = speculative_decode(t_engine, te, source, cfg.gamma, cfg.max_new_tokens, eos, sampling, gen,
                                         cfg.hide_prefill)  # fmt: skip

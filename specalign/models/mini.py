@@ -135,6 +135,8 @@ def deepen_target(vlm, vision_layers: int = 0, lm_layers: int = 0) -> None:
     import copy
 
     model, cfg = vlm.model, vlm.model.config
+    if vision_layers < 0 or lm_layers < 0:
+        raise SpecalignError(f"deepen: layers can only be added, not {vision_layers} vision / {lm_layers} LM")
     if vision_layers:
         if cfg.vision_feature_layer not in (-1, -2):
             raise SpecalignError(f"deepen: vision_feature_layer {cfg.vision_feature_layer} (only -1 or -2 handled)")
@@ -152,12 +154,16 @@ def deepen_target(vlm, vision_layers: int = 0, lm_layers: int = 0) -> None:
         layers = model.model.language_model.layers
         for _ in range(lm_layers):
             new = copy.deepcopy(layers[-1])
-            torch.nn.init.zeros_(new.self_attn.o_proj.weight)
-            torch.nn.init.zeros_(new.mlp.down_proj.weight)
+            for linear in (new.self_attn.o_proj, new.mlp.down_proj):
+                torch.nn.init.zeros_(linear.weight)
+                if linear.bias is not None:
+                    torch.nn.init.zeros_(linear.bias)
             layers.append(new)
         for i, layer in enumerate(layers):  # the KV cache finds a layer's slot by its index
             layer.self_attn.layer_idx = i
         cfg.text_config.num_hidden_layers += lm_layers
+        if getattr(cfg.text_config, "layer_types", None):  # one entry per layer where the config has them
+            cfg.text_config.layer_types = [*cfg.text_config.layer_types, *[cfg.text_config.layer_types[-1]] * lm_layers]
 
 
 def _init_from(cfg: TrainConfig, tokenizer_file: Path):
@@ -174,8 +180,8 @@ def _init_from(cfg: TrainConfig, tokenizer_file: Path):
         if cfg.role != "target":
             raise SpecalignError("--add-vision-layers/--add-lm-layers: only the target can be deepened")
         deepen_target(vlm, cfg.add_vision_layers, cfg.add_lm_layers)
-    # the checkpoint keeps the view it learnt on (the bundled models: centre crops): switching a trained model to
-    # squashed whole frames cost more than the 0.3 % of colour facts the crop hides (README, "a deeper target")
+    # the checkpoint keeps the view it learnt on (the bundled models: centre crops): a trained model switched to
+    # squashed whole frames must relearn every object's look, for the 0.3 % of colour facts the crop hides
     if vlm.tokenizer.get_vocab() != Tokenizer.from_file(str(tokenizer_file)).get_vocab():
         source = (bundled_path(cfg.init) or Path(cfg.init)) / "tokenizer.json"
         raise SpecalignError(f"--init {cfg.init}: its tokenizer differs from {tokenizer_file}; build the world "

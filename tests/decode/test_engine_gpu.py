@@ -54,26 +54,32 @@ def test_shared_prefix_extraction_matches_hf_on_gpu(dataset):
 
 
 def test_draft_on_a_second_gpu_is_lossless_and_hides_its_prefill(dataset, tmp_path):
-    """--draft-device cuda:1: the draft's engine and tokens live on the second GPU; SD (with prefill hiding, the
-    draft then runs while the target's kernels do) still gives the target's greedy tokens, and speculate records
-    the devices."""
+    """--draft-device cuda:1: the draft's engine (and its CUDA graphs) live on the second GPU. It must propose what
+    the same draft proposes on the target's GPU (equal outputs alone would hold for any draft, even a broken one),
+    SD (with prefill hiding: the draft runs while the target's kernels do) gives the target's greedy tokens, and
+    speculate runs that way."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     from specalign.decode.run import SpeculateConfig, run_speculate
 
     target = load_model("mini-target", device="cuda:0", dtype="bf16")
-    draft = load_model("mini-draft", device="cuda:1", dtype="bf16")
-    t_engine, d_engine = Engine(target, 700, fp32_head=True), Engine(draft, 400)
-    assert d_engine.k[0].device == torch.device("cuda:1") and t_engine.k[0].device == torch.device("cuda:0")
+    near, far = (load_model("mini-draft", device=d, dtype="bf16") for d in ("cuda:0", "cuda:1"))
+    t_engine = Engine(target, 700, fp32_head=True)
+    n_engine, f_engine = Engine(near, 400), Engine(far, 400)
+    assert f_engine.k[0].device == torch.device("cuda:1") and t_engine.k[0].device == torch.device("cuda:0")
     for i in range(len(dataset)):
         q = "What vehicles are in the scene?"
         te = prompt_embeds(target, target.collate([target.prepare(dataset[i], q)]))[0]
-        de = prompt_embeds(draft, draft.collate([draft.prepare(dataset[i], q)]))[0]
+        ne = prompt_embeds(near, near.collate([near.prepare(dataset[i], q)]))[0]
+        fe = prompt_embeds(far, far.collate([far.prepare(dataset[i], q)]))[0]
         ref, _ = target_generate(t_engine, te, 40, target.eos_token_id)
         for hide in (False, True):
-            out, stats = speculative_decode(t_engine, te, VLMDraft(d_engine, de), 4, 40, target.eos_token_id,
-                                            hide_prefill=hide)  # fmt: skip
-            assert out == ref and stats.rounds > 0
+            runs = [speculative_decode(t_engine, te, VLMDraft(eng, e), 4, 40, target.eos_token_id, hide_prefill=hide)
+                    for eng, e in ((n_engine, ne), (f_engine, fe))]  # fmt: skip
+            (out_n, stats_n), (out_f, stats_f) = runs
+            assert out_f == out_n == ref
+            assert stats_f.accepted_per_round == stats_n.accepted_per_round and stats_f.rounds > 0
+    assert len(f_engine.graphs) >= 2  # the far draft's steps ran as CUDA graphs on cuda:1
     res = run_speculate(SpeculateConfig(dataset=str(dataset.root), out=str(tmp_path / "run"), max_samples=2,
                                         draft_device="cuda:1", target_device="cuda:0", hide_prefill=True,
                                         dtype="bf16", hf_baseline=False), progress=False)  # fmt: skip

@@ -193,6 +193,14 @@ def test_deepened_target_computes_the_same_and_trains_on(world, tmp_path, capsys
     assert again.model.config.text_config.num_hidden_layers == 3
     assert again.model.config.vision_config.num_hidden_layers == 3
     assert again.generate(prompts, max_new_tokens=12) == answers
+    # the new layers are in the computation (same logits could also mean skipped layers): nudge each, logits move
+    vision = vlm.model.model.video_tower.encoder.layers[1]  # inserted before the last of 2 + 1
+    for linear in (vlm.model.model.language_model.layers[-1].mlp.down_proj, vision.mlp.fc2):
+        with torch.no_grad():
+            linear.weight.normal_(std=0.02)
+        assert not torch.allclose(logits(), before, atol=1e-5)
+        with torch.no_grad():
+            linear.weight.zero_()
 
     args = ["models", "train-mini", "--role", "target", "--world", str(world), "--out", str(tmp_path / "cont"),
             "--duration", "500ms", "--steps", "2", "--clips-per-batch", "1", "--questions-per-clip", "1",
@@ -202,3 +210,5 @@ def test_deepened_target_computes_the_same_and_trains_on(world, tmp_path, capsys
     capsys.readouterr()
     assert main(args) == 2  # no --init: nothing to deepen
     assert "--init" in capsys.readouterr().err
+    assert main([*args[:-1], "-1", "--init", str(out)]) == 2
+    assert "can only be added" in capsys.readouterr().err
