@@ -22,6 +22,7 @@ def test_speculate_writes_a_lossless_report(split, tmp_path, capsys):
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["lossless"] is True and res["totals"]["answers"] == 4
+    assert res["config"]["fp32_head"] is True  # the default: bf16 logit ties cannot split decode from verify
     for row in res["samples"]:
         assert row["sd_tokens"] == row["target_tokens"]
         assert sum(row["accepted_per_round"]) == row["accepted"] <= row["drafted"] == sum(row["drafted_per_round"])
@@ -38,3 +39,11 @@ def test_speculate_refuses_bad_input(split, tmp_path, capsys):
     assert "gamma" in capsys.readouterr().err
     assert main([*base, "--token-adapter-path", str(tmp_path / "missing")]) != 0
     assert "no TokenAdapter checkpoint" in capsys.readouterr().err
+
+
+def test_fp32_head_is_on_unless_turned_off():
+    from specalign.cli import build_parser
+
+    base = ["speculate", "--dataset", "d", "--out", "o"]
+    assert build_parser().parse_args(base).fp32_head is True
+    assert build_parser().parse_args([*base, "--no-fp32-head"]).fp32_head is False
