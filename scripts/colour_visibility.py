@@ -66,6 +66,9 @@ def colour_pixels(scene: dict, t: float, objects: list[tuple[str, int]], size: t
     return int(changed.sum()), int(view.sum())
 
 
+VEHICLES = r"(?:car|van|truck|bus)"
+
+
 def named_objects(phrase: str, scene: dict) -> tuple[str, list[tuple[str, int]]]:
     """(object kind, the scene objects a colour fact's phrase can be about)."""
     colour = re.search(COLOURS, phrase).group(0)
@@ -81,7 +84,6 @@ def named_objects(phrase: str, scene: dict) -> tuple[str, list[tuple[str, int]]]
 
 
 MISSES = ("other colour", "other vehicle type", "not mentioned")
-VEHICLES = r"(?:car|van|truck|bus)"
 
 
 def kind_of_miss(phrase: str, answer: str) -> tuple[str, str | None]:
@@ -144,9 +146,8 @@ def main() -> None:
             noun = re.search(rf"{VEHICLES}\b", phrase) if what == "vehicle" else None
             rows.append({"object": what, "pixels": px, "pixels_frame": px_frame, "time_of_day": scene["time_of_day"],
                          "right": right, "miss": miss, "type": noun.group(0) if noun else None, "said": said,
-                         "side_view": noun is not None and any(  # crossing vehicles show their side
-                             v["state"] == "crossing" for v in scene["vehicles"]
-                             if v["kind"] == noun.group(0) and phrase.startswith(v["colour"]))})  # fmt: skip
+                         "side_view": any(name == "vehicles" and scene["vehicles"][i]["state"] == "crossing"
+                                          for name, i in drop)})  # crossing vehicles show their side  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(rows))
     print(f"{args.model}: {len(rows)} colour facts on {len(picks)} clips, "

@@ -108,8 +108,8 @@ def new_model(role: str, tokenizer_file: Path, sizes: MiniSizes, seed: int = 0):
     return vlm
 
 
-def squash_frames(vlm) -> bool:
-    """Resize whole frames into the vision tower's square; returns whether that changed the model's input.
+def squash_frames(vlm) -> None:
+    """Resize whole frames into the vision tower's square.
 
     CLIP's shortest-edge resize + centre crop cuts 12.5 % off each side of a 4:3 frame, where the parked cars and
     buildings are. The setting is saved with the checkpoint, so the model sees at inference what it trained on.
@@ -117,11 +117,8 @@ def squash_frames(vlm) -> bool:
     proc = vlm.image_processor
     crop = proc.crop_size  # the vision tower's input side: a dict or a SizeDict
     side = crop["height"] if isinstance(crop, dict) else crop.height
-    size = {"height": side, "width": side}
-    changed = bool(getattr(proc, "do_center_crop", False)) or dict(proc.size) != size
     proc.do_center_crop = False
-    proc.size = size
-    return changed
+    proc.size = {"height": side, "width": side}
 
 
 def deepen_target(vlm, vision_layers: int = 0, lm_layers: int = 0) -> None:
