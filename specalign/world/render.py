@@ -222,14 +222,29 @@ def _draw_building(c: Canvas, x_face: float, z: float, length: float, height: fl
 
 def _draw_vehicle(c: Canvas, kind: str, colour: str, state: str, x: float, z: float, night: bool):
     w, h = VEHICLE_SIZE[kind]
-    if state == "crossing":
+    side = state == "crossing"
+    if side:
         w = {"car": 4.4, "van": 5.0, "truck": 7.5, "bus": 11.0}[kind]  # seen from the side
-    body, cabin = c.colour(COLOURS[colour]), c.colour(COLOURS[colour] * 0.8)
-    box(c, x - w / 2, x + w / 2, 0.3, 0.3 + 0.55 * (h - 0.3), z, body)
-    box(c, x - w * 0.42, x + w * 0.42, 0.3 + 0.55 * (h - 0.3), h, z, cabin)
-    box(c, x - w * 0.36, x + w * 0.36, 0.35 + 0.6 * (h - 0.3), h - 0.12, z, c.colour(GLASS))
-    box(c, x - w / 2 + 0.05, x - w / 2 + 0.45, 0.0, 0.35, z, c.colour(DARK))
-    box(c, x + w / 2 - 0.45, x + w / 2 - 0.05, 0.0, 0.35, z, c.colour(DARK))
+    body, cabin, glass = c.colour(COLOURS[colour]), c.colour(COLOURS[colour] * 0.8), c.colour(GLASS)
+    left, right = x - w / 2, x + w / 2
+    # trucks and buses are about the same size, so they must differ in shape to be told apart
+    if kind == "truck":  # a cargo box: no glass; from the side, a cab with a windscreen in front of the box
+        if side:
+            box(c, left, left + 2.0, 0.3, 0.7 * h, z, cabin)
+            box(c, left + 0.2, left + 1.4, 0.45 * h, 0.65 * h, z, glass)
+            box(c, left + 2.1, right, 0.3, h, z, body)
+        else:
+            box(c, left, right, 0.3, h, z, body)
+            box(c, x - 0.04, x + 0.04, 0.45, h - 0.15, z, c.colour(DARK))  # the doors' seam
+    elif kind == "bus":  # a tall body with a band of windows along its whole width
+        box(c, left, right, 0.3, h, z, body)
+        box(c, left + 0.15, right - 0.15, 0.55 * h, 0.85 * h, z, glass)
+    else:
+        box(c, left, right, 0.3, 0.3 + 0.55 * (h - 0.3), z, body)
+        box(c, x - w * 0.42, x + w * 0.42, 0.3 + 0.55 * (h - 0.3), h, z, cabin)
+        box(c, x - w * 0.36, x + w * 0.36, 0.35 + 0.6 * (h - 0.3), h - 0.12, z, glass)
+    box(c, left + 0.05, left + 0.45, 0.0, 0.35, z, c.colour(DARK))
+    box(c, right - 0.45, right - 0.05, 0.0, 0.35, z, c.colour(DARK))
     if state == "crossing":
         return
     lamp = (1.0, 1.0, 0.95) if state == "oncoming" else (1.0, 0.1, 0.05)
