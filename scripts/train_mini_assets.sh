@@ -39,8 +39,6 @@ echo "training budget ${budget} s per model" | tee -a "$OUT/world.txt"
 if [ "$budget" -lt 60 ]; then echo "too little time left to train; the world stays in $WORLD"; exit 0; fi
 common=(--world "$WORLD" --steps 100000 --time-budget "$budget" --eval-clips 100
   --clips-per-batch "${CLIPS_PER_BATCH:-64}" --questions-per-clip "${QUESTIONS_PER_CLIP:-2}" --quiet)
-[ -n "${FRESH:-}" ] && common+=(--fresh-scenes)
-[ -n "${FRESH_WORKERS:-}" ] && common+=(--fresh-workers "$FRESH_WORKERS")
 [ -n "${IMAGE_SIZE:-}" ] && common+=(--image-size "$IMAGE_SIZE" --patch-size "${PATCH_SIZE:-14}")
 for role in $ROLES; do
   init=()
@@ -51,11 +49,14 @@ for role in $ROLES; do
     rm -rf "$TRAIN_DIR/mini-$role"
     init=(--init "$TRAIN_DIR/init-$role")
   fi
+  fresh=()  # only the target's clips can be rendered on the fly
+  [ "$role" = target ] && [ -n "${FRESH:-}" ] && fresh=(--fresh-scenes)
+  [ "$role" = target ] && [ -n "${FRESH_WORKERS:-}" ] && fresh+=(--fresh-workers "$FRESH_WORKERS")
   deepen=()  # only the target can be deepened
   [ "$role" = target ] && [ -n "${ADD_VISION_LAYERS:-}${ADD_LM_LAYERS:-}" ] && \
     deepen=(--add-vision-layers "${ADD_VISION_LAYERS:-0}" --add-lm-layers "${ADD_LM_LAYERS:-0}")
   python3 -m specalign models train-mini --role "$role" --out "$TRAIN_DIR/mini-$role" "${common[@]}" "${init[@]}" \
-    "${deepen[@]}" \
+    "${fresh[@]}" "${deepen[@]}" \
     > "$OUT/train-$role.log" 2>&1 &
 done
 wait
