@@ -33,7 +33,7 @@ from specalign.fsutil import ensure_dir, png_bytes, read_json, write_json
 from specalign.world.camera import FrameCameraConfig, expose, exposure_window
 from specalign.world.events import EventCameraConfig, EventSimulator
 from specalign.world.qa import QUESTIONS, all_answers, question_counts
-from specalign.world.render import render
+from specalign.world.render import RENDER_VERSION, render
 from specalign.world.scene import Scene, sample_scene
 from specalign.world.tokenizer import save_tokenizer, train_tokenizer
 
@@ -83,6 +83,7 @@ class WorldConfig:
             d.pop(k)
         if d["frame_scale"] == 1:  # worlds built before frame_scale existed resume unchanged
             d.pop("frame_scale")
+        d["render_version"] = RENDER_VERSION
         return d
 
 
@@ -241,7 +242,13 @@ def build_world(cfg: WorldConfig, progress: bool = True) -> dict:
         split_root = ensure_dir(out / split_dir_name(split, cfg.duration))
         settings_path = split_root / ".build" / "settings.json"
         if settings_path.exists():
-            if read_json(settings_path) != _jsonable(cfg.settings()):
+            built = read_json(settings_path)
+            if built.get("render_version", 1) != RENDER_VERSION:
+                raise SpecalignError(
+                    f"{settings_path}: this split was drawn by an older renderer (version "
+                    f"{built.get('render_version', 1)}, now {RENDER_VERSION}); delete it or use another --out"
+                )
+            if built != _jsonable(cfg.settings()):
                 raise SpecalignError(
                     f"{settings_path}: this split was built with other settings; use another --out or delete it"
                 )
@@ -298,6 +305,8 @@ def load_world_config(world: str | Path, duration: str) -> WorldConfig:
         settings = dict(read_json(path)["builds"][duration]["settings"])
     except (OSError, ValueError, KeyError):
         raise SpecalignError(f"{path}: no {duration} build settings (build it with `specalign world build`)") from None
+    if settings.pop("render_version", 1) != RENDER_VERSION:  # fresh scenes would not look like its clips
+        raise SpecalignError(f"{path}: drawn by an older renderer (now version {RENDER_VERSION}); rebuild the world")
     settings["frame"] = FrameCameraConfig(**settings["frame"])
     settings["event"] = EventCameraConfig(**settings["event"])
     return WorldConfig(out=str(world), **settings)

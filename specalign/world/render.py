@@ -29,6 +29,9 @@ from specalign.world.scene import (  # noqa: I001
     wrap,
 )
 
+# Bump when a drawing changes: a world's build settings record it, so resuming a world drawn by an older
+# renderer stops with an error instead of mixing two looks. 2: trucks as cargo boxes, buses with a window band.
+RENDER_VERSION = 2
 CAM_HEIGHT = 1.4  # m
 HORIZON = 0.42  # horizon row as a fraction of image height
 FOCAL = 0.8  # focal length as a fraction of image width

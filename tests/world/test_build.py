@@ -11,7 +11,7 @@ from specalign.cli import main
 from specalign.data.event_npy import load_event_npy
 from specalign.data.layout import INDEX_NAME
 from specalign.errors import SpecalignError
-from specalign.world.build import WorldConfig, build_world
+from specalign.world.build import WorldConfig, build_world, load_world_config
 
 NPY_FIELDS = {"p", "t", "x", "y", "time_start", "time_end", "duration_ms", "image_timestamp", "image_idx",
               "image_indices_in_clip", "num_events"}  # fmt: skip
@@ -119,6 +119,25 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     build_world(tiny(out, train=3, test=0), progress=False)
     with pytest.raises(SpecalignError, match="other settings"):
         build_world(tiny(out, train=3, test=0, seed=5), progress=False)
+
+
+def test_world_of_an_older_renderer_is_refused(tmp_path):
+    # a split drawn before RENDER_VERSION existed (its settings have no render_version) must not be resumed
+    # with today's drawing, nor feed fresh scenes that look different from its clips
+    out = tmp_path / "w"
+    build_world(tiny(out, train=3, test=0), progress=False)
+    settings = out / "my_egpt_dsec_train_500ms" / ".build" / "settings.json"
+    old = json.loads(settings.read_text())
+    old.pop("render_version")
+    settings.write_text(json.dumps(old))
+    with pytest.raises(SpecalignError, match="older renderer"):
+        build_world(tiny(out, train=3, test=0), progress=False)
+    world_json = out / "world.json"
+    manifest = json.loads(world_json.read_text())
+    manifest["builds"]["500ms"]["settings"].pop("render_version")
+    world_json.write_text(json.dumps(manifest))
+    with pytest.raises(SpecalignError, match="older renderer"):
+        load_world_config(out, "500ms")
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
