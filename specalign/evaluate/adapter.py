@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from specalign.align.token_adapter import load_adapter
+from specalign.align.token_adapter import load_adapter, shifted_targets
 from specalign.align.tokens import pad_batch, read_pairs
 from specalign.align.train import AdapterTrainConfig
 from specalign.align.train import evaluate as train_evaluate
@@ -55,8 +55,7 @@ def evaluate_adapter(adapter_path: str | Path, pairs_path: str | Path, batch_siz
     cfg = AdapterTrainConfig(train="", test="", batch_size=batch_size, device="cpu")
     tf = train_evaluate(adapter, draft, target, cfg, return_argmax=True)  # one pass gives metrics and guesses
     pred = tf["argmax"]
-    label = torch.full_like(target, PAD_ID)
-    label[:, :-1] = target[:, 1:]
+    label = shifted_targets(draft, target, PAD_ID)  # the training shift: guess i is for target[i + 1]
     keep = label != PAD_ID
     hits = (pred == label) & keep
 
