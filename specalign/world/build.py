@@ -243,10 +243,10 @@ def build_world(cfg: WorldConfig, progress: bool = True) -> dict:
         settings_path = split_root / ".build" / "settings.json"
         if settings_path.exists():
             built = read_json(settings_path)
-            if built.get("render_version", 1) != RENDER_VERSION:
+            if (version := built.get("render_version", 1)) != RENDER_VERSION:  # before it was recorded: 1
                 raise SpecalignError(
-                    f"{settings_path}: this split was drawn by an older renderer (version "
-                    f"{built.get('render_version', 1)}, now {RENDER_VERSION}); delete it or use another --out"
+                    f"{settings_path}: this split was drawn by an older renderer (version {version}, now "
+                    f"{RENDER_VERSION}); delete it or use another --out"
                 )
             if built != _jsonable(cfg.settings()):
                 raise SpecalignError(

@@ -248,7 +248,7 @@ def _draw_vehicle(c: Canvas, kind: str, colour: str, state: str, x: float, z: fl
         box(c, x - w * 0.36, x + w * 0.36, 0.35 + 0.6 * (h - 0.3), h - 0.12, z, glass)
     box(c, left + 0.05, left + 0.45, 0.0, 0.35, z, c.colour(DARK))
     box(c, right - 0.45, right - 0.05, 0.0, 0.35, z, c.colour(DARK))
-    if state == "crossing":
+    if side:  # lamps face ahead or behind
         return
     lamp = (1.0, 1.0, 0.95) if state == "oncoming" else (1.0, 0.1, 0.05)
     lamp_c = c.colour(lamp, emissive=True) if night else c.colour(np.asarray(lamp) * 0.8)
