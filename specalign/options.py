@@ -87,3 +87,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, argparse.SUPPRESS) or action.required or not action.option_strings:
             return action.help or ""
         return super()._get_help_string(action)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'640x480' -> (640, 480): the one spelling of a WIDTHxHEIGHT option."""
+    try:
+        w, h = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 640x480, got {text!r}") from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive WIDTHxHEIGHT, got {text!r}")
+    return w, h
