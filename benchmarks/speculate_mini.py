@@ -31,8 +31,8 @@ SOURCES = {
     "draft-vlm": {},
     "draft-vlm, prefill hidden": {"hide_prefill": True},
     "draft-vlm, adaptive gamma (p >= 0.3)": {"min_confidence": 0.3},
-    "adapter over the draft's answer": {"use_token_adapter": True},
-    "adapter over resynced proposals": {"use_token_adapter": True, "adapter_resync": True},
+    "adapter over the draft's answer": {"adapter": True},
+    "adapter over resynced proposals": {"adapter": True, "adapter_resync": True},
 }
 
 
@@ -65,11 +65,13 @@ def main() -> None:
     for i, (name, opts) in enumerate(SOURCES.items()):
         if picked is not None and i not in picked:
             continue
+        opts = dict(opts)
         out = Path(args.runs) / f"source{i}"
         shutil.rmtree(out, ignore_errors=True)
         cfg = SpeculateConfig(dataset=str(world / "my_egpt_dsec_seq_1s"), out=str(out), max_samples=args.samples,
-                              gamma=args.gamma, token_adapter_path=args.adapter, dtype=args.dtype,
-                              fp32_head=args.fp32_head, draft_device=args.draft_device, **opts)  # fmt: skip
+                              gamma=args.gamma, dtype=args.dtype, fp32_head=args.fp32_head,
+                              draft_device=args.draft_device, overwrite=True,
+                              token_adapter=args.adapter if opts.pop("adapter", False) else None, **opts)  # fmt: skip
         res = run_speculate(cfg, progress=False)
         t = res["totals"]
         rows.append({"source": name, "run": str(out), "lossless": res["lossless"], "divergences": res["divergences"],

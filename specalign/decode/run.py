@@ -22,51 +22,64 @@ from specalign.decode.speculative import Clock, divergence, speculative_decode, 
 from specalign.errors import SpecalignError
 from specalign.fsutil import atomic_path, ensure_dir, write_bytes, write_json
 from specalign.models.base import Sampling
+from specalign.options import option
 
 STAGES = ("vision", "prefill", "draft", "adapt", "verify")
 
 
 @dataclass
 class SpeculateConfig:
-    dataset: str
-    out: str
-    draft: str = "mini-draft"
-    target: str = "mini-target"
-    questions: int = 1
-    questions_file: str | None = None
-    max_samples: int | None = None
-    gamma: int = 4
-    min_confidence: float = 0.0  # > 0: adaptive gamma (stop drafting below this draft probability)
-    max_new_tokens: int = 50
-    use_token_adapter: bool = False
-    token_adapter_path: str | None = None  # None: the latest task's best_model/ under task/
-    adapter_resync: bool = False  # map per-round proposals (True) or the draft's own whole answer (as trained)
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    draft_device: str | None = None  # default: device (two GPUs: the draft on its own)
-    target_device: str | None = None
-    hide_prefill: bool = False  # the draft drafts while the target prefills
-    dtype: str | None = None
-    hf_baseline: bool = True
-    # the target's logits from an fp32 LM head (Engine(fp32_head=)): bf16 ties broke greedy SD apart on the H200
-    fp32_head: bool = True
+    dataset: str = option(help="a split folder")
+    out: str = option(help="results folder (results.json, BENCHMARK_RESULTS.md, plots)")
+    draft: str = option("mini-draft", help="a bundled model name or a checkpoint directory")
+    target: str = option("mini-target", help="a bundled model name or a checkpoint directory")
+    questions: int = option(1, help="the first N questions of the {question, count} list")
+    questions_file: str | None = option(None, help="a {question, count} JSON list (the reference format)")
+    max_samples: int | None = option(None, help="use the first N samples of the split (default: all)")
+    gamma: int = option(4, help="draft tokens per round")
+    min_confidence: float = option(
+        0.0, help="adaptive gamma: stop drafting when the draft's probability falls below this (0: off)"
+    )
+    max_new_tokens: int = option(50, help="tokens to generate per answer")
+    token_adapter: str | None = option(
+        None,
+        help="map the draft's proposals through this TokenAdapter: a best_model/ folder, a task folder, or a folder "
+        "of task folders (its `latest` task)",
+    )
+    adapter_resync: bool = option(
+        False, help="map the resynced draft's per-round proposals (default: its own whole answer, as trained)"
+    )
+    temperature: float = option(0.0, help="0 = greedy; > 0 samples (with --top-p and --seed)")
+    top_p: float = option(1.0, help="nucleus sampling mass in (0, 1] (sampling only)")
+    seed: int = option(0, help="random seed of the sampling")
+    repeats: int = option(3, help="time the target alone and SD this many times per answer (the median is kept)")
+    device: str = option("cuda" if torch.cuda.is_available() else "cpu", help="cuda | cpu")
+    draft_device: str | None = option(None, help="e.g. cuda:1: the draft on its own GPU (default: --device)")
+    target_device: str | None = option(None, help="e.g. cuda:0 (default: --device)")
+    hide_prefill: bool = option(False, help="the draft drafts while the target prefills")
+    dtype: str | None = option(None, help="bf16 | fp16 | fp32 (default: bf16 on a GPU, fp32 on the CPU)")
+    hf_baseline: bool = option(True, help="also time HF generate (the reference's path)")
+    # bf16 ties broke greedy SD apart on the H200: a tie may break differently in a verify than in a decode step
+    fp32_head: bool = option(
+        True,
+        help="the target's logits from an fp32 LM head: bf16 logits tie now and then, and a tie may break "
+        "differently in a verify than in a decode step on a GPU",
+    )
+    overwrite: bool = option(False, help="start over: clear the output folder if it holds a run with other settings")
 
 
 def run_speculate(cfg: SpeculateConfig, progress: bool = True) -> dict:
     from specalign.align.extract import load_questions
     from specalign.data import open_dataset
-    from specalign.evaluate.adapter import latest_adapter
     from specalign.models import load_model
 
     if cfg.gamma < 1:
         raise SpecalignError(f"--gamma must be at least 1, got {cfg.gamma}")
     adapter = None
-    if cfg.use_token_adapter:
+    if cfg.token_adapter:
         from specalign.align.token_adapter import load_adapter
 
-        path = Path(cfg.token_adapter_path) if cfg.token_adapter_path else latest_adapter()
+        path = Path(cfg.token_adapter)
         if not path.exists():
             raise SpecalignError(f"{path}: no TokenAdapter checkpoint here (--token-adapter-path)")
         adapter = load_adapter(path).to(cfg.draft_device or cfg.device).eval()
@@ -184,7 +197,7 @@ def _write(out: Path, res: dict) -> None:
 def _markdown(res: dict) -> str:
     t, c = res["totals"], res["config"]
     src = "draft VLM (resynced on the accepted prefix)"
-    if c["use_token_adapter"]:
+    if c["token_adapter"]:
         src = "TokenAdapter over " + (
             "the resynced draft's proposals" if c["adapter_resync"] else "the draft's own answer"
         )
