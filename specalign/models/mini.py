@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,8 @@ from specalign.data import open_dataset
 from specalign.errors import SpecalignError
 from specalign.evaluate.quality import QualityReport
 from specalign.fsutil import write_json
+from specalign.options import option
+from specalign.runs import require_positive
 
 # SPECALIGN_ASSETS points at another assets folder (the GPU machine trains into /tmp)
 ASSETS = Path(os.environ.get("SPECALIGN_ASSETS") or Path(__file__).resolve().parents[2] / "assets")
@@ -55,31 +57,94 @@ SIZES = {
 }
 
 
+ROLES = ("target", "draft")
+
+
 @dataclass
 class TrainConfig:
-    role: str
-    world: str
-    out: str
-    duration: str = "1s"
-    steps: int = 2000
-    clips_per_batch: int = 32
-    questions_per_clip: int = 4
-    lr: float = 1e-3
-    warmup: int = 100
-    weight_decay: float = 0.01
-    seed: int = 0
-    eval_clips: int = 200
-    checkpoint_every: int = 250
-    max_train_clips: int | None = None
-    time_budget: float | None = None  # seconds of training at most: stops early (and saves) when reached
-    init: str | None = None  # continue from this checkpoint (a bundled name or a directory) instead of from scratch
-    add_vision_layers: int = 0  # with init (target only): deepen the model first (deepen_target), then train
-    add_lm_layers: int = 0
-    fresh_scenes: bool = False  # target only: keep replacing training clips with never-seen drives (FreshScenes)
-    fresh_buffer: int = 8192  # clips held for training at once when fresh scenes flow in
-    fresh_workers: int | None = None  # processes rendering them (default: all cores but two)
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    sizes: MiniSizes = field(default_factory=MiniSizes)
+    """`specalign models train-mini`: one mini model trained on a minidsec world (the CLI options are these fields)."""
+
+    role: str = option(help="which mini model: the target (Video-LLaVA) or the draft (EventGPT)", choices=ROLES)
+    world: str = option(help="a minidsec world folder (from `world build`)")
+    out: str | None = option(None, help="checkpoint folder (default: the bundled assets/mini-ROLE); resumes if "
+                             "it holds an unfinished run with the same settings")  # fmt: skip
+    overwrite: bool = option(False, help="start over: clear the output folder if it holds a run with other settings")
+    duration: str = option("1s", help="clip duration of the world's splits: 500ms | 1s | 2s | 4s")
+    steps: int = option(2000, help="optimizer steps")
+    clips_per_batch: int = option(32, help="clips per step (each with --questions-per-clip questions)")
+    questions_per_clip: int = option(4, help="questions per clip and step")
+    lr: float = option(1e-3, help="peak learning rate (linear warm-up, then cosine decay to lr/20)")
+    warmup: int = option(100, help="warm-up steps")
+    weight_decay: float = option(0.01, help="AdamW weight decay")
+    seed: int = option(0, help="seed of the initial weights and of the batch order")
+    eval_clips: int = option(200, help="held-out clips scored after training (x50 questions)")
+    checkpoint_every: int = option(250, help="steps between resumable checkpoints")
+    max_train_clips: int | None = option(None, help="train on at most this many of the world's clips (default all)")
+    time_budget: float | None = option(None, help="seconds of training at most: the schedule is fitted to it, "
+                                       "and training stops (and saves) when it is spent")  # fmt: skip
+    init: str | None = option(None, help="continue from this checkpoint (a bundled name such as mini-target, or a "
+                              "folder) instead of from scratch")  # fmt: skip
+    add_vision_layers: int = option(0, help="with --init, target only: insert this many vision layers that start "
+                                    "as the identity")  # fmt: skip
+    add_lm_layers: int = option(0, help="with --init, target only: append this many LM layers that start as the "
+                                "identity")  # fmt: skip
+    image_size: int | None = option(None, help="from scratch: the vision tower's input side (default 112; e.g. 224 "
+                                    "with --patch-size 28 on a world built with --frame-scale 2: finer pixels, as "
+                                    "many visual tokens)")  # fmt: skip
+    patch_size: int | None = option(None, help="from scratch: the vision tower's patch side (default 14)")
+    fresh_scenes: bool = option(False, help="target only: keep replacing training clips with never-seen drives "
+                                "rendered on the fly")  # fmt: skip
+    fresh_buffer: int = option(8192, help="clips held for training at once with --fresh-scenes")
+    fresh_workers: int | None = option(None, help="processes rendering fresh scenes (default: all cores but two)")
+    device: str | None = option(None, help="cuda | cpu (default: cuda when available)")
+    sizes: MiniSizes | None = option(None, cli=False)  # the architecture from scratch (default SIZES[role])
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise SpecalignError(f"--role: unknown role {self.role!r}: choose target or draft")
+        if self.out is None:
+            self.out = str(BUNDLED[f"mini-{self.role}"])
+        for name in ("steps", "clips_per_batch", "questions_per_clip", "eval_clips", "checkpoint_every",
+                     "max_train_clips", "fresh_buffer", "fresh_workers"):  # fmt: skip
+            require_positive(name, getattr(self, name))
+        for name in ("warmup", "seed", "add_vision_layers", "add_lm_layers"):
+            require_positive(name, getattr(self, name), 0)
+        require_positive("weight_decay", self.weight_decay, 0)
+        for name in ("lr", "time_budget"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and value > 0):
+                raise SpecalignError(f"--{name.replace('_', '-')}: must be positive, got {value!r}")
+        from specalign.world.qa import QUESTIONS
+
+        if self.questions_per_clip > len(QUESTIONS):
+            raise SpecalignError(f"--questions-per-clip: a clip has {len(QUESTIONS)} questions, "
+                                 f"got {self.questions_per_clip}")  # fmt: skip
+        if self.add_vision_layers or self.add_lm_layers:
+            if not self.init:
+                raise SpecalignError("--add-vision-layers/--add-lm-layers deepen a model continued with --init")
+            if self.role != "target":
+                raise SpecalignError("--add-vision-layers/--add-lm-layers: only the target can be deepened")
+        if self.fresh_scenes and self.role != "target":
+            raise SpecalignError("--fresh-scenes: only the target's clips can be rendered on the fly (the draft "
+                                 "needs the event camera: build a bigger world for it)")  # fmt: skip
+        if self.image_size is not None or self.patch_size is not None:
+            if self.init:
+                raise SpecalignError("--image-size/--patch-size: a model continued with --init keeps its own sizes")
+            require_positive("image_size", self.image_size)
+            require_positive("patch_size", self.patch_size)
+        if self.sizes is None:
+            self.sizes = SIZES[self.role]
+        self.sizes = replace(self.sizes, image_size=self.image_size or self.sizes.image_size,
+                             patch_size=self.patch_size or self.sizes.patch_size)  # fmt: skip
+        if self.sizes.image_size % self.sizes.patch_size:
+            raise SpecalignError(f"--image-size {self.sizes.image_size} is not a multiple of --patch-size "
+                                 f"{self.sizes.patch_size}")  # fmt: skip
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise SpecalignError(f"--device: unknown device {self.device!r}: choose cuda or cpu") from None
 
 
 def voice(role: str) -> str:
@@ -174,8 +239,6 @@ def _init_from(cfg: TrainConfig, tokenizer_file: Path):
     if vlm.kind != expected:
         raise SpecalignError(f"--init {cfg.init}: a {vlm.kind} checkpoint cannot continue as the {cfg.role}")
     if cfg.add_vision_layers or cfg.add_lm_layers:
-        if cfg.role != "target":
-            raise SpecalignError("--add-vision-layers/--add-lm-layers: only the target can be deepened")
         deepen_target(vlm, cfg.add_vision_layers, cfg.add_lm_layers)
     # the checkpoint keeps the view it learnt on (the bundled models: centre crops): a trained model switched to
     # squashed whole frames must relearn every object's look, for the 0.3 % of colour facts the crop hides
@@ -353,9 +416,6 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
     from specalign.data.layout import split_dir_name
     from specalign.world.build import load_world_config
 
-    if cfg.fresh_scenes and cfg.role != "target":
-        raise SpecalignError("--fresh-scenes: only the target's clips can be rendered on the fly (the draft "
-                             "needs the event camera: build a bigger world for it)")  # fmt: skip
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     world = Path(cfg.world)
