@@ -128,7 +128,7 @@ def main() -> None:
         write_pairs(synthetic_pairs(args.pairs, args.length, args.vocab, perm, 2), Path(tmp) / "train")
         write_pairs(synthetic_pairs(args.test_pairs, args.length, args.vocab, perm, 3), Path(tmp) / "test")
         cfg = AdapterTrainConfig(train=str(Path(tmp) / "train"), test=str(Path(tmp) / "test"), task_name="bench",
-                                 out_root=str(Path(tmp) / "task"), epochs=args.epochs, batch_size=best,
+                                 out=str(Path(tmp) / "task"), epochs=args.epochs, batch_size=best,
                                  lr=lr_for(best), early_stopping=999, vocab_size=args.vocab,
                                  compile=compiled)  # fmt: skip
         torch.cuda.reset_peak_memory_stats()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,26 +30,34 @@ from specalign.decode.batch import generate_shared
 from specalign.errors import SpecalignError, fail
 from specalign.fsutil import atomic_path, ensure_dir, read_json, write_bytes, write_json
 from specalign.models.base import Prompt
+from specalign.options import option
 
 ROLES = ("draft", "target")
+OVERWRITE_HELP = "start over: clear the output folder if it holds a run with other settings"
 
 
 @dataclass
 class ExtractConfig:
-    dataset: str
-    out: str
-    draft: str = "mini-draft"
-    target: str = "mini-target"
-    questions: int = 1  # the first N questions of the dataset's {question, count} list
-    questions_file: str | None = None
-    max_samples: int | None = None
-    max_new_tokens: int = 50
-    batch_size: int = 32
-    mode: str = "sequential"
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str | None = None
-    hidden_states: bool = False  # also store each token's last-layer hidden state (safetensors under hidden/)
-    engine: str = "static"  # static: our static-cache engine, shared prefix per sample | hf: transformers generate
+    dataset: str = option(help="a split folder")
+    out: str = option(help="output folder (a re-run with the same settings resumes it)")
+    draft: str = option("mini-draft", help="a bundled model name or a checkpoint directory")
+    target: str = option("mini-target", help="a bundled model name or a checkpoint directory")
+    questions: int = option(1, help="the first N questions of the {question, count} list")
+    questions_file: str | None = option(None, help="a {question, count} JSON list (the reference format); "
+                                        "default: the split's own questions")  # fmt: skip
+    max_samples: int | None = option(None, help="only the first N samples of the split (default: all)")
+    max_new_tokens: int = option(50, help="tokens generated per answer")
+    batch_size: int = option(32, help="prompts per batch")
+    mode: str = option("sequential", choices=("sequential", "parallel"),
+                       help="sequential: one model in memory at a time; parallel: both loaded")  # fmt: skip
+    device: str | None = option(None, help="cuda | cpu (default: cuda when available)")
+    dtype: str | None = option(None, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
+    hidden_states: bool = option(False, help="also store each token's last-layer hidden state of both models "
+                                 "(hidden/*.safetensors)")  # fmt: skip
+    engine: str = option("static", choices=("static", "hf"),
+                         help="static: our static-cache engine, the visual prefix prefilled once per sample; "
+                         "hf: transformers generate (used anyway with --hidden-states)")  # fmt: skip
+    overwrite: bool = option(False, help=OVERWRITE_HELP)
 
 
 HIDDEN_DIR = "hidden"
@@ -207,6 +215,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
     """Run (or resume) an extraction; returns the manifest."""
     from specalign.models import load_model
 
+    cfg = replace(cfg, device=cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if cfg.engine not in ("static", "hf"):
         raise SpecalignError(f"--engine: unknown engine {cfg.engine!r}: choose static or hf")
     if cfg.mode not in ("sequential", "parallel"):

@@ -3,7 +3,7 @@
 AdamW (lr 1e-4, weight decay 0.01), linear warm-up then cosine decay, batch 32, 50 epochs, early stopping on test
 top-1 (patience 10), loss = `adapter_loss` (draft[:, :-1] predicts target[:, 1:], pad 0 ignored, smoothing 0.1).
 
-Writes `<out_root>/<task_name>_YYYYMMDD_HHMMSS/`: best_model/ (save_adapter), results.json, RESULTS.md,
+Writes `<out>/<task_name>_YYYYMMDD_HHMMSS/`: best_model/ (save_adapter), results.json, RESULTS.md,
 training_curves.png, loss_curve.png, accuracy_curve.png, and last_state.pt (for `resume=<task dir>`).
 """
 
@@ -13,7 +13,7 @@ import dataclasses
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -30,8 +30,11 @@ from specalign.align.token_adapter import (
 from specalign.align.tokens import TokenPairs, pad_batch, read_pairs
 from specalign.errors import SpecalignError, fail
 from specalign.fsutil import atomic_path, ensure_dir, write_bytes, write_json
+from specalign.options import option
+from specalign.runs import require_positive
 
 STATE_NAME = "last_state.pt"
+LATEST_NAME = "latest"  # a link beside the task folders to the newest finished one
 PAD_ID = 0
 
 
@@ -41,30 +44,57 @@ def _default_device() -> str:
 
 @dataclass
 class AdapterTrainConfig:
-    train: str
-    test: str
-    task_name: str = "adapter"
-    out_root: str = "task"
-    epochs: int = 50
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    early_stopping: int = 10  # patience in epochs on test top-1; 999 disables
-    vocab_size: int | None = None  # None: max token id + 1 over both files (pass 32010 for the reference size)
-    embed_dim: int = 512
-    num_layers: int = 4
-    num_heads: int = 8
-    ffn_dim: int = 2048
-    dropout: float = 0.1
-    token_bias: bool = False
-    max_len: int | None = None  # None: longest pair, capped at the adapter's max_positions (128, or 64 w/ token_bias)
-    seed: int = 0
-    device: str = field(default_factory=_default_device)
-    bf16: bool = True  # autocast on CUDA only
-    resume: str | None = None  # a task dir holding last_state.pt
-    checkpoint_every_s: float = 30.0  # last_state.pt at most this often (and at the end): 546 MB at the 45M size
-    compile: bool = False  # torch.compile the training step (forward + loss): faster on a GPU after ~1 min
+    train: str = option(help="training token pairs: an extraction/store folder or a reference JSON")
+    test: str = option(help="test token pairs (early stopping and the reported metrics)")
+    task_name: str = option("adapter", help="task folders are named <task-name>_<timestamp>")
+    out: str = option("task", help="task folders go here, with a `latest` link to the newest")
+    epochs: int = option(50, help="passes over the training pairs")
+    batch_size: int = option(32, help="pairs per step")
+    lr: float = option(1e-4, help="AdamW learning rate")
+    weight_decay: float = option(0.01, help="AdamW weight decay")
+    warmup_steps: int = option(100, help="linear warm-up steps before the cosine decay")
+    early_stopping: int = option(10, help="patience in epochs on test top-1; 999 disables")
+    vocab_size: int | None = option(None, help="adapter vocabulary (default: the extraction's vocab sizes; for "
+                                    "reference JSON, largest token id + 1; the reference used 32010)")  # fmt: skip
+    embed_dim: int = option(512, help="adapter width")
+    num_layers: int = option(4, help="transformer layers")
+    num_heads: int = option(8, help="attention heads (must divide --embed-dim)")
+    ffn_dim: int = option(2048, help="feed-forward width")
+    dropout: float = option(0.1, help="dropout in the transformer layers")
+    token_bias: bool = option(False, help="the reference's token_bias variant (64 positions)")
+    max_len: int | None = option(None, help="tokens per pair (default: the longest pair, capped at the adapter's "
+                                 "128 positions, 64 with --token-bias)")  # fmt: skip
+    seed: int = option(0, help="initial weights and pair order")
+    device: str | None = option(None, help="cuda | cpu (default: cuda when available)")
+    bf16: bool = option(True, help="bf16 autocast (CUDA only)")
+    resume: str | None = option(None, help="a task folder to continue (same data and settings)")
+    checkpoint_every_s: float = option(
+        30.0, flag="--checkpoint-every", help="seconds between last_state.pt saves (resume points; 0 = every epoch)"
+    )
+    compile: bool = option(False, help="torch.compile the training step (GPU; ~1 min to compile)")
+    overwrite: bool = option(False, help="with --resume: start that task folder over if its settings differ")
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "early_stopping", "embed_dim", "num_layers", "num_heads", "ffn_dim"):
+            require_positive(name, getattr(self, name))
+        require_positive("warmup_steps", self.warmup_steps, 0)
+        require_positive("vocab_size", self.vocab_size, 2)
+        require_positive("max_len", self.max_len, 2)
+        for name in ("lr", "weight_decay", "dropout", "checkpoint_every_s"):
+            require_finite(name, getattr(self, name), positive=name == "lr")
+        if self.dropout >= 1:
+            raise SpecalignError(f"--dropout: must be below 1, got {self.dropout}")
+        if self.embed_dim % self.num_heads:
+            raise SpecalignError(f"--embed-dim {self.embed_dim} is not divisible by --num-heads {self.num_heads}")
+
+
+def require_finite(name: str, value, positive: bool = False) -> None:
+    """A float option: a finite number, >= 0 (> 0 with positive): `--lr: must be above 0, got -1.0`."""
+    flag = "--" + ("checkpoint-every" if name == "checkpoint_every_s" else name.replace("_", "-"))
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise SpecalignError(f"{flag}: expected a finite number, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise SpecalignError(f"{flag}: must be {'above' if positive else 'at least'} 0, got {value}")
 
 
 # ---------------------------------------------------------------- data
@@ -231,7 +261,7 @@ def _task_dir(cfg: AdapterTrainConfig) -> Path:
             raise fail(path, f"cannot resume: no {STATE_NAME} in this directory")
         return path
     stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
-    root = ensure_dir(cfg.out_root)
+    root = ensure_dir(cfg.out)
     path, n = root / f"{cfg.task_name}_{stamp}", 1
     while path.exists():  # two runs in the same second
         path, n = root / f"{cfg.task_name}_{stamp}_{n}", n + 1
@@ -310,6 +340,7 @@ def train_adapter(cfg: AdapterTrainConfig) -> dict:
     dict. NaN/inf loss -> stops, keeps the best checkpoint and results, raises SpecalignError."""
     from tqdm.auto import tqdm
 
+    cfg = dataclasses.replace(cfg, device=cfg.device or _default_device())
     t0 = time.time()
     rank, world = _init_distributed(cfg)
     train, test = _load(cfg.train, "train"), _load(cfg.test, "test")

@@ -13,30 +13,33 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from specalign.align.extract import OVERWRITE_HELP
 from specalign.errors import SpecalignError
 from specalign.fsutil import ensure_dir, write_json
+from specalign.options import option
 
 WORKFLOWS = {"1q": 1, "10q": 10, "50q": 50}
 
 
 @dataclass
 class WorkflowConfig:
-    name: str  # 1q | 10q | 50q
-    train: str  # split folders
-    test: str
-    out: str = "runs"
-    draft: str = "mini-draft"
-    target: str = "mini-target"
-    max_samples: int | None = None
-    max_test_samples: int | None = None
-    max_new_tokens: int = 50
-    batch_size: int = 32
-    epochs: int = 50
-    embed_dim: int = 512
-    num_layers: int = 4
-    num_heads: int = 8
-    lr: float = 1e-4
-    device: str | None = None
+    name: str = option(choices=tuple(WORKFLOWS), help="1q | 10q | 50q: questions per sample")
+    train: str = option(help="train split folder")
+    test: str = option(help="test split folder")
+    out: str = option("runs", help="<out>/<name>/ holds every stage and workflow.log")
+    draft: str = option("mini-draft", help="a bundled model name or a checkpoint directory")
+    target: str = option("mini-target", help="a bundled model name or a checkpoint directory")
+    max_samples: int | None = option(None, help="only the first N train samples (default: all)")
+    max_test_samples: int | None = option(None, help="only the first N test samples (default: all)")
+    max_new_tokens: int = option(50, help="tokens generated per answer")
+    batch_size: int = option(32, help="prompts per extraction batch")
+    epochs: int = option(50, help="adapter training epochs")
+    embed_dim: int = option(512, help="adapter width")
+    num_layers: int = option(4, help="adapter transformer layers")
+    num_heads: int = option(8, help="adapter attention heads")
+    lr: float = option(1e-4, help="adapter learning rate")
+    device: str | None = option(None, help="cuda | cpu (default: cuda when available)")
+    overwrite: bool = option(False, help=OVERWRITE_HELP)
 
 
 def _logger(path: Path) -> logging.Logger:
@@ -79,7 +82,7 @@ def run_workflow(cfg: WorkflowConfig, progress: bool = True) -> dict:
         log.info(f"[{cfg.name}] train" + (f": resuming {started[-1]}" if started else ""))
         result = train_adapter(AdapterTrainConfig(
             train=str(run / "extract_train"), test=str(run / "extract_test"), task_name=cfg.name,
-            out_root=str(task_root), epochs=cfg.epochs, embed_dim=cfg.embed_dim, num_layers=cfg.num_layers,
+            out=str(task_root), epochs=cfg.epochs, embed_dim=cfg.embed_dim, num_layers=cfg.num_layers,
             num_heads=cfg.num_heads, lr=cfg.lr, resume=str(started[-1]) if started else None, **device))  # fmt: skip
     task = Path(result["task_dir"])
     ev = evaluate_adapter(task / "best_model", run / "extract_test")

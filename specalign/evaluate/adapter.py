@@ -12,6 +12,7 @@ Two kinds of numbers, kept apart on purpose:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,16 +23,62 @@ from specalign.align.train import AdapterTrainConfig
 from specalign.align.train import evaluate as train_evaluate
 from specalign.errors import SpecalignError, fail
 from specalign.fsutil import write_bytes
+from specalign.options import option
+from specalign.runs import require_positive
 
 PAD_ID = 0
+ADAPTER_HELP = ("a TokenAdapter: a best_model/ folder, a task folder, or a folder of task folders (its `latest`); "
+                "or a reference .pt checkpoint")  # fmt: skip
+
+
+@dataclass
+class EvaluateConfig:
+    pairs: str = option(help="token pairs: an extraction/store folder or a reference JSON")
+    token_adapter: str = option("task", help=ADAPTER_HELP)
+    out: str | None = option(None, help="write the full metrics JSON here")
+
+    def __post_init__(self):
+        if not str(self.token_adapter).strip():
+            raise SpecalignError("--token-adapter: empty path")
+
+
+@dataclass
+class DebugTokensConfig:
+    pairs: str = option(help="token pairs: an extraction/store folder or a reference JSON")
+    token_adapter: str = option("task", help=ADAPTER_HELP)
+    tokenizer: str | None = option(None, help="tokenizer.json, or a model folder holding one (e.g. "
+                                   "assets/mini-target/), to show tokens as text")  # fmt: skip
+    samples: int = option(5, help="pairs shown")
+    out: str = option("TOKEN_ALIGNMENT_ANALYSIS.md", help="Markdown file to write")
+
+    def __post_init__(self):
+        require_positive("samples", self.samples)
+
+
+def resolve_adapter(path: str | Path) -> Path:
+    """The TokenAdapter a path means: a checkpoint file or best_model/ folder as is, a task folder's best_model/,
+    or, for a folder of task folders, its `latest` task's (else the newest task with a best_model/)."""
+    from specalign.align.token_adapter import CONFIG_NAME, WEIGHTS_NAME
+    from specalign.align.train import LATEST_NAME
+
+    p = Path(path)
+    if p.is_file() or (p / WEIGHTS_NAME).is_file() or (p / CONFIG_NAME).is_file():
+        return p
+    if not p.is_dir():
+        raise fail(p, "no such TokenAdapter (give a best_model/ folder, a task folder or a folder of task folders)")
+    if (p / "best_model").is_dir():
+        return p / "best_model"
+    if (p / LATEST_NAME / "best_model").is_dir():
+        return (p / LATEST_NAME).resolve() / "best_model"
+    tasks = sorted(p.glob("*/best_model"), key=lambda t: t.stat().st_mtime)
+    if not tasks:
+        raise fail(p, "no task folder with a best_model/ here (train one, or pass --token-adapter)")
+    return tasks[-1]
 
 
 def latest_adapter(root: str | Path = "task") -> Path:
-    """best_model/ of the newest task folder under root."""
-    tasks = sorted(Path(root).glob("*/best_model"), key=lambda p: p.stat().st_mtime)
-    if not tasks:
-        raise SpecalignError(f"{root}: no task folder with a best_model/ (train one or pass --adapter)")
-    return tasks[-1]
+    """best_model/ of the latest task folder under root."""
+    return resolve_adapter(root)
 
 
 @torch.inference_mode()
@@ -88,6 +135,33 @@ def evaluate_adapter(adapter_path: str | Path, pairs_path: str | Path, batch_siz
             "total_match_rate": round(total / max(n_tok, 1), 4),
         },
     }
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict:
+    """`specalign evaluate`: the metrics of `evaluate_adapter`, also written to cfg.out when given."""
+    from specalign.fsutil import write_json
+
+    r = evaluate_adapter(resolve_adapter(cfg.token_adapter), cfg.pairs)
+    if cfg.out:
+        write_json(cfg.out, r)
+    return r
+
+
+def evaluate_lines(r: dict) -> list[str]:
+    """The console summary of `evaluate_adapter`'s result."""
+    tf, ar = r["teacher_forced"], r["independent_generations_AR_comparison"]
+    flag = "" if tf["improvement"] > 0 else "  (below baseline: the draft as is does as well)"
+    return [f"adapter {r['adapter']} on {r['count']} pairs",
+            f"  teacher-forced: top-1 {tf['top1']:.4f}  baseline {tf['baseline']:.4f}  "
+            f"improvement {tf['improvement']:+.4f}{flag}",
+            f"  AR comparison of independent generations (not acceptance): mean consecutive matches "
+            f"{ar['mean_consecutive_matches']}, first token {ar['first_token_accuracy']:.4f}, "
+            f"total {ar['total_match_rate']:.4f}"]  # fmt: skip
+
+
+def run_debug_tokens(cfg: DebugTokensConfig) -> Path:
+    """`specalign debug-tokens`: writes cfg.out and returns its path."""
+    return debug_tokens(resolve_adapter(cfg.token_adapter), cfg.pairs, cfg.out, cfg.tokenizer, cfg.samples)
 
 
 def debug_tokens(

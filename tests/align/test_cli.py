@@ -29,7 +29,7 @@ def test_tokens_train_star(tmp_path, capsys):
     original = json.loads((tmp_path / "train.json").read_text())["results"]
     assert [r["egpt_tokens"] for r in again] == [r["egpt_tokens"] for r in original]
     args = ["train", "--train", str(tmp_path / "store"), "--test", str(tmp_path / "test.json"), "--task-name", "t",
-            "--out-root", str(tmp_path / "task"), "--epochs", "6", "--embed-dim", "32", "--num-layers", "1",
+            "--out", str(tmp_path / "task"), "--epochs", "6", "--embed-dim", "32", "--num-layers", "1",
             "--num-heads", "2", "--lr", "3e-3", "--batch-size", "16", "--device", "cpu",
             "--vocab-size", "30"]  # fmt: skip
     assert main(args) == 0
@@ -48,22 +48,22 @@ def test_evaluate_and_debug_tokens(tmp_path, capsys):
     common = ["--epochs", "6", "--embed-dim", "32", "--num-layers", "1", "--num-heads", "2", "--lr", "3e-3",
               "--batch-size", "16", "--device", "cpu", "--vocab-size", "30"]  # fmt: skip
     assert main(["train", "--train", str(tmp_path / "train.json"), "--test", str(tmp_path / "test.json"),
-                 "--out-root", str(tmp_path / "task"), *common]) == 0  # fmt: skip
+                 "--out", str(tmp_path / "task"), *common]) == 0  # fmt: skip
     trained = json.loads(next((tmp_path / "task").glob("adapter_*/results.json")).read_text())
     out = tmp_path / "eval.json"
     # no --adapter: the latest task's best model
-    assert main(["evaluate", "--pairs", str(tmp_path / "test.json"), "--task-root", str(tmp_path / "task"),
+    assert main(["evaluate", "--pairs", str(tmp_path / "test.json"), "--token-adapter", str(tmp_path / "task"),
                  "--out", str(out)]) == 0  # fmt: skip
     r = json.loads(out.read_text())
     assert r["teacher_forced"]["top1"] == pytest.approx(trained["best"]["top1"], abs=1e-3), "same alignment"
     assert r["teacher_forced"]["improvement"] > 0.5
     assert "not an acceptance rate" in r["independent_generations_AR_comparison"]["note"]
     md = tmp_path / "TOKEN_ALIGNMENT_ANALYSIS.md"
-    assert main(["debug-tokens", "--pairs", str(tmp_path / "test.json"), "--task-root", str(tmp_path / "task"),
+    assert main(["debug-tokens", "--pairs", str(tmp_path / "test.json"), "--token-adapter", str(tmp_path / "task"),
                  "--samples", "2", "--out", str(md)]) == 0  # fmt: skip
     text = md.read_text()
     assert text.count("## Pair") == 2 and "| i | draft[i] | adapter → | target[i+1] | match |" in text
-    assert main(["evaluate", "--pairs", str(tmp_path / "test.json"), "--task-root", str(tmp_path / "none")]) == 2
+    assert main(["evaluate", "--pairs", str(tmp_path / "test.json"), "--token-adapter", str(tmp_path / "none")]) == 2
 
     # one adapter pass gives both metric families: the AR guesses equal a separate pass over the pairs
     from specalign.align.token_adapter import load_adapter
@@ -80,6 +80,6 @@ def test_evaluate_and_debug_tokens(tmp_path, capsys):
     bad["results"][3]["egpt_tokens"][2] = 31  # outside the adapter's 30-token vocabulary
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     capsys.readouterr()
-    assert main(["evaluate", "--pairs", str(tmp_path / "bad.json"), "--adapter", str(best)]) == 2
+    assert main(["evaluate", "--pairs", str(tmp_path / "bad.json"), "--token-adapter", str(best)]) == 2
     err = capsys.readouterr().err
     assert "bad.json" in err and "token id 31 is outside the adapter vocabulary" in err

@@ -40,7 +40,7 @@ def files(tmp_path_factory):
 
 
 def config(files, tmp_path, **kw) -> AdapterTrainConfig:
-    base = dict(train=str(files / "train.json"), test=str(files / "test.json"), out_root=str(tmp_path / "task"),
+    base = dict(train=str(files / "train.json"), test=str(files / "test.json"), out=str(tmp_path / "task"),
                 epochs=8, batch_size=32, lr=1e-2, warmup_steps=5, early_stopping=999, vocab_size=VOCAB,
                 embed_dim=32, num_layers=1, num_heads=2, ffn_dim=64, dropout=0.0, device="cpu",
                 checkpoint_every_s=0.0)  # fmt: skip

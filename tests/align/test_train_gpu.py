@@ -23,7 +23,7 @@ def test_compiled_training_matches_eager_on_gpu(tmp_path):
         cfg = AdapterTrainConfig(train=str(tmp_path / "train"), test=str(tmp_path / "test"), epochs=6,
                                  batch_size=64, lr=2e-3, warmup_steps=5, early_stopping=999, embed_dim=64,
                                  num_layers=1, num_heads=2, ffn_dim=128, dropout=0.0, device="cuda",
-                                 compile=compiled, out_root=str(tmp_path / f"task{compiled}"))  # fmt: skip
+                                 compile=compiled, out=str(tmp_path / f"task{compiled}"))  # fmt: skip
         runs[compiled] = train_adapter(cfg)["history"]
     assert runs[True][-1]["top1"] > 0.9
     for a, b in zip(runs[False], runs[True], strict=True):  # bf16 rounding differs between the two kernels
