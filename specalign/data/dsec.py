@@ -26,6 +26,7 @@ from specalign.data import layout
 from specalign.data.event_npy import EVENT_FIELDS, check_events
 from specalign.errors import fail
 from specalign.fsutil import atomic_path, ensure_dir, read_json, write_bytes, write_json, write_png
+from specalign.options import option, parse_size
 
 DSEC_SENSOR_SIZE = (640, 480)  # (width, height) of DSEC's Prophesee Gen3.1 event cameras
 DEFAULT_QUESTION = "What are the key elements in this scene?"
@@ -356,29 +357,41 @@ def _read_marker(path: Path, duration: str) -> dict | None:
     return marker
 
 
-def build_dsec(
-    raw_dir: str | Path,
-    out_dir: str | Path,
-    duration: str = "1s",
-    mp4: bool = True,
-    workers: int = 1,
-    sensor_size: tuple[int, int] | None = None,
-    questions: list[str] | None = None,
-    progress: bool = True,
-) -> dict:
+@dataclass
+class DsecBuildConfig:
+    raw: str = option(help="a DSEC sequence folder, or a folder of them (e.g. DSEC/train)")
+    out: str = option(help="derived split folder to write, e.g. my_egpt_dsec_train_1s (its name is the split's)")
+    duration: str = option("1s", help=f"clip duration: {' | '.join(layout.DURATIONS_US)}")
+    workers: int = option(1, help="processes building sequences in parallel (the data do not depend on it)")
+    sensor_size: tuple[int, int] | None = option(
+        None, type=parse_size, metavar="WxH", help="event sensor size (default: from the h5, else 640x480)"
+    )
+    mp4: bool = option(True, help="write an mp4 copy of each clip's frames")
+    overwrite: bool = option(False, help="start over: clear the output folder if it holds a build with other settings")
+    question: str = option(DEFAULT_QUESTION, cli=False)  # the human turn of every clip's conversation
+
+
+def build_dsec(cfg: DsecBuildConfig, progress: bool = True) -> dict:
     """Derive the reference's clip layout (see layout.py) from raw DSEC sequences; resumable.
 
-    raw_dir: one sequence folder or a folder of them. out_dir: the derived split folder; its name is the split
-    name. Each finished sequence leaves `out_dir/.build/<seq>.json`; a re-run skips those sequences. Returns a
+    cfg.raw: one sequence folder or a folder of them. cfg.out: the derived split folder; its name is the split
+    name. Each finished sequence leaves `out/.build/<seq>.json`; a re-run skips those sequences. Returns a
     summary dict (counts, built/resumed sequences, skipped empty clips, index path).
     """
     from tqdm import tqdm
 
+    raw_dir, duration, mp4, workers, sensor_size, question = (
+        cfg.raw,
+        cfg.duration,
+        cfg.mp4,
+        cfg.workers,
+        cfg.sensor_size,
+        cfg.question,
+    )
     layout.parse_duration(duration)  # fail fast on a bad duration
     seq_dirs = find_sequences(raw_dir)
-    out_dir = ensure_dir(out_dir)
+    out_dir = ensure_dir(cfg.out)
     split_name = out_dir.resolve().name
-    question = questions[0] if questions else DEFAULT_QUESTION
 
     markers = {p.name: _read_marker(out_dir / BUILD_DIR / f"{p.name}.json", duration) for p in seq_dirs}
     todo = [

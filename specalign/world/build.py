@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from specalign.data.layout import (
+    DURATIONS_US,
     INDEX_NAME,
     VIDEO_FPS,
     EncodedFrame,
@@ -30,6 +31,7 @@ from specalign.data.layout import (
 )
 from specalign.errors import SpecalignError
 from specalign.fsutil import ensure_dir, png_bytes, read_json, write_json
+from specalign.options import option
 from specalign.world.camera import FrameCameraConfig, expose, exposure_window
 from specalign.world.events import EventCameraConfig, EventSimulator
 from specalign.world.qa import QUESTIONS, all_answers, question_counts
@@ -45,21 +47,24 @@ SPLIT_IDS = {"train": 0, "test": 1}
 
 @dataclass
 class WorldConfig:
-    out: str
-    duration: str = "1s"
-    train: int = 5208
-    test: int = 1100
-    seed: int = 0
-    width: int = 128  # the event sensor; the RGB frames too unless frame_scale > 1
-    height: int = 96
+    out: str = option(help="output folder (resumes if it holds a partial build of the same settings)")
+    duration: str = option("1s", help=f"clip duration: {' | '.join(DURATIONS_US)}")
+    train: int = option(5208, help="train clips (5208 is the reference's 1 s size)")
+    test: int = option(1100, help="test clips")
+    seed: int = option(0, help="seed of the whole world (each drive draws from its own stream of it)")
+    workers: int = option(2, help="processes building drives in parallel (the data do not depend on it)")
+    width: int = option(128, cli=False)  # the event sensor; the RGB frames too unless frame_scale > 1
+    height: int = option(96, cli=False)
     # RGB frames at frame_scale x the event sensor's size (DSEC's RGB camera has 1440x1080 pixels to its event
     # camera's 640x480); the events stay what a frame_scale 1 world of the same seed gives
-    frame_scale: int = 1
-    clips_per_sequence: int = 8
-    mp4: bool = True
-    raw_dsec: bool = False
-    workers: int = 1
-    tokenizer: str | None = None  # use this tokenizer.json (e.g. a bundled model's) instead of training one
+    frame_scale: int = option(1, help="RGB frames at this multiple of the event sensor's size (DSEC's RGB camera "
+                                      "has more pixels than its event camera); the events do not change")  # fmt: skip
+    clips_per_sequence: int = option(8, help="50%% overlap clips cut from one drive")
+    raw_dsec: bool = option(False, help="also write raw DSEC-layout sequences (events.h5, ...)")
+    mp4: bool = option(True, help="write an mp4 copy of each clip's frames")
+    tokenizer: str | None = option(None, help="reuse this tokenizer.json (e.g. a bundled model's) instead of "
+                                              "training one")  # fmt: skip
+    overwrite: bool = option(False, help="start over: clear the splits if they hold a build with other settings")
     event: EventCameraConfig = field(default_factory=EventCameraConfig)
     frame: FrameCameraConfig = field(default_factory=FrameCameraConfig)
 
@@ -79,7 +84,7 @@ class WorldConfig:
     def settings(self) -> dict:
         """What must match for a resumed build to continue the same data."""
         d = asdict(self)
-        for k in ("out", "workers", "tokenizer"):  # none of them changes a clip
+        for k in ("out", "workers", "tokenizer", "overwrite"):  # none of them changes a clip
             d.pop(k)
         if d["frame_scale"] == 1:  # worlds built before frame_scale existed resume unchanged
             d.pop("frame_scale")

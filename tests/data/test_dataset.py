@@ -7,7 +7,7 @@ from PIL import Image
 
 from specalign.data import layout
 from specalign.data.dataset import open_dataset, pick_frames
-from specalign.data.dsec import build_dsec
+from specalign.data.dsec import DsecBuildConfig, build_dsec
 from specalign.data.event_image import event_images
 from specalign.errors import SpecalignError
 from specalign.fsutil import write_json
@@ -18,7 +18,7 @@ def built(make_raw, tmp_path):
     """A derived split of one 3 s sequence: 5 clips of 1 s. Returns (split dir, raw seq dir, synthetic inputs)."""
     seq_dir, spec = make_raw()
     out = tmp_path / "world" / "my_egpt_dsec_seq_1s"
-    build_dsec(tmp_path / "raw", out, mp4=False, progress=False)
+    build_dsec(DsecBuildConfig(tmp_path / "raw", out, mp4=False), progress=False)
     return out, seq_dir, spec
 
 

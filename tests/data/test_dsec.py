@@ -9,7 +9,7 @@ from dsec_synth import FIRST_IMAGE, SENSOR, T_OFFSET, synth_sequence
 from PIL import Image
 
 from specalign.data import layout
-from specalign.data.dsec import build_dsec, open_raw_sequence, write_raw_sequence
+from specalign.data.dsec import DsecBuildConfig, build_dsec, open_raw_sequence, write_raw_sequence
 from specalign.errors import SpecalignError
 
 NPY_FIELDS = [
@@ -123,7 +123,7 @@ def test_sensor_size_defaults_to_dsec_without_attrs(make_raw):
 def test_build_writes_the_reference_layout(make_raw, tmp_path):
     seq_dir, spec = make_raw()
     out = tmp_path / "derived" / "my_egpt_dsec_seq_1s"
-    summary = build_dsec(tmp_path / "raw", out, duration="1s", mp4=False, progress=False)
+    summary = build_dsec(DsecBuildConfig(tmp_path / "raw", out, duration="1s", mp4=False), progress=False)
 
     windows = layout.plan_windows(spec["image_ts"], 1_000_000)
     assert len(windows) == 5
@@ -166,7 +166,7 @@ def test_build_skips_an_empty_window(make_raw, tmp_path):
     make_raw(gap=(900_000, 2_050_000))  # window 2 = [1.0 s, 2.0 s) after the first image has no events
     out = tmp_path / "split"
     with pytest.warns(UserWarning, match="seqA/000002: empty window"):
-        summary = build_dsec(tmp_path / "raw", out, mp4=False, progress=False)
+        summary = build_dsec(DsecBuildConfig(tmp_path / "raw", out, mp4=False), progress=False)
     assert summary["skipped_empty"] == ["seqA/000002"] and summary["clips"] == 4
     index = json.loads((out / layout.INDEX_NAME).read_text())
     assert [e["id"] for e in index] == ["seqA/000000", "seqA/000001", "seqA/000003", "seqA/000004"]
@@ -178,8 +178,8 @@ def test_build_many_sequences_in_parallel_equals_serial(make_raw, tmp_path):
     make_raw("zurich_city_01_a", seed=1, seconds=2)
     make_raw("interlaken_00_c", seed=2, seconds=2)
     make_raw("thun_00_a", seed=3, seconds=2)
-    serial = build_dsec(tmp_path / "raw", tmp_path / "serial" / "s", mp4=False, progress=False)
-    para = build_dsec(tmp_path / "raw", tmp_path / "para" / "s", mp4=False, workers=2, progress=False)
+    serial = build_dsec(DsecBuildConfig(tmp_path / "raw", tmp_path / "serial" / "s", mp4=False), progress=False)
+    para = build_dsec(DsecBuildConfig(tmp_path / "raw", tmp_path / "para" / "s", mp4=False, workers=2), progress=False)
     assert serial["clips"] == para["clips"] == 9
     a = json.loads((tmp_path / "serial" / "s" / layout.INDEX_NAME).read_text())
     b = json.loads((tmp_path / "para" / "s" / layout.INDEX_NAME).read_text())
@@ -190,7 +190,7 @@ def test_build_many_sequences_in_parallel_equals_serial(make_raw, tmp_path):
 def test_build_one_sequence_dir_with_questions_and_mp4(make_raw, tmp_path):
     seq_dir, _ = make_raw(seconds=1)
     out = tmp_path / "one"
-    build_dsec(seq_dir, out, duration="500ms", questions=["Is the road busy?", "unused"], progress=False)
+    build_dsec(DsecBuildConfig(seq_dir, out, duration="500ms", question="Is the road busy?"), progress=False)
     index = json.loads((out / layout.INDEX_NAME).read_text())
     assert len(index) == 3
     assert index[0]["conversations"][0]["value"] == "<event>\nIs the road busy?"
@@ -202,7 +202,7 @@ def test_build_resumes(make_raw, tmp_path):
     make_raw("seqA", seed=1)
     make_raw("seqB", seed=2)
     out = tmp_path / "split"
-    build_dsec(tmp_path / "raw", out, mp4=False, progress=False)
+    build_dsec(DsecBuildConfig(tmp_path / "raw", out, mp4=False), progress=False)
     index_before = (out / layout.INDEX_NAME).read_text()
     b_files = [p for p in out.rglob("*") if p.is_file() and "seqB" in p.parts]
     b_mtimes = {p: p.stat().st_mtime_ns for p in b_files}
@@ -215,7 +215,7 @@ def test_build_resumes(make_raw, tmp_path):
     (out / "event_image_1f" / "seqA" / "000001_0.png").unlink()
     (out / ".build" / "seqA.json").unlink()
 
-    summary = build_dsec(tmp_path / "raw", out, mp4=False, progress=False)
+    summary = build_dsec(DsecBuildConfig(tmp_path / "raw", out, mp4=False), progress=False)
     assert summary["built"] == ["seqA"] and summary["resumed"] == ["seqB"]
     assert clip.is_file() and (out / "event_image_1f" / "seqA" / "000001_0.png").is_file()
     assert len(list((out / "video" / "seqA" / "000001").glob("*.png"))) == 20
@@ -228,9 +228,9 @@ def test_build_resumes(make_raw, tmp_path):
 def test_resume_refuses_a_marker_of_another_duration(make_raw, tmp_path):
     make_raw()
     out = tmp_path / "split"
-    build_dsec(tmp_path / "raw", out, duration="1s", mp4=False, progress=False)
+    build_dsec(DsecBuildConfig(tmp_path / "raw", out, duration="1s", mp4=False), progress=False)
     with pytest.raises(SpecalignError) as e:
-        build_dsec(tmp_path / "raw", out, duration="2s", mp4=False, progress=False)
+        build_dsec(DsecBuildConfig(tmp_path / "raw", out, duration="2s", mp4=False), progress=False)
     one_line_error(e, "seqA.json", "duration")
 
 
@@ -300,7 +300,7 @@ def test_bad_raw_sequence_fails_on_one_line(make_raw, tmp_path, damage):
     seq_dir, _ = make_raw()
     problem = damage(seq_dir)
     with pytest.raises(SpecalignError) as e:
-        build_dsec(tmp_path / "raw", tmp_path / "out", mp4=False, progress=False)
+        build_dsec(DsecBuildConfig(tmp_path / "raw", tmp_path / "out", mp4=False), progress=False)
     msg = one_line_error(e, problem)
     assert "seqA" in msg and ("events.h5" in msg or "timestamps.txt" in msg)
     assert not (tmp_path / "out" / layout.INDEX_NAME).exists()
@@ -309,7 +309,7 @@ def test_bad_raw_sequence_fails_on_one_line(make_raw, tmp_path, damage):
 def test_unknown_duration(make_raw, tmp_path):
     make_raw()
     with pytest.raises(SpecalignError) as e:
-        build_dsec(tmp_path / "raw", tmp_path / "out", duration="3s", progress=False)
+        build_dsec(DsecBuildConfig(tmp_path / "raw", tmp_path / "out", duration="3s"), progress=False)
     one_line_error(e, "3s", "1s")
 
 
@@ -318,17 +318,17 @@ def test_unwritable_out_dir(make_raw, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     with pytest.raises(SpecalignError) as e:
-        build_dsec(tmp_path / "raw", blocker / "split", progress=False)
+        build_dsec(DsecBuildConfig(tmp_path / "raw", blocker / "split"), progress=False)
     one_line_error(e, blocker / "split")
 
 
 def test_no_sequences(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SpecalignError) as e:
-        build_dsec(tmp_path / "empty", tmp_path / "out", progress=False)
+        build_dsec(DsecBuildConfig(tmp_path / "empty", tmp_path / "out"), progress=False)
     one_line_error(e, tmp_path / "empty", "no DSEC sequences")
     with pytest.raises(SpecalignError) as e:
-        build_dsec(tmp_path / "nowhere", tmp_path / "out", progress=False)
+        build_dsec(DsecBuildConfig(tmp_path / "nowhere", tmp_path / "out"), progress=False)
     one_line_error(e, tmp_path / "nowhere")
 
 
