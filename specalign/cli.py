@@ -58,7 +58,7 @@ def cmd_train_mini(args) -> None:
     from dataclasses import replace
 
     from specalign.errors import SpecalignError
-    from specalign.models.mini import SIZES, TrainConfig, train_mini
+    from specalign.models.train_mini import SIZES, TrainConfig, train_mini
 
     sizes = SIZES.get(args.role)
     if args.add_vision_layers < 0 or args.add_lm_layers < 0:

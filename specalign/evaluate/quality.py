@@ -12,6 +12,12 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from specalign.errors import SpecalignError
+
 COLOURS = r"(?:red|orange|yellow|green|blue|purple|grey)"
 NUMBER = r"(?:no|one|two|three|four|five|six|seven|eight|nine|ten)"
 FACT_PATTERNS = {
@@ -77,3 +83,29 @@ class QualityReport:
             "per_fact": acc,
             "facts": {k: n for k, n in sorted(self.fact_total.items())},
         }
+
+
+@torch.inference_mode()
+def evaluate_quality(vlm, dataset, role: str, max_clips: int, batch_size: int = 100, progress: bool = True) -> dict:
+    """Greedy answers to all 50 questions on `max_clips` held-out clips, scored against the ground truth."""
+    from specalign.models.base import Prompt
+
+    report = QualityReport()
+    # clips of one drive share a scene: spread the picks over the split so they cover many drives
+    picks = np.unique(np.linspace(0, len(dataset) - 1, min(max_clips, len(dataset))).round().astype(int))
+    jobs = []  # (prompt, truth, group); one visual encode input per clip, shared by its 50 questions
+    for i in picks.tolist():
+        s = dataset[i]
+        truth = s.ground_truth()
+        if truth is None:
+            raise SpecalignError(f"{dataset.root}: sample {i} has no ground truth (scoring needs a minidsec world)")
+        vis = vlm.visual_inputs(s)
+        for qa in truth["qa"]:
+            text = vlm.prompt_text(qa["question"])
+            jobs.append((Prompt(vlm.expand_prompt(text, vis), vis, text), qa[role], truth["scene"]["time_of_day"]))
+    for b in tqdm(range(0, len(jobs), batch_size), disable=not progress, desc=f"eval {role}", unit="batch"):
+        chunk = jobs[b : b + batch_size]
+        outs = vlm.generate([p for p, _, _ in chunk], max_new_tokens=72)
+        for (_, truth, group), ids in zip(chunk, outs, strict=True):
+            report.add(vlm.decode(ids), truth, group)
+    return report.summary()

@@ -16,7 +16,7 @@ BACKENDS = {"video_llava": "video-llava", "EventChat_llama": "eventgpt", "llava"
 
 
 def bundled_path(name: str) -> Path | None:
-    from specalign.models.mini import BUNDLED
+    from specalign.models.registry import BUNDLED
 
     return BUNDLED.get(name)
 

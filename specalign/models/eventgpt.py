@@ -485,7 +485,7 @@ def clip_image_processor(image_size: int):
 def build_eventgpt(tokenizer_file, sizes, train_visual_tower: bool = True, seed: int | None = None) -> EventGPT:
     """A freshly initialised EventGPT around a `tokenizers` tokenizer file (e.g. a minidsec world's
     tokenizer.json with <s> </s> <unk> <pad>). `sizes` has image_size, patch_size, vision_hidden,
-    vision_layers, vision_heads, lm_hidden, lm_layers, lm_heads, lm_intermediate (models.mini.MiniSizes).
+    vision_layers, vision_heads, lm_hidden, lm_layers, lm_heads, lm_intermediate (models.registry.MiniSizes).
     The tower is trainable by default: a from-scratch tower has nothing to freeze."""
     from transformers import PreTrainedTokenizerFast
 

@@ -7,7 +7,7 @@ import pytest
 from specalign.align.extract import ExtractConfig, extract
 from specalign.cli import main
 from specalign.errors import SpecalignError
-from specalign.models.mini import BUNDLED
+from specalign.models.registry import BUNDLED
 from specalign.world.build import WorldConfig, build_world
 
 pytestmark = pytest.mark.skipif(

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from specalign.align.workflow import WorkflowConfig, run_workflow
-from specalign.models.mini import BUNDLED
+from specalign.models.registry import BUNDLED
 from specalign.world.build import WorldConfig, build_world
 
 pytestmark = pytest.mark.skipif(

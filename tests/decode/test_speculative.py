@@ -18,7 +18,7 @@ from specalign.decode.speculative import (
 from specalign.errors import SpecalignError
 from specalign.models import load_model
 from specalign.models.base import Sampling
-from specalign.models.mini import MiniSizes, new_model
+from specalign.models.registry import MiniSizes, new_model
 from specalign.world.build import WorldConfig, build_world
 
 QUESTIONS = ["What are the key elements in this scene?", "What color are the vehicles?", "Describe the road."]

@@ -194,7 +194,7 @@ def test_labels_loss_decreases(ckpt, dataset):
 
 
 def test_build_save_load_roundtrip(tmp_path, world, dataset):
-    from specalign.models.mini import MiniSizes
+    from specalign.models.registry import MiniSizes
 
     sizes = MiniSizes(image_size=28, patch_size=14, vision_hidden=16, vision_layers=1, vision_heads=2, lm_hidden=32,
                       lm_layers=1, lm_heads=2, lm_intermediate=48)  # fmt: skip

@@ -9,7 +9,8 @@ from specalign.cli import main
 from specalign.data import open_dataset
 from specalign.errors import SpecalignError
 from specalign.models import load_model
-from specalign.models.mini import BUNDLED, SIZES, MiniSizes, TrainConfig, train_mini
+from specalign.models.registry import BUNDLED, SIZES, MiniSizes
+from specalign.models.train_mini import TrainConfig, train_mini
 from specalign.world.build import WorldConfig, build_world
 
 TINY = MiniSizes(image_size=28, patch_size=14, vision_hidden=32, vision_layers=1, vision_heads=2, lm_hidden=32,
@@ -166,7 +167,7 @@ def test_deepened_target_computes_the_same_and_trains_on(world, tmp_path, capsys
     new depth; train-mini --init --add-lm-layers/--add-vision-layers trains the deeper model on."""
     from dataclasses import replace
 
-    from specalign.models.mini import deepen_target
+    from specalign.models.surgery import deepen_target
 
     out = tmp_path / "t"
     cfg = TrainConfig(role="target", world=str(world), out=str(out), duration="500ms", steps=3, clips_per_batch=2,

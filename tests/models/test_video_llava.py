@@ -186,7 +186,7 @@ def test_build_train_save_load(tmp_path, world, dataset):
     vlm = video_llava_from_parts(model, processor)
     p = vlm.prepare(dataset[0], QUESTIONS[0])
     assert int(p.input_ids[0]) == 1 and int((p.input_ids == 5).sum()) == VIDEO_TOKENS
-    # one training step, as models.mini runs it
+    # one training step, as models.train_mini runs it
     answer = torch.tensor(tok(" The key elements in this scene include a road.", add_special_tokens=False)["input_ids"]
                           + [tok.eos_token_id])  # fmt: skip
     ids = torch.cat([p.input_ids, answer])[None]

@@ -1,6 +1,5 @@
-"""The bundled mini-world models: a tiny Video-LLaVA target and a tiny EventGPT draft, trained from scratch.
+"""`specalign models train-mini`: train the mini target or draft (models/registry.py) from scratch on a world.
 
-`specalign models train-mini --role target|draft --world DIR` trains one of them on a minidsec world:
 target: 8 RGB frames + question -> the target-voice answer; draft: the 1f event image + question -> the
 draft-voice answer. Both use the world's shared tokenizer. The result is a checkpoint directory in the real
 model's own layout (so it loads through the same code path as a user's 7B checkpoint) plus `manifest.json`
@@ -9,14 +8,11 @@ with the command, data seed, commit and held-out metrics.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import queue
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,38 +22,14 @@ import torch
 from tqdm import tqdm
 
 from specalign.data import open_dataset
-from specalign.errors import SpecalignError
-from specalign.evaluate.quality import QualityReport
-from specalign.fsutil import write_json
+from specalign.errors import SpecalignError, fail, one_line
+from specalign.evaluate.quality import evaluate_quality
+from specalign.fsutil import read_json, write_json
+from specalign.models.registry import BUNDLED, ROLES, SIZES, MiniSizes, new_model
+from specalign.models.surgery import deepen_target
 from specalign.options import option
-from specalign.runs import require_positive
-
-# SPECALIGN_ASSETS points at another assets folder (the GPU machine trains into /tmp)
-ASSETS = Path(os.environ.get("SPECALIGN_ASSETS") or Path(__file__).resolve().parents[2] / "assets")
-BUNDLED = {"mini-target": ASSETS / "mini-target", "mini-draft": ASSETS / "mini-draft"}
-
-
-@dataclass
-class MiniSizes:
-    image_size: int = 112
-    patch_size: int = 14
-    vision_hidden: int = 192
-    vision_layers: int = 4
-    vision_heads: int = 4
-    lm_hidden: int = 256
-    lm_layers: int = 4
-    lm_heads: int = 4
-    lm_intermediate: int = 768
-
-
-SIZES = {
-    "target": MiniSizes(),
-    # the draft is cheaper: one event image instead of 8 frames, and a smaller LM
-    "draft": MiniSizes(vision_hidden=128, vision_layers=3, lm_hidden=192, lm_layers=3, lm_intermediate=512),
-}
-
-
-ROLES = ("target", "draft")
+from specalign.runs import check_settings, dataset_identity, exclusive, file_identity, require_positive
+from specalign.world.fresh import FreshFeed, FreshScenes
 
 
 @dataclass
@@ -147,87 +119,6 @@ class TrainConfig:
             raise SpecalignError(f"--device: unknown device {self.device!r}: choose cuda or cpu") from None
 
 
-def voice(role: str) -> str:
-    return {"target": "target", "draft": "draft"}[role]
-
-
-def new_model(role: str, tokenizer_file: Path, sizes: MiniSizes, seed: int = 0):
-    """A freshly initialised VLM of the role's architecture (a models.base.VLM backend object)."""
-    vision = dict(image_size=sizes.image_size, patch_size=sizes.patch_size, hidden_size=sizes.vision_hidden,
-                  intermediate_size=4 * sizes.vision_hidden, num_hidden_layers=sizes.vision_layers,
-                  num_attention_heads=sizes.vision_heads)  # fmt: skip
-    if role == "target":
-        from specalign.models.video_llava import build_video_llava, video_llava_from_parts
-
-        text = dict(hidden_size=sizes.lm_hidden, intermediate_size=sizes.lm_intermediate,
-                    num_hidden_layers=sizes.lm_layers, num_attention_heads=sizes.lm_heads)  # fmt: skip
-        model, processor = build_video_llava(tokenizer_file, vision=vision, text=text, seed=seed)
-        vlm = video_llava_from_parts(model, processor, name="mini-target")
-    elif role == "draft":
-        from specalign.models.eventgpt import build_eventgpt
-
-        vlm = build_eventgpt(tokenizer_file, sizes, seed=seed)
-    else:
-        raise SpecalignError(f"--role: unknown role {role!r}: choose target or draft")
-    squash_frames(vlm)
-    return vlm
-
-
-def squash_frames(vlm) -> None:
-    """Resize whole frames into the vision tower's square.
-
-    CLIP's shortest-edge resize + centre crop cuts 12.5 % off each side of a 4:3 frame, where the parked cars and
-    buildings are. The setting is saved with the checkpoint, so the model sees at inference what it trained on.
-    """
-    proc = vlm.image_processor
-    crop = proc.crop_size  # the vision tower's input side: a dict or a SizeDict
-    side = crop["height"] if isinstance(crop, dict) else crop.height
-    proc.do_center_crop = False
-    proc.size = {"height": side, "width": side}
-
-
-def deepen_target(vlm, vision_layers: int = 0, lm_layers: int = 0) -> None:
-    """Make a Video-LLaVA model deeper, in place, without changing what it computes: training then continues
-    with more capacity instead of starting over.
-
-    Each new layer is a copy of its neighbour with the output projections of its attention and MLP zeroed
-    (out_proj/fc2 in CLIP, o_proj/down_proj in Llama), so its residual branches add nothing until trained.
-    New Llama layers go after the last; new vision layers before the tower's last one, because Video-LLaVA reads
-    the second-to-last layer's output (vision_feature_layer -2) and so never uses the last."""
-    import copy
-
-    model, cfg = vlm.model, vlm.model.config
-    if vision_layers < 0 or lm_layers < 0:
-        raise SpecalignError(f"deepen: layers can only be added, not {vision_layers} vision / {lm_layers} LM")
-    if vision_layers:
-        if cfg.vision_feature_layer not in (-1, -2):
-            raise SpecalignError(f"deepen: vision_feature_layer {cfg.vision_feature_layer} (only -1 or -2 handled)")
-        for tower in (model.model.video_tower, model.model.image_tower):  # one vision config builds both towers
-            layers = getattr(tower, "vision_model", tower).encoder.layers  # transformers 5 flattened it
-            at = len(layers) + 1 + cfg.vision_feature_layer  # after the layer whose output is read
-            for _ in range(vision_layers):
-                new = copy.deepcopy(layers[max(at - 1, 0)])
-                for linear in (new.self_attn.out_proj, new.mlp.fc2):
-                    torch.nn.init.zeros_(linear.weight)
-                    torch.nn.init.zeros_(linear.bias)
-                layers.insert(at, new)
-        cfg.vision_config.num_hidden_layers += vision_layers
-    if lm_layers:
-        layers = model.model.language_model.layers
-        for _ in range(lm_layers):
-            new = copy.deepcopy(layers[-1])
-            for linear in (new.self_attn.o_proj, new.mlp.down_proj):
-                torch.nn.init.zeros_(linear.weight)
-                if linear.bias is not None:
-                    torch.nn.init.zeros_(linear.bias)
-            layers.append(new)
-        for i, layer in enumerate(layers):  # the KV cache finds a layer's slot by its index
-            layer.self_attn.layer_idx = i
-        cfg.text_config.num_hidden_layers += lm_layers
-        if getattr(cfg.text_config, "layer_types", None):  # one entry per layer where the config has them
-            cfg.text_config.layer_types = [*cfg.text_config.layer_types, *[cfg.text_config.layer_types[-1]] * lm_layers]
-
-
 def _init_from(cfg: TrainConfig, tokenizer_file: Path):
     """The checkpoint to continue from, in fp32; its tokenizer must be the world's (answers are token ids)."""
     from tokenizers import Tokenizer
@@ -257,7 +148,7 @@ def _pairs(dataset, role: str, max_clips: int | None):
         truth = dataset[i].ground_truth()
         if truth is None:
             raise SpecalignError(f"{dataset.root}: sample {i} has no ground truth (train-mini needs a minidsec world)")
-        clips.append([(qa["question"], qa[voice(role)]) for qa in truth["qa"]])
+        clips.append([(qa["question"], qa[role]) for qa in truth["qa"]])
     return clips
 
 
@@ -294,110 +185,6 @@ def _visual_inputs(vlm, dataset, n: int, progress: bool) -> list[dict]:
     return list(tqdm(loader, total=n, disable=not progress, desc="visual inputs", unit="clip"))
 
 
-FRESH_SPLIT_ID = 2  # fresh scenes draw from their own seed stream: never a built train (0) or test (1) drive
-# Which clip of its drive a fresh scene shows, drawn from the first FRESH_WINDOWS (a default world has 8 a drive).
-# Always the first one taught a shortcut: the centre-line dashes start every drive at the same phase, so their
-# place in the first frames gave away the ego speed, and held-out second clips got it wrong (day: 32 of 52).
-FRESH_WINDOWS = 8
-
-
-class _RenderedClip:
-    """Just enough of a dataset sample for `vlm.visual_inputs`: frames already rendered."""
-
-    def __init__(self, frames: np.ndarray, name: str):
-        self._frames, self.video_dir = frames, name
-
-    def frames(self, n: int = 8) -> np.ndarray:
-        return self._frames
-
-
-class FreshScenes(torch.utils.data.IterableDataset):
-    """Endless never-seen drives for the target, made in DataLoader workers while the GPU trains.
-
-    Each item is one clip of a new drive (one of its first FRESH_WINDOWS): its frames rendered with the world's
-    camera settings (world.build.clip_frames: no event camera, ~10x cheaper than building a drive) and
-    preprocessed, with the 50 answers in the target's voice already tokenized. Yields ({"pixel_values_videos": float32
-    [1, 8, 3, S, S]}, [(question, answer ids int64 [A])]) as numpy arrays.
-    Why: trained on a fixed world, the mini target learns to recognise its few thousand drives rather than to
-    read colours and objects off the frames (held-out colour 52 % vs 81 % on its training drives).
-    """
-
-    def __init__(self, vlm, world_cfg, seed: int, stream: int):
-        self.vlm, self.world_cfg, self.seed, self.stream = vlm, world_cfg, seed, stream
-
-    def __iter__(self):
-        from specalign.world.build import clip_frames
-        from specalign.world.qa import all_answers
-        from specalign.world.scene import sample_scene
-
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
-        eos = self.vlm.eos_token_id
-        k = 0
-        while True:
-            rng = np.random.default_rng([self.seed, FRESH_SPLIT_ID, self.stream, worker, k])
-            scene = sample_scene(rng)
-            window = int(rng.integers(FRESH_WINDOWS))
-            frames = clip_frames(scene, self.world_cfg, rng, self.vlm.num_frames, window)
-            visual = self.vlm.visual_inputs(_RenderedClip(frames, f"fresh scene {worker}/{k}"))
-            answers = [(qa["question"], encode_answer(self.vlm, qa["target"], eos)) for qa in all_answers(scene)]
-            # numpy, not tensors: DataLoader passes each tensor as a shared-memory file descriptor, and 51 of
-            # them per clip run out the process's descriptors ("received 0 items of ancdata")
-            yield {name: t.numpy() for name, t in visual.items()}, [(q, a.numpy()) for q, a in answers]
-            k += 1
-
-
-class FreshFeed:
-    """FreshScenes from `workers` processes into a queue, drained by the training loop between steps."""
-
-    def __init__(self, dataset: FreshScenes, workers: int):
-        self.queue: queue.Queue = queue.Queue(maxsize=2048)
-        self.stop = threading.Event()
-        self.loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
-                                                  prefetch_factor=8, worker_init_fn=_one_thread,
-                                                  collate_fn=_as_is)  # keep numpy: see FreshScenes  # fmt: skip
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        try:
-            for item in self.loader:
-                self.queue.put(item)
-                if self.stop.is_set():
-                    return
-        except Exception as e:  # handed to the training loop, which raises it
-            self.queue.put(e)
-
-    def take(self, at_least: int = 0) -> list:
-        """Every clip ready now; waits until there are `at_least`."""
-        items = [self.queue.get() for _ in range(at_least)]
-        while True:
-            try:
-                items.append(self.queue.get_nowait())
-            except queue.Empty:
-                break
-        for item in items:
-            if isinstance(item, Exception):
-                raise SpecalignError(f"fresh scenes: a worker failed: {str(item).splitlines()[0][:200]}") from item
-        return items
-
-    def close(self):
-        """Stops the workers: the thread sees the flag after its next put (emptying the queue unblocks it)."""
-        self.stop.set()
-        deadline = time.time() + 30
-        while self.thread.is_alive() and time.time() < deadline:
-            with contextlib.suppress(queue.Empty):
-                self.queue.get(timeout=0.1)
-
-
-def _one_thread(_worker_id):
-    torch.set_num_threads(1)
-
-
-def _as_is(item):
-    return item
-
-
 def encode_answer(vlm, text: str, eos: int) -> torch.Tensor:
     """An answer as the training labels see it: long [A], its own tokens then EOS."""
     return torch.tensor(vlm.tokenizer(" " + text, add_special_tokens=False)["input_ids"] + [eos], dtype=torch.long)
@@ -411,26 +198,52 @@ def git_commit() -> str:
         return "unknown"
 
 
+# what a resumed run may change: where it writes and runs, and how long it may take
+NOT_SETTINGS = ("out", "overwrite", "device", "time_budget")
+
+
 def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
-    """Train one mini model; returns its manifest. Resumes from out/train_state.pt when present."""
+    """Train one mini model; returns its manifest. Resumes from out/train_state.pt when the run there has the
+    same settings (hyper-parameters, world splits, tokenizer, --init weights); refuses other settings unless
+    cfg.overwrite. A finished run with the same settings is returned as it is."""
     from specalign.data.layout import split_dir_name
+    from specalign.models import weights_stamp
     from specalign.world.build import load_world_config
 
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     world = Path(cfg.world)
+    if not world.is_dir():
+        raise fail(world, "no such world folder (build one with `specalign world build`)")
     # fresh scenes use the world's camera settings: a bad world.json fails here, before any heavy work
     fresh_world = load_world_config(world, cfg.duration) if cfg.fresh_scenes else None
     tokenizer_file = world / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise SpecalignError(f"{world}: not a minidsec world (tokenizer.json is missing)")
-    train = open_dataset(world / split_dir_name("train", cfg.duration))
-    test = open_dataset(world / split_dir_name("test", cfg.duration))
+    splits = {name: world / split_dir_name(name, cfg.duration) for name in ("train", "test")}
+    train, test = open_dataset(splits["train"]), open_dataset(splits["test"])
+    for name, split in (("train", train), ("test", test)):
+        if len(split) == 0:
+            raise fail(splits[name], f"the {name} split is empty: nothing to {name} on")
+    settings = {
+        "train_config": {k: v for k, v in asdict(cfg).items() if k not in NOT_SETTINGS},
+        "train_split": dataset_identity(splits["train"]),
+        "test_split": dataset_identity(splits["test"]),
+        "tokenizer": file_identity(tokenizer_file),
+        "init_weights": weights_stamp(cfg.init) if cfg.init else None,
+        "fresh_world": asdict(fresh_world) if fresh_world else None,
+    }
+    vlm = _init_from(cfg, tokenizer_file) if cfg.init else new_model(cfg.role, tokenizer_file, cfg.sizes, cfg.seed)
+    with exclusive(cfg.out) as out:
+        new = check_settings(out, settings, cfg.overwrite)
+        if not new and (out / "manifest.json").is_file() and not (out / "train_state.pt").exists():
+            print(f"[train-mini {cfg.role}] {out} already holds this run, finished")
+            return read_json(out / "manifest.json")
+        return _train(cfg, vlm, world, train, test, fresh_world, out, progress)
+
+
+def _train(cfg: TrainConfig, vlm, world: Path, train, test, fresh_world, out: Path, progress: bool) -> dict:
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
     device = torch.device(cfg.device)
-    if cfg.init:
-        vlm = _init_from(cfg, tokenizer_file)
-    else:
-        vlm = new_model(cfg.role, tokenizer_file, cfg.sizes, cfg.seed)
     vlm.model.to(device)
 
     qa = _pairs(train, cfg.role, cfg.max_train_clips)
@@ -457,15 +270,16 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
         frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
         return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     state_path = out / "train_state.pt"
     start, history = 0, []
     if state_path.exists():  # resume
-        st = torch.load(state_path, map_location=device, weights_only=True)
-        vlm.model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        start, history = int(st["step"]), [tuple(h) for h in st["history"].tolist()]
+        try:
+            st = torch.load(state_path, map_location=device, weights_only=True)
+            vlm.model.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            start, history = int(st["step"]), [tuple(h) for h in st["history"].tolist()]
+        except Exception as e:  # truncated, or not this model's
+            raise fail(state_path, f"unreadable training state ({one_line(e)}); delete it to start over") from None
         rng = np.random.default_rng([cfg.seed, start])
         print(f"[train-mini {cfg.role}] resuming at step {start}", flush=True)
 
@@ -552,7 +366,7 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
         "name": f"mini-{cfg.role}",
         "role": cfg.role,
         "command": " ".join(["specalign", *sys.argv[1:]]) if sys.argv and "specalign" in sys.argv[0] else None,
-        "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("out",)},
+        "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite")},
         "world": {
             "path": str(world),
             "seed": world_meta.get("builds", {}).get(cfg.duration, {}).get("settings", {}).get("seed"),
@@ -568,29 +382,3 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
     write_json(out / "manifest.json", manifest)
     state_path.unlink(missing_ok=True)
     return manifest
-
-
-@torch.inference_mode()
-def evaluate_quality(vlm, dataset, role: str, max_clips: int, batch_size: int = 100, progress: bool = True) -> dict:
-    """Greedy answers to all 50 questions on `max_clips` held-out clips, scored against the ground truth."""
-    from specalign.models.base import Prompt
-
-    report = QualityReport()
-    # clips of one drive share a scene: spread the picks over the split so they cover many drives
-    picks = np.unique(np.linspace(0, len(dataset) - 1, min(max_clips, len(dataset))).round().astype(int))
-    jobs = []  # (prompt, truth, group); one visual encode input per clip, shared by its 50 questions
-    for i in picks.tolist():
-        s = dataset[i]
-        truth = s.ground_truth()
-        vis = vlm.visual_inputs(s)
-        for qa in truth["qa"]:
-            text = vlm.prompt_text(qa["question"])
-            jobs.append(
-                (Prompt(vlm.expand_prompt(text, vis), vis, text), qa[voice(role)], truth["scene"]["time_of_day"])
-            )
-    for b in tqdm(range(0, len(jobs), batch_size), disable=not progress, desc=f"eval {role}", unit="batch"):
-        chunk = jobs[b : b + batch_size]
-        outs = vlm.generate([p for p, _, _ in chunk], max_new_tokens=72)
-        for (_, truth, group), ids in zip(chunk, outs, strict=True):
-            report.add(vlm.decode(ids), truth, group)
-    return report.summary()
