@@ -4,12 +4,16 @@ Output folder (our token store, read by `align.tokens.read_pairs`):
 
     draft.rank<R>.jsonl / target.rank<R>.jsonl   append-only: one line per finished generation
     pairs.jsonl                                  the merged pairs, reference keys (egpt_* = draft, vl_* = target)
-    manifest.json                                settings, counts, vocab size, timing, peak memory
+    manifest.json                                settings, counts, vocab sizes, timing, peak memory
+    run_settings.json                            what makes the pairs (dataset index hash, questions, weight
+                                                 stamps, ...): a re-run with other settings is refused
     hidden/<role>.rank<R>.<n>.safetensors        with --hidden-states: per finished batch, "<sample>_<question>"
                                                  -> last-layer hidden states [n_tokens, D] (`load_hidden_states`)
 
 Every finished batch is appended and flushed before the next starts, so a killed run loses at most the batch in
-flight; a re-run skips what is on disk (a torn last line is ignored), so no pair is lost or duplicated.
+flight; a re-run with the same settings skips what is on disk (a torn last line is ignored), so no pair is lost or
+duplicated; one with other settings stops on one line naming the first difference (`overwrite` starts over).
+One process writes a folder at a time (a lock); every input is checked before a model is loaded.
 `--mode sequential` loads one model at a time (peak memory about one model's); `--mode parallel` loads both.
 Under torchrun each rank takes every WORLD_SIZE-th job and writes its own files; rank 0 merges.
 """
@@ -19,7 +23,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +36,7 @@ from specalign.errors import SpecalignError, fail
 from specalign.fsutil import atomic_path, ensure_dir, read_json, write_bytes, write_json
 from specalign.models.base import Prompt
 from specalign.options import option
+from specalign.runs import check_settings, exclusive, require_positive
 
 ROLES = ("draft", "target")
 OVERWRITE_HELP = "start over: clear the output folder if it holds a run with other settings"
@@ -59,22 +65,99 @@ class ExtractConfig:
                          "hf: transformers generate (used anyway with --hidden-states)")  # fmt: skip
     overwrite: bool = option(False, help=OVERWRITE_HELP)
 
+    def __post_init__(self):
+        for name in ("questions", "max_samples", "max_new_tokens", "batch_size"):
+            require_positive(name, getattr(self, name))
+        for name, allowed in (("mode", ("sequential", "parallel")), ("engine", ("static", "hf"))):
+            if getattr(self, name) not in allowed:
+                raise SpecalignError(f"--{name}: unknown {name} {getattr(self, name)!r}: choose {' or '.join(allowed)}")
+
 
 HIDDEN_DIR = "hidden"
+DEFAULT_QUESTION = "What are the key elements in this scene?"  # a split without a world's questions.json
+# fields that change only speed, memory or where things go, never the pairs: a resume may change them
+COSMETIC = ("out", "device", "mode", "batch_size", "overwrite", "dataset", "questions_file")
 
 
 def load_questions(dataset, questions: int, questions_file: str | None = None) -> list[str]:
-    """The question list: a {question, count} JSON (the reference's format) or the dataset's own top-N."""
+    """The first `questions` of a {question, count} JSON list (the reference's format), else of the split's own
+    list; fewer than asked is refused (silently using fewer would make a different data set)."""
+    require_positive("questions", questions)
     if questions_file:
         items = read_json(questions_file)
-        if not isinstance(items, list) or not all(isinstance(q, dict) and "question" in q for q in items):
+        if isinstance(items, dict) and "questions" in items:
+            items = items["questions"]
+        if not isinstance(items, list):
             raise fail(questions_file, "expected a list of {question, count} objects")
-        qs = [q["question"] for q in items]
+        qs = []
+        for k, item in enumerate(items):
+            q = item.get("question") if isinstance(item, dict) else item
+            if not isinstance(q, str) or not q.strip():
+                raise fail(questions_file, f"item {k}: expected a {{question, count}} object with the question as "
+                                           f"text, found {item!r}"[:200])  # fmt: skip
+            qs.append(q)
+        where = f"{questions_file} holds"
     else:
-        qs = [q["question"] for q in dataset.questions()] or ["What are the key elements in this scene?"]
-    if questions < 1:
-        raise SpecalignError(f"--questions: need at least 1, got {questions}")
+        qs = [q["question"] for q in dataset.questions()] or [DEFAULT_QUESTION]
+        where = f"the split {dataset.root} has"
+    if not qs:
+        raise fail(questions_file, "the question list is empty")
+    if questions > len(qs):
+        raise SpecalignError(
+            f"--questions {questions}: {where} only {len(qs)} question{'s' * (len(qs) != 1)}"
+            + ("" if questions_file else "; pass --questions-file with a {question, count} list")
+        )
     return qs[:questions]
+
+
+def check_model(name: str, flag: str) -> None:
+    """Is `name` a model we can load, judged from its files without loading weights (before any heavy work)."""
+    from specalign import models
+
+    try:
+        if hasattr(models, "inspect_model"):
+            models.inspect_model(name)
+            return
+        from specalign.models.loading import weight_files
+
+        path = models.bundled_path(name)
+        if path is not None and not (path / "config.json").is_file():
+            raise SpecalignError(f"{path}: bundled model {name!r} is missing")
+        path = path or Path(name)
+        if not path.is_dir():
+            raise SpecalignError(f"{name}: no such model (not a bundled name or a checkpoint directory)")
+        models.detect_backend(path)
+        weight_files(path)
+    except SpecalignError as e:
+        raise SpecalignError(f"{flag}: {e}") from None
+
+
+@dataclass
+class Plan:
+    """What one extraction will do, worked out from cheap checks only (no model loaded)."""
+
+    dataset: object
+    questions: list[str]
+    samples: int
+    settings: dict  # what makes the pairs: the folder refuses a resume with other settings
+
+
+def plan(cfg: ExtractConfig) -> Plan:
+    """Check the dataset, the questions and both models (no weights loaded), in the order a user would fix them."""
+    from specalign.models import weights_stamp
+    from specalign.runs import dataset_identity
+
+    dataset = open_dataset(cfg.dataset)
+    if not len(dataset):
+        raise fail(cfg.dataset, "the split has no samples")
+    questions = load_questions(dataset, cfg.questions, cfg.questions_file)
+    check_model(cfg.draft, "--draft")
+    check_model(cfg.target, "--target")
+    n = len(dataset) if cfg.max_samples is None else min(cfg.max_samples, len(dataset))
+    settings = {k: v for k, v in asdict(cfg).items() if k not in COSMETIC}
+    settings.update(dataset=dataset_identity(cfg.dataset), samples=n, questions=questions,
+                    weights={r: weights_stamp(getattr(cfg, r)) for r in ROLES})  # fmt: skip
+    return Plan(dataset, questions, n, settings)
 
 
 def _rank() -> tuple[int, int]:
@@ -95,9 +178,18 @@ def _done(path: Path) -> dict[tuple[int, int], dict]:
     return out
 
 
+def _done_role(out: Path, role: str) -> dict[tuple[int, int], dict]:
+    """Finished records of one role over every rank's shard (a resume may run with another number of ranks)."""
+    done = {}
+    for shard in sorted(out.glob(f"{role}.rank*.jsonl")):
+        done.update(_done(shard))
+    return done
+
+
 def _generate_role(vlm, role: str, dataset, questions, jobs, shard: Path, cfg: ExtractConfig, progress: bool):
     done = _done(shard)
-    todo = [j for j in jobs if j not in done]
+    finished = _done_role(shard.parent, role)
+    todo = [j for j in jobs if j not in finished]
     if shard.exists() and todo:  # rewrite without a torn tail before appending
         write_bytes(shard, "".join(json.dumps(r) + "\n" for r in done.values()).encode())
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"extract {role}", unit="pair",
@@ -190,83 +282,78 @@ def _peak_memory_gb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB (Linux)
 
 
-def check_same_weights(out: Path, names: dict, rank: int) -> None:
-    """A resumed extraction must continue with the weights it started with: pairs from a retrained model mixed
-    with (or reused instead of) the new model's would be silently wrong. `out/weights.json` keeps their stamps."""
-    from specalign.models import weights_stamp
-
-    path = out / "weights.json"
-    stamps = {role: {"model": name, "files": weights_stamp(name)} for role, name in names.items()}
-    if path.exists():
-        before = read_json(path)
-        for role, now in stamps.items():
-            then = before.get(role, {})
-            if then.get("model") != now["model"]:
-                raise fail(path, f"this extraction was started with the {role} {then.get('model')!r}, not "
-                                 f"{now['model']!r}; delete the folder or use another --out")  # fmt: skip
-            if None not in (then.get("files"), now["files"]) and then["files"] != now["files"]:
-                raise fail(path, f"the {role} {now['model']!r} has other weights than when this extraction started "
-                                 "(retrained?); delete the folder or use another --out")  # fmt: skip
-    elif rank == 0:
-        write_json(path, stamps)
-
-
 def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
-    """Run (or resume) an extraction; returns the manifest."""
+    """Run (or resume) an extraction; returns the manifest. Every input is checked before a model is loaded; a
+    folder holding a run with other settings is refused (or, with overwrite, cleared)."""
     from specalign.models import load_model
 
-    cfg = replace(cfg, device=cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if cfg.engine not in ("static", "hf"):
-        raise SpecalignError(f"--engine: unknown engine {cfg.engine!r}: choose static or hf")
-    if cfg.mode not in ("sequential", "parallel"):
-        raise SpecalignError(f"--mode: unknown mode {cfg.mode!r}: choose sequential or parallel")
-    dataset = open_dataset(cfg.dataset)
-    questions = load_questions(dataset, cfg.questions, cfg.questions_file)
-    n = len(dataset) if cfg.max_samples is None else min(cfg.max_samples, len(dataset))
+    p = plan(cfg)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world = _rank()
     if world > 1:  # torchrun / accelerate launch: one process per GPU; rank 0 merges once every rank is done
-        if cfg.device.startswith("cuda"):
-            cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("gloo")  # only for the barrier before the merge
-    jobs = [(s, q) for s in range(n) for q in range(len(questions))][rank::world]
-    out = ensure_dir(cfg.out)
-    check_same_weights(out, {"draft": cfg.draft, "target": cfg.target}, rank)
+            torch.distributed.init_process_group("gloo")  # only for the barriers
+    out = Path(cfg.out)
+    # rank 0 holds the folder (lock + settings) for the whole run; the ranks share its verdict
+    with exclusive(out) if rank == 0 else nullcontext():
+        error = None
+        if rank == 0:
+            try:
+                check_settings(out, p.settings, cfg.overwrite)
+            except SpecalignError as e:
+                error = str(e)
+        if world > 1:
+            box = [error]
+            torch.distributed.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise SpecalignError(error)
+        return _extract(cfg, p, out, device, rank, world, load_model, progress)
+
+
+def _extract(cfg: ExtractConfig, p: Plan, out: Path, device: str, rank: int, world: int, load_model, progress):
+    every = [(s, q) for s in range(p.samples) for q in range(len(p.questions))]
+    jobs = every[rank::world]
     previous = out / "manifest.json"
-    finished = world == 1 and previous.exists() and read_json(previous).get("settings") == asdict(cfg)
-    if finished and all(set(jobs) <= set(_done(out / f"{r}.rank0.jsonl")) for r in ROLES):
+    if previous.exists() and all(set(every) <= set(_done_role(out, r)) for r in ROLES):
         return read_json(previous)  # the same run finished before: nothing to load
     t0 = time.time()
     names = {"draft": cfg.draft, "target": cfg.target}
     vocab = {}
     if cfg.mode == "parallel":
-        models = {r: load_model(names[r], device=cfg.device, dtype=cfg.dtype) for r in ROLES}
+        models = {r: load_model(names[r], device=device, dtype=cfg.dtype) for r in ROLES}
     for role in ROLES:
-        vlm = models[role] if cfg.mode == "parallel" else load_model(names[role], device=cfg.device, dtype=cfg.dtype)
+        vlm = models[role] if cfg.mode == "parallel" else load_model(names[role], device=device, dtype=cfg.dtype)
         vocab[role] = vlm.vocab_size
-        _generate_role(vlm, role, dataset, questions, jobs, out / f"{role}.rank{rank}.jsonl", cfg, progress)
+        _generate_role(vlm, role, p.dataset, p.questions, jobs, out / f"{role}.rank{rank}.jsonl", cfg, progress)
         if cfg.mode == "sequential":
             del vlm
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     seconds = time.time() - t0
-    manifest = {"settings": asdict(cfg), "questions": questions, "samples": n, "world_size": world,
+    manifest = {"settings": {**asdict(cfg), "device": device}, "dataset": p.settings["dataset"],
+                "questions": p.questions, "samples": p.samples, "world_size": world,
                 "vocab_size": max(vocab.values()), "vocab_sizes": vocab, "seconds_rank0": round(seconds, 1),
-                "peak_memory_gb": round(_peak_memory_gb(cfg.device), 3)}  # fmt: skip
+                "peak_memory_gb": round(_peak_memory_gb(device), 3)}  # fmt: skip
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
-        manifest["pairs"] = merge(out, world)
+        manifest["pairs"] = merge(out)
         write_json(out / "manifest.json", manifest)
     return manifest
 
 
-def merge(out: Path, world_size: int) -> int:
+def summary_line(m: dict, out: str | Path) -> str:
+    """The console line of a finished extraction."""
+    return (f"{m['pairs']} pairs in {Path(out) / 'pairs.jsonl'}  ({m['samples']} samples x {len(m['questions'])} "
+            f"questions, {m['seconds_rank0']} s, peak memory {m['peak_memory_gb']} GB)")  # fmt: skip
+
+
+def merge(out: Path) -> int:
     """Join the draft and target shards of every rank into pairs.jsonl (reference keys); returns the count."""
-    records = {r: {} for r in ROLES}
-    for role in ROLES:
-        for rank in range(world_size):
-            records[role].update(_done(Path(out) / f"{role}.rank{rank}.jsonl"))
+    records = {r: _done_role(Path(out), r) for r in ROLES}
     keys = sorted(set(records["draft"]) & set(records["target"]))
     lines = []
     for k in keys:

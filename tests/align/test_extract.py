@@ -79,16 +79,14 @@ def test_hidden_states_are_the_features_each_token_was_predicted_from(split, tmp
             assert h.shape == (len(p[key]), head.in_features)
             # greedy: the LM head on the stored feature gives back the stored token
             assert head(h.float()).argmax(-1).tolist() == p[key]
-    # the same folder asked for again with other settings is another run (not "finished"): its manifest says so,
-    # and the pairs already on disk keep their hidden states
-    plain = extract(ExtractConfig(**{**cfg.__dict__, "hidden_states": False}), progress=False)
+    # the same folder asked for again with other settings is another run: refused on one line, or started over
+    with pytest.raises(SpecalignError, match="hidden_states: true then, false now"):
+        extract(ExtractConfig(**{**cfg.__dict__, "hidden_states": False}), progress=False)
+    assert len(load_hidden_states(tmp_path / "h", "draft")) == 4, "the refused run changed nothing"
+    plain = extract(ExtractConfig(**{**cfg.__dict__, "hidden_states": False, "overwrite": True}), progress=False)
     assert plain["settings"]["hidden_states"] is False and plain["pairs"] == 4
-    assert len(load_hidden_states(tmp_path / "h", "draft")) == 4
-    other = extract(ExtractConfig(**{**cfg.__dict__, "out": str(tmp_path / "p"), "hidden_states": False}),
-                    progress=False)  # fmt: skip
-    assert other["pairs"] == 4
     with pytest.raises(SpecalignError, match="hidden states"):
-        load_hidden_states(tmp_path / "p", "draft")
+        load_hidden_states(tmp_path / "h", "draft")
 
 
 def test_two_ranks_under_torchrun_give_the_same_pairs(split, tmp_path):
@@ -133,7 +131,7 @@ def test_resuming_with_retrained_weights_is_refused(split, tmp_path):
     weights = draft / "model.safetensors"
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten a second later
-    with pytest.raises(SpecalignError, match="other weights than when this extraction started"):
+    with pytest.raises(SpecalignError, match="holds a run with other settings .weights.draft.model.safetensors"):
         extract(cfg, progress=False)
-    with pytest.raises(SpecalignError, match="was started with the draft"):
+    with pytest.raises(SpecalignError, match="draft: '.*my-draft' then, 'mini-draft' now"):
         extract(ExtractConfig(**{**cfg.__dict__, "draft": "mini-draft"}), progress=False)
