@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +42,21 @@ def atomic_path(path: str | Path):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp(\.[^.]*)?")  # atomic_path's `.<name>.<random>.tmp<suffix>`
+
+
+def remove_temp_files(folder: str | Path, recursive: bool = True) -> int:
+    """Delete the temp files a killed writer left in `folder` (call it holding the folder's lock). Returns how many."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    stale = [p for p in (folder.rglob(".*") if recursive else folder.glob(".*")) if TEMP_NAME.fullmatch(p.name)]
+    for p in stale:
+        if p.is_file():
+            p.unlink()
+    return len(stale)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

@@ -13,7 +13,6 @@ A raw sequence folder `<seq>/` holds
 from __future__ import annotations
 
 import math
-import multiprocessing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +23,11 @@ import numpy as np
 
 from specalign.data import layout
 from specalign.data.event_npy import EVENT_FIELDS, check_events
-from specalign.errors import fail
-from specalign.fsutil import atomic_path, ensure_dir, read_json, write_bytes, write_json, write_png
+from specalign.errors import SpecalignError, fail, one_line
+from specalign.fsutil import atomic_path, remove_temp_files, write_bytes, write_json, write_png
 from specalign.options import option, parse_size
+from specalign.pool import run_resumable
+from specalign.runs import require_positive, run_folder
 
 DSEC_SENSOR_SIZE = (640, 480)  # (width, height) of DSEC's Prophesee Gen3.1 event cameras
 DEFAULT_QUESTION = "What are the key elements in this scene?"
@@ -35,10 +36,6 @@ IMAGES_REL = Path("images/left/rectified")
 TIMESTAMPS_REL = Path("images/timestamps.txt")
 BUILD_DIR = ".build"  # per-sequence markers that make build_dsec resumable
 _CHUNK = 1 << 15  # events per HDF5 chunk
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -150,7 +147,7 @@ class RawSequence:
                 self._ms_to_idx = f["ms_to_idx"][()].astype(np.int64)
             except Exception as e:
                 f.close()
-                raise fail(self.h5_path, f"cannot read ms_to_idx ({_one_line(e)})") from None
+                raise fail(self.h5_path, f"cannot read ms_to_idx ({one_line(e)})") from None
             self._h5 = f
         return self._h5
 
@@ -178,7 +175,7 @@ class RawSequence:
             t_wide = f["events/t"][a:b].astype(np.int64)
             raw = {k: f[f"events/{k}"][i0:i1] for k in ("x", "y", "p")}
         except Exception as e:
-            raise fail(self.h5_path, f"cannot read events ({_one_line(e)})") from None
+            raise fail(self.h5_path, f"cannot read events ({one_line(e)})") from None
         t_slice = t_wide[i0 - a : len(t_wide) - (b - i1)]
         if (i0 > 0 and t_wide[0] >= lo_ms * 1000) or (i1 < n and hi_ms < len(table) and t_wide[-1] < hi_ms * 1000):
             raise fail(self.h5_path, f"ms_to_idx disagrees with events/t near {lo_ms}..{hi_ms} ms")
@@ -209,7 +206,7 @@ def _open_h5(h5_path: Path) -> h5py.File:
     try:
         return h5py.File(h5_path, "r")
     except Exception as e:
-        raise fail(h5_path, f"not a readable HDF5 file ({_one_line(e)})") from None
+        raise fail(h5_path, f"not a readable HDF5 file ({one_line(e)})") from None
 
 
 def read_image_timestamps(path: Path) -> np.ndarray:
@@ -219,7 +216,7 @@ def read_image_timestamps(path: Path) -> np.ndarray:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise fail(path, f"cannot read ({_one_line(e)})") from None
+        raise fail(path, f"cannot read ({one_line(e)})") from None
     ts = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -253,7 +250,7 @@ def open_raw_sequence(seq_dir: str | Path, sensor_size: tuple[int, int] | None =
         try:
             t_offset = int(f["t_offset"][()])
         except Exception as e:
-            raise fail(h5_path, f"t_offset is not an integer scalar ({_one_line(e)})") from None
+            raise fail(h5_path, f"t_offset is not an integer scalar ({one_line(e)})") from None
         if sensor_size is None:
             if "width" in f.attrs and "height" in f.attrs:
                 sensor_size = (int(f.attrs["width"]), int(f.attrs["height"]))
@@ -312,9 +309,13 @@ class _Task:
     sensor_size: tuple[int, int] | None
     question: str
 
+    @property
+    def name(self) -> str:
+        return self.seq_dir.name
 
-def _build_sequence(task: _Task) -> tuple[str, list[dict], list[str]]:
-    """Write every non-empty clip of one sequence, then its marker. Returns (seq, entries, skipped clip ids)."""
+
+def _build_sequence(task: _Task) -> dict:
+    """Write every non-empty clip of one sequence; returns its record (the pool writes it as the marker)."""
     duration_us = layout.parse_duration(task.duration)
     seq = task.seq_dir.name
     entries, skipped = [], []
@@ -340,21 +341,31 @@ def _build_sequence(task: _Task) -> tuple[str, list[dict], list[str]]:
                     mp4=task.mp4,
                 )
             )
-    marker = {"sequence": seq, "duration": task.duration, "skipped_empty": skipped, "entries": entries}
-    write_json(task.out_dir / BUILD_DIR / f"{seq}.json", marker)
-    return seq, entries, skipped
+    return {"sequence": seq, "duration": task.duration, "skipped_empty": skipped, "entries": entries}
 
 
-def _read_marker(path: Path, duration: str) -> dict | None:
-    """The finished-sequence marker, or None when absent. A marker of another duration is an error."""
-    if not path.is_file():
-        return None
-    marker = read_json(path)
-    if not isinstance(marker, dict) or not isinstance(marker.get("entries"), list):
-        raise fail(path, "build marker is not a dict with an 'entries' list; delete it to rebuild the sequence")
-    if marker.get("duration") != duration:
-        raise fail(path, f"built with duration {marker.get('duration')!r}, not {duration!r}; use another out dir")
-    return marker
+def _check_record(record: dict, task: _Task, path: Path) -> dict:
+    """A finished sequence's marker, checked to be this sequence's."""
+    if not isinstance(record.get("entries"), list) or record.get("sequence", task.name) != task.name:
+        raise fail(path, f"not the marker of sequence {task.name}; delete it to build the sequence again")
+    if record.get("duration") != task.duration:
+        raise fail(path, f"built with duration {record.get('duration')!r}, not {task.duration!r}; use another --out")
+    return record
+
+
+def raw_identity(raw: RawSequence) -> dict:
+    """What a resumed build checks about a raw sequence: its files' sizes and times, its image count and sensor."""
+
+    def stamp(path: Path) -> list[int]:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns]
+
+    return {
+        "events_h5": stamp(raw.h5_path),
+        "timestamps": stamp(raw.path / TIMESTAMPS_REL),
+        "images": len(raw.image_paths),
+        "sensor_size": list(raw.sensor_size),
+    }
 
 
 @dataclass
@@ -370,6 +381,25 @@ class DsecBuildConfig:
     overwrite: bool = option(False, help="start over: clear the output folder if it holds a build with other settings")
     question: str = option(DEFAULT_QUESTION, cli=False)  # the human turn of every clip's conversation
 
+    def __post_init__(self):
+        """Refuse values that cannot build a split, naming the flag, before anything is read or written."""
+        for name in ("raw", "out"):
+            if not isinstance(getattr(self, name), str | Path) or not str(getattr(self, name)):
+                raise SpecalignError(f"--{name}: expected a folder, got {getattr(self, name)!r}")
+        layout.parse_duration(self.duration)
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int):
+            raise SpecalignError(f"--workers: expected a whole number, got {self.workers!r}")
+        require_positive("workers", self.workers, 1)
+        if self.sensor_size is not None:
+            size = tuple(self.sensor_size) if isinstance(self.sensor_size, list | tuple) else ()
+            if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size):
+                raise SpecalignError(
+                    f"--sensor-size: expected two positive whole numbers WxH, got {self.sensor_size!r}"
+                )
+            self.sensor_size = size
+        if not isinstance(self.question, str) or not self.question.strip():
+            raise SpecalignError(f"question: expected a non-empty string, got {self.question!r}")
+
 
 def build_dsec(cfg: DsecBuildConfig, progress: bool = True) -> dict:
     """Derive the reference's clip layout (see layout.py) from raw DSEC sequences; resumable.
@@ -378,57 +408,51 @@ def build_dsec(cfg: DsecBuildConfig, progress: bool = True) -> dict:
     name. Each finished sequence leaves `out/.build/<seq>.json`; a re-run skips those sequences. Returns a
     summary dict (counts, built/resumed sequences, skipped empty clips, index path).
     """
-    from tqdm import tqdm
+    duration_us = layout.parse_duration(cfg.duration)
+    seq_dirs = find_sequences(cfg.raw)
+    identities, windows = {}, 0
+    for p in seq_dirs:  # every sequence is checked before anything is written
+        with open_raw_sequence(p, cfg.sensor_size) as raw:
+            identities[p.name] = raw_identity(raw)
+            windows += len(layout.plan_windows(raw.image_ts, duration_us))
+    if windows == 0:
+        raise fail(cfg.raw, f"no clips: every sequence is shorter than --duration {cfg.duration}")
+    settings = {"duration": cfg.duration, "mp4": cfg.mp4, "question": cfg.question, "sequences": identities}
+    if cfg.sensor_size is not None:
+        settings["sensor_size"] = list(cfg.sensor_size)
 
-    raw_dir, duration, mp4, workers, sensor_size, question = (
-        cfg.raw,
-        cfg.duration,
-        cfg.mp4,
-        cfg.workers,
-        cfg.sensor_size,
-        cfg.question,
-    )
-    layout.parse_duration(duration)  # fail fast on a bad duration
-    seq_dirs = find_sequences(raw_dir)
-    out_dir = ensure_dir(cfg.out)
-    split_name = out_dir.resolve().name
-
-    markers = {p.name: _read_marker(out_dir / BUILD_DIR / f"{p.name}.json", duration) for p in seq_dirs}
-    todo = [
-        _Task(p, out_dir, split_name, duration, mp4, sensor_size, question) for p in seq_dirs if markers[p.name] is None
-    ]
-    resumed = sorted(name for name, m in markers.items() if m is not None)
-    built: list[str] = []
-    if todo:
-        # Pool before the bar: forking after tqdm started its monitor thread is unsafe.
-        pool = multiprocessing.Pool(min(workers, len(todo))) if workers > 1 and len(todo) > 1 else None
-        try:
-            results = pool.imap_unordered(_build_sequence, todo) if pool else map(_build_sequence, todo)
-            with tqdm(total=len(todo), desc=f"dsec {split_name}", unit="seq", disable=not progress) as bar:
-                for seq, entries, skipped in results:
-                    for clip_id in skipped:
-                        warnings.warn(f"{clip_id}: empty window (no events), skipped", stacklevel=2)
-                    markers[seq] = {"entries": entries, "skipped_empty": skipped}
-                    built.append(seq)
-                    bar.update(1)
-        finally:
-            if pool is not None:
-                pool.terminate()  # all results are in (or one failed): nothing left to wait for
-                pool.join()
-
-    index = [entry for p in seq_dirs for entry in markers[p.name]["entries"]]
-    if not index:
-        raise fail(raw_dir, f"no clips: every {duration} window is empty or the sequences are shorter than {duration}")
-    index_path = out_dir / layout.INDEX_NAME
-    write_json(index_path, index)
+    with run_folder(cfg.out, settings, cfg.overwrite) as out_dir:
+        remove_temp_files(out_dir)  # what a killed build was writing
+        split_name = out_dir.resolve().name
+        tasks = [_Task(p, out_dir, split_name, cfg.duration, cfg.mp4, cfg.sensor_size, cfg.question) for p in seq_dirs]
+        done = run_resumable(
+            _build_sequence,
+            tasks,
+            marker=lambda t: out_dir / BUILD_DIR / f"{t.name}.json",
+            workers=cfg.workers,
+            progress=progress,
+            desc=f"dsec {split_name}",
+            unit="seq",
+        )
+        records = [
+            _check_record(r, t, out_dir / BUILD_DIR / f"{t.name}.json") for t, (r, _) in zip(tasks, done, strict=True)
+        ]
+        for record, (_, ran) in zip(records, done, strict=True):
+            for clip_id in record["skipped_empty"] if ran else []:
+                warnings.warn(f"{clip_id}: empty window (no events), skipped", stacklevel=2)
+        index = [entry for r in records for entry in r["entries"]]
+        if not index:
+            raise fail(cfg.raw, f"no clips: every {cfg.duration} window is empty")
+        index_path = out_dir / layout.INDEX_NAME
+        write_json(index_path, index)
     return {
         "split": split_name,
         "out_dir": str(out_dir),
-        "duration": duration,
+        "duration": cfg.duration,
         "sequences": len(seq_dirs),
-        "built": sorted(built),
-        "resumed": resumed,
+        "built": sorted(t.name for t, (_, ran) in zip(tasks, done, strict=True) if ran),
+        "resumed": sorted(t.name for t, (_, ran) in zip(tasks, done, strict=True) if not ran),
         "clips": len(index),
-        "skipped_empty": [c for p in seq_dirs for c in markers[p.name].get("skipped_empty", [])],
+        "skipped_empty": [c for r in records for c in r.get("skipped_empty", [])],
         "index": str(index_path),
     }

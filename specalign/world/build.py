@@ -10,14 +10,12 @@ sequence leaves a marker in `<split>/.build/`, so an interrupted build resumes w
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from specalign.data.layout import (
     DURATIONS_US,
@@ -29,9 +27,11 @@ from specalign.data.layout import (
     split_dir_name,
     write_clip,
 )
-from specalign.errors import SpecalignError
-from specalign.fsutil import ensure_dir, png_bytes, read_json, write_json
+from specalign.errors import SpecalignError, fail
+from specalign.fsutil import ensure_dir, png_bytes, read_json, remove_temp_files, write_json
 from specalign.options import option
+from specalign.pool import run_resumable
+from specalign.runs import LOCK_FILE, SETTINGS_FILE, check_settings, exclusive, require_positive
 from specalign.world.camera import FrameCameraConfig, expose, exposure_window
 from specalign.world.events import EventCameraConfig, EventSimulator
 from specalign.world.qa import QUESTIONS, all_answers, question_counts
@@ -43,6 +43,10 @@ TOWNS = ("zurich_city", "interlaken", "thun")
 RENDER_HZ = {"stopped": 100, "slow": 200, "fast": 200}  # must divide into the 20 Hz frame grid
 NOISE_SCALE = {"day": 1.0, "dusk": 2.0, "night": 5.0}  # background activity rises in the dark
 SPLIT_IDS = {"train": 0, "test": 1}
+MAX_SENSOR_SIDE = 2048
+BUILD_DIR = ".build"  # a finished drive's marker: <split>/.build/<seq>.json
+RAW_DIR = "raw_dsec"
+WORLD_JSON = "world.json"
 
 
 @dataclass
@@ -69,12 +73,24 @@ class WorldConfig:
     frame: FrameCameraConfig = field(default_factory=FrameCameraConfig)
 
     def __post_init__(self):
+        """Refuse values that cannot build a world, naming the flag, before anything is written."""
+        if not isinstance(self.out, str | Path) or not str(self.out):
+            raise SpecalignError(f"--out: expected an output folder, got {self.out!r}")
         parse_duration(self.duration)
+        for name, minimum in (("train", 0), ("test", 0), ("seed", 0), ("workers", 1), ("clips_per_sequence", 1)):
+            whole_number(name, getattr(self, name), minimum)
+        if self.train == 0 and self.test == 0:
+            raise SpecalignError("--train/--test: both are 0, nothing to build")
+        for v in (self.width, self.height):
+            if isinstance(v, bool) or not isinstance(v, int) or v % 2 or not 16 <= v <= MAX_SENSOR_SIDE:
+                raise SpecalignError(f"--sensor-size {self.width}x{self.height}: need even sizes of 16 to "
+                                     f"{MAX_SENSOR_SIDE}")  # fmt: skip
+        whole_number("frame_scale", self.frame_scale, 1)
+        if self.frame_scale > 8:
+            raise SpecalignError(f"--frame-scale: choose 1 to 8, got {self.frame_scale}")
+        if self.tokenizer is not None and not Path(self.tokenizer).is_file():
+            raise SpecalignError(f"--tokenizer: {self.tokenizer}: file not found")
         self.event.width, self.event.height = self.width, self.height
-        if self.width % 2 or self.height % 2 or self.width < 16 or self.height < 16:
-            raise SpecalignError(f"frame size {self.width}x{self.height}: need even sizes of at least 16")
-        if not 1 <= self.frame_scale <= 8:
-            raise SpecalignError(f"--frame-scale {self.frame_scale}: choose 1 to 8")
 
     @property
     def frame_size(self) -> tuple[int, int]:
@@ -98,6 +114,13 @@ class SequenceTask:
     index: int
     n_clips: int
     name: str
+
+
+def whole_number(name: str, value, minimum: int) -> None:
+    """`--train: must be at least 0, got -5`; `--seed: expected a whole number, got 1.5`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecalignError(f"--{name.replace('_', '-')}: expected a whole number, got {value!r}")
+    require_positive(name, value, minimum)
 
 
 def sequence_name(split: str, j: int) -> str:
@@ -180,7 +203,7 @@ def clip_frames(scene: Scene, cfg: WorldConfig, rng: np.random.Generator, n: int
 
 
 def build_sequence(task: SequenceTask, cfg: WorldConfig) -> dict:
-    """Simulate one drive and write its clips (and its raw DSEC copy); returns its marker."""
+    """Simulate one drive and write its clips (and its raw DSEC copy); returns its record (the pool's marker)."""
     split_name = split_dir_name(task.split, cfg.duration)
     root = Path(cfg.out) / split_name
     duration_us = parse_duration(cfg.duration)
@@ -223,84 +246,111 @@ def build_sequence(task: SequenceTask, cfg: WorldConfig) -> dict:
     if cfg.raw_dsec:
         from specalign.data.dsec import write_raw_sequence
 
-        raw = Path(cfg.out) / "raw_dsec" / task.split / task.name
+        raw = Path(cfg.out) / RAW_DIR / task.split / task.name
         write_raw_sequence(raw, events, image_ts, frames, t_offset, (cfg.width, cfg.height))
     texts = sorted({a["target"] for a in qa} | {a["draft"] for a in qa})
-    marker = {"sequence": task.name, "entries": entries, "texts": texts}
-    write_json(root / ".build" / f"{task.name}.json", marker, indent=None)
-    return marker
-
-
-def _worker(args):
-    task, cfg = args
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    return build_sequence(task, cfg)
+    return {"sequence": task.name, "entries": entries, "texts": texts}
 
 
 def build_world(cfg: WorldConfig, progress: bool = True) -> dict:
-    """Build (or resume) both splits; returns a summary dict."""
+    """Build (or resume) both splits; returns a summary dict.
+
+    A re-run with the same settings resumes (finished drives are kept); with other settings it stops on one line
+    naming the first difference, unless cfg.overwrite, which clears this duration's splits and starts over.
+    """
     started = time.time()
     given = given_tokenizer(cfg.tokenizer, []) if cfg.tokenizer else None  # a bad file fails before any work
-    out = ensure_dir(cfg.out)
-    tasks = []
-    for split, n in (("train", cfg.train), ("test", cfg.test)):
-        split_root = ensure_dir(out / split_dir_name(split, cfg.duration))
-        settings_path = split_root / ".build" / "settings.json"
-        if settings_path.exists():
-            built = read_json(settings_path)
-            if (version := built.get("render_version", 1)) != RENDER_VERSION:  # before it was recorded: 1
-                raise SpecalignError(
-                    f"{settings_path}: this split was drawn by an older renderer (version {version}, now "
-                    f"{RENDER_VERSION}); delete it or use another --out"
-                )
-            if built != _jsonable(cfg.settings()):
-                raise SpecalignError(
-                    f"{settings_path}: this split was built with other settings; use another --out or delete it"
-                )
-        else:
-            write_json(settings_path, _jsonable(cfg.settings()))
-        tasks += plan_sequences(split, n, cfg.clips_per_sequence)
-    todo = [t for t in tasks if not _marker_path(cfg, t).exists()]
-    done_clips = sum(t.n_clips for t in tasks) - sum(t.n_clips for t in todo)
-    bar = tqdm(total=sum(t.n_clips for t in tasks), initial=done_clips, unit="clip", desc="world build",
-               disable=not progress, smoothing=0.05)  # fmt: skip
-    if cfg.workers > 1 and len(todo) > 1:
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(cfg.workers) as pool:
-            for marker in pool.imap_unordered(_worker, [(t, cfg) for t in todo]):
-                bar.update(len(marker["entries"]))
-    else:
-        for t in todo:
-            bar.update(len(build_sequence(t, cfg)["entries"]))
-    bar.close()
+    settings = _jsonable(cfg.settings())
+    with exclusive(cfg.out) as out:
+        _check_world_folder(out, cfg)
+        split_roots = [out / split_dir_name(split, cfg.duration) for split in ("train", "test")]
+        for root in split_roots:
+            _start_split(root, settings, cfg.overwrite)
+        if cfg.raw_dsec and check_settings(ensure_dir(out / RAW_DIR), settings, cfg.overwrite):
+            for root in split_roots:  # the raw copies are new: drives finished before must be written again
+                for marker in (root / BUILD_DIR).glob("*.json"):
+                    marker.unlink()
+        for folder in [*split_roots, out / RAW_DIR]:  # a killed build's half-written files
+            remove_temp_files(folder)
+        remove_temp_files(out, recursive=False)
 
-    summary = {"out": str(out), "duration": cfg.duration, "seed": cfg.seed, "splits": {}}
-    texts = set()
-    for split in ("train", "test"):
-        split_name = split_dir_name(split, cfg.duration)
-        entries = []
-        for t in (t for t in tasks if t.split == split):
-            marker = read_json(_marker_path(cfg, t))
-            entries += marker["entries"]
-            if split == "train":
-                texts.update(marker["texts"])
-        write_json(out / split_name / INDEX_NAME, entries)
-        summary["splits"][split] = {"dir": split_name, "clips": len(entries),
-                                    "sequences": sum(1 for t in tasks if t.split == split)}  # fmt: skip
-    write_json(out / "questions.json", question_counts())
-    if given is not None:
-        tok = given_tokenizer(cfg.tokenizer, texts)
-    else:
-        tok = train_tokenizer(texts, [q for q, _ in QUESTIONS])
-    save_tokenizer(tok, out / "tokenizer.json")
-    summary["vocab_size"] = tok.get_vocab_size()
-    summary["seconds"] = round(time.time() - started, 1)
-    # one world folder can hold several durations; world.json keeps a record of each
-    manifest = read_json(out / "world.json") if (out / "world.json").exists() else {}
-    manifest["sensor_size"] = [cfg.width, cfg.height]
-    manifest.setdefault("builds", {})[cfg.duration] = {"settings": _jsonable(cfg.settings()), "summary": summary}
-    write_json(out / "world.json", manifest)
+        tasks = plan_sequences("train", cfg.train, cfg.clips_per_sequence)
+        tasks += plan_sequences("test", cfg.test, cfg.clips_per_sequence)
+        done = run_resumable(
+            partial(build_sequence, cfg=cfg), tasks, marker=partial(_marker_path, cfg), workers=cfg.workers,
+            progress=progress, desc="world build", unit="clip", size=lambda t: t.n_clips,
+        )  # fmt: skip
+
+        summary = {"out": str(out), "duration": cfg.duration, "seed": cfg.seed, "splits": {}}
+        texts = set()
+        for split, root in zip(("train", "test"), split_roots, strict=True):
+            entries = []
+            for t, (record, _) in zip(tasks, done, strict=True):
+                if t.split == split:
+                    entries += _check_record(record, t, _marker_path(cfg, t))
+                    if split == "train":
+                        texts.update(record["texts"])
+            write_json(root / INDEX_NAME, entries)
+            summary["splits"][split] = {"dir": root.name, "clips": len(entries),
+                                        "sequences": sum(1 for t in tasks if t.split == split)}  # fmt: skip
+        write_json(out / "questions.json", question_counts())
+        if given is not None:
+            tok = given_tokenizer(cfg.tokenizer, texts)
+        else:
+            tok = train_tokenizer(texts, [q for q, _ in QUESTIONS])
+        save_tokenizer(tok, out / "tokenizer.json")
+        summary["vocab_size"] = tok.get_vocab_size()
+        summary["seconds"] = round(time.time() - started, 1)
+        # one world folder can hold several durations; world.json keeps a record of each
+        manifest = read_json(out / WORLD_JSON) if (out / WORLD_JSON).exists() else {}
+        manifest["sensor_size"] = [cfg.width, cfg.height]
+        manifest.setdefault("builds", {})[cfg.duration] = {"settings": settings, "summary": summary}
+        write_json(out / WORLD_JSON, manifest)
     return summary
+
+
+def _check_world_folder(out: Path, cfg: WorldConfig) -> None:
+    """Refuse a folder that is not a world (a world is only ever cleared split by split), and a world whose
+    other durations have another sensor size (its world.json holds one size for all)."""
+    own = {LOCK_FILE, WORLD_JSON, "questions.json", "tokenizer.json", RAW_DIR}
+    names = {p.name for p in out.iterdir()}
+    if names - own and not (WORLD_JSON in names or any(n.startswith("my_egpt_dsec_") for n in names)):
+        raise fail(out, "is not empty and holds no world; use an empty or new --out")
+    if WORLD_JSON not in names:
+        return
+    manifest = read_json(out / WORLD_JSON)
+    size = manifest.get("sensor_size") if isinstance(manifest, dict) else None
+    others = set(manifest.get("builds") or {}) - {cfg.duration} if isinstance(manifest, dict) else set()
+    if others and size is not None and list(size) != [cfg.width, cfg.height]:
+        raise fail(out, f"its {', '.join(sorted(others))} build has the sensor size {size[0]}x{size[1]}, not "
+                        f"{cfg.width}x{cfg.height}; use another --out")  # fmt: skip
+
+
+def _start_split(root: Path, settings: dict, overwrite: bool) -> None:
+    """Make `root` hold this build's settings: fresh, resumed, or (overwrite) cleared; else refuse on one line."""
+    ensure_dir(root)
+    current, legacy = root / SETTINGS_FILE, root / BUILD_DIR / "settings.json"  # legacy: splits of older builds
+    old = read_json(current) if current.is_file() else read_json(legacy) if legacy.is_file() else None
+    if old is None:
+        check_settings(root, settings, overwrite)
+        return
+    version = old.get("render_version", 1) if isinstance(old, dict) else None  # before it was recorded: 1
+    if version != RENDER_VERSION and not overwrite:
+        raise fail(root, f"this split was drawn by an older renderer (version {version}, now {RENDER_VERSION}); "
+                         "pass --overwrite to rebuild it, or use another --out")  # fmt: skip
+    if not current.is_file():
+        write_json(current, old)
+    check_settings(root, settings, overwrite)
+
+
+def _check_record(record: dict, task: SequenceTask, path: Path) -> list[dict]:
+    """A finished drive's index entries, after checking its marker holds what this drive writes."""
+    entries, texts = record.get("entries"), record.get("texts")
+    if not (isinstance(entries, list) and isinstance(texts, list)) or record.get("sequence") != task.name:
+        raise fail(path, f"not the marker of drive {task.name}; delete it to build the drive again")
+    if len(entries) != task.n_clips:
+        raise fail(path, f"lists {len(entries)} clips, the drive has {task.n_clips}; delete it to build it again")
+    return entries
 
 
 def load_world_config(world: str | Path, duration: str) -> WorldConfig:
@@ -334,7 +384,7 @@ def given_tokenizer(path: str, texts):
 
 
 def _marker_path(cfg: WorldConfig, t: SequenceTask) -> Path:
-    return Path(cfg.out) / split_dir_name(t.split, cfg.duration) / ".build" / f"{t.name}.json"
+    return Path(cfg.out) / split_dir_name(t.split, cfg.duration) / BUILD_DIR / f"{t.name}.json"
 
 
 def _jsonable(obj):

@@ -225,13 +225,29 @@ def test_build_resumes(make_raw, tmp_path):
     assert not [p for p in out.rglob("*.tmp*")]
 
 
-def test_resume_refuses_a_marker_of_another_duration(make_raw, tmp_path):
-    make_raw()
+def test_resume_with_other_settings_or_inputs_is_refused(make_raw, tmp_path):
+    seq_dir, spec = make_raw()
     out = tmp_path / "split"
     build_dsec(DsecBuildConfig(tmp_path / "raw", out, duration="1s", mp4=False), progress=False)
+    index = (out / layout.INDEX_NAME).read_bytes()
     with pytest.raises(SpecalignError) as e:
         build_dsec(DsecBuildConfig(tmp_path / "raw", out, duration="2s", mp4=False), progress=False)
-    one_line_error(e, "seqA.json", "duration")
+    one_line_error(e, str(out), "duration: '1s' then, '2s' now", "--overwrite")
+    # the raw sequence was re-recorded: its clips would mix two recordings
+    spec["events"]["p"] = 1 - spec["events"]["p"]
+    write_raw_sequence(seq_dir, **spec)
+    with pytest.raises(SpecalignError) as e:
+        build_dsec(DsecBuildConfig(tmp_path / "raw", out, duration="1s", mp4=False), progress=False)
+    one_line_error(e, "sequences.seqA.events_h5")
+    make_raw("seqB", seed=3)
+    with pytest.raises(SpecalignError) as e:
+        build_dsec(DsecBuildConfig(tmp_path / "raw", out, duration="1s", mp4=False), progress=False)
+    one_line_error(e, "sequences.seqA.events_h5")
+    assert (out / layout.INDEX_NAME).read_bytes() == index, "a refused run changes nothing"
+    summary = build_dsec(
+        DsecBuildConfig(tmp_path / "raw", out, duration="2s", mp4=False, overwrite=True), progress=False
+    )
+    assert summary["built"] == ["seqA", "seqB"] and not list((out / "event_npy" / "seqA").glob("000004.npy"))
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -126,7 +126,7 @@ def test_world_of_an_older_renderer_is_refused(tmp_path):
     # with today's drawing, nor feed fresh scenes that look different from its clips
     out = tmp_path / "w"
     build_world(tiny(out, train=3, test=0), progress=False)
-    settings = out / "my_egpt_dsec_train_500ms" / ".build" / "settings.json"
+    settings = out / "my_egpt_dsec_train_500ms" / "run_settings.json"
     old = json.loads(settings.read_text())
     old.pop("render_version")
     settings.write_text(json.dumps(old))
