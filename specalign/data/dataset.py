@@ -43,6 +43,11 @@ def load_png(path: str | Path) -> np.ndarray:
         raise fail(path, f"unreadable image ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
+def _plain_name(name) -> bool:
+    """A data file's name: no folder part, not hidden (temp files of the atomic writer start with a dot)."""
+    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
+
+
 def _stack(images: list[np.ndarray], where) -> np.ndarray:
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
@@ -92,8 +97,26 @@ class Sample:
         return np.stack(compute_event_images(self.events(), n, self.sensor_size, path=self.event_path))
 
     def frame_paths(self) -> list[Path]:
-        """The clip's RGB frame PNGs in time order (sorted names)."""
-        return sorted(self.video_dir.glob("*.png")) if self.video_dir.is_dir() else []
+        """The clip's RGB frame PNGs in time order: the names its index entry lists (`video_frames`), else the
+        folder's PNGs (never a dotfile, such as a killed writer's temp file) when there are as many as its event
+        file's `image_indices_in_clip`. A clip with missing frames is refused: fewer frames, another answer."""
+        names = self.entry.get("video_frames")
+        if names is not None:
+            if not isinstance(names, list) or not all(_plain_name(n) for n in names):
+                raise fail(self.root / INDEX_NAME, f"{self.id}: video_frames must be a list of file names")
+            paths = [self.video_dir / n for n in names]
+            missing = [p.name for p in paths if not p.is_file()]
+            if missing:
+                listed = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+                raise fail(self.video_dir, f"{len(missing)} of the clip's {len(paths)} frames are missing ({listed})")
+            return paths
+        paths = [p for p in self.video_dir.glob("*.png") if _plain_name(p.name)] if self.video_dir.is_dir() else []
+        if paths:  # a layout without video_frames: the clip's event file says how many frames it has
+            expected = self.events().get("image_indices_in_clip")
+            if isinstance(expected, list | np.ndarray) and len(expected) != len(paths):
+                raise fail(self.video_dir, f"{len(paths)} frames, but the clip has {len(expected)} "
+                                           f"(image_indices_in_clip of {self.event_path.name})")  # fmt: skip
+        return sorted(paths)
 
     def frames(self, n: int = 8) -> np.ndarray:
         """uint8 [n, H, W, 3]: n frames picked evenly (pick_frames) over the clip's m frames."""

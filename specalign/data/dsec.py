@@ -261,7 +261,8 @@ def open_raw_sequence(seq_dir: str | Path, sensor_size: tuple[int, int] | None =
     ts_path = seq_dir / TIMESTAMPS_REL
     image_ts = read_image_timestamps(ts_path)
     image_dir = seq_dir / IMAGES_REL
-    image_paths = sorted(image_dir.glob("*.png")) if image_dir.is_dir() else []
+    # never a dotfile: a killed writer's temp PNG is not a frame
+    image_paths = sorted(p for p in image_dir.glob("*.png") if not p.name.startswith(".")) if image_dir.is_dir() else []
     if len(image_paths) != len(image_ts):
         raise fail(ts_path, f"{len(image_ts)} timestamps but {len(image_paths)} PNGs in {image_dir}")
     return RawSequence(
@@ -289,7 +290,7 @@ def find_sequences(raw_dir: str | Path) -> list[Path]:
         raise fail(raw_dir, "raw DSEC folder not found")
     if is_raw_sequence(raw_dir):
         return [raw_dir]
-    seqs = sorted(p for p in raw_dir.iterdir() if p.is_dir() and is_raw_sequence(p))
+    seqs = sorted(p for p in raw_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and is_raw_sequence(p))
     if not seqs:
         raise fail(raw_dir, "no DSEC sequences found (no events/ or images/ here or in any subfolder)")
     return seqs

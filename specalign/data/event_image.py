@@ -42,6 +42,8 @@ def event_images(events: dict, n: int = 5, size: tuple[int, int] | None = None, 
     total = len(events["t"])
     if total == 0:
         raise fail(path, "event stream has no events: cannot make event images")
+    if size is not None and (int(np.max(events["x"])) >= size[0] or int(np.max(events["y"])) >= size[1]):
+        raise fail(path, f"events outside the {size[0]}x{size[1]} sensor")
     return [
         event_image(events["x"][a:b], events["y"][a:b], events["p"][a:b], size) for a, b in split_by_count(total, n)
     ]

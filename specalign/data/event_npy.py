@@ -82,7 +82,17 @@ def load_event_npy(path: str | Path, validate: bool = True) -> dict:
 
 
 def check_events(ev: dict, path, sensor_size: tuple[int, int] | None = None) -> None:
-    """Raise a one-line error if the stream is malformed. sensor_size is (width, height)."""
+    """Raise a one-line error if the stream is malformed: x, y, t, p must be 1-D integer arrays of one length
+    (p may be bool), t sorted, p in {0, 1}, x and y non-negative (and inside sensor_size, (width, height)).
+    Nothing is coerced: a float or object array is refused, not rounded."""
+    for k in EVENT_FIELDS:
+        a = ev[k]
+        if not isinstance(a, np.ndarray):
+            raise fail(path, f"event field {k!r} is a {type(a).__name__}, not an array")
+        if a.ndim != 1:
+            raise fail(path, f"event field {k!r} has shape {a.shape}, expected one dimension")
+        if a.dtype.kind not in ("iu" + ("b" if k == "p" else "")):
+            raise fail(path, f"event field {k!r} has dtype {a.dtype}, expected integers")
     n = len(ev["t"])
     if any(len(ev[k]) != n for k in EVENT_FIELDS):
         raise fail(path, "event fields x, y, t, p have different lengths")
@@ -90,6 +100,8 @@ def check_events(ev: dict, path, sensor_size: tuple[int, int] | None = None) -> 
         raise fail(path, "event timestamps are not sorted")
     if n and not np.isin(np.unique(ev["p"]), (0, 1)).all():
         raise fail(path, "polarity values other than 0/1")
+    if n and (int(ev["x"].min()) < 0 or int(ev["y"].min()) < 0):
+        raise fail(path, "negative event coordinates")
     if sensor_size is not None and n:
         w, h = sensor_size
         if int(ev["x"].max()) >= w or int(ev["y"].max()) >= h:

@@ -2,7 +2,8 @@
 
     <split>/EventGPT_Instruction_Subset.json      index: one entry per clip
     <split>/event_npy/<seq>/<clip>.npy            event dict (see event_npy.py)
-    <split>/video/<seq>/<clip>/<frame>.png        every RGB frame whose timestamp lies in the window
+    <split>/video/<seq>/<clip>/<frame>.png        every RGB frame whose timestamp lies in the window (the
+                                                  entry's `video_frames` names them, in time order)
     <split>/mp4/<seq>/<clip>.mp4                  the same frames at 20 fps (H.264)
     <split>/event_image/<seq>/<clip>_{0..4}.png   5 event images, equal event count
     <split>/event_image_1f/<seq>/<clip>_0.png     1 event image of the whole clip
@@ -22,7 +23,7 @@ import numpy as np
 
 from specalign.data.event_image import event_images
 from specalign.data.event_npy import save_event_npy
-from specalign.errors import SpecalignError, fail
+from specalign.errors import SpecalignError, fail, one_line
 from specalign.fsutil import atomic_path, write_bytes, write_png
 
 INDEX_NAME = "EventGPT_Instruction_Subset.json"
@@ -124,6 +125,24 @@ def write_mp4(path: str | Path, frames: list[np.ndarray], fps: int = VIDEO_FPS) 
     return True
 
 
+def _read_png(path: Path, decode: bool) -> np.ndarray | None:
+    """uint8 [H, W, 3] when decode, else None after checking the file is a whole PNG; one-line error if not."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG":
+                raise fail(path, f"not a PNG image but {im.format}")
+            if decode:
+                return np.asarray(im.convert("RGB"))
+            im.verify()  # every chunk's checksum, up to IEND: finds a truncated or damaged file without decoding
+            return None
+    except OSError as e:
+        raise fail(path, f"unreadable image ({one_line(e)})") from None
+    except SyntaxError as e:  # PIL's "broken PNG file"
+        raise fail(path, f"damaged PNG ({one_line(e)})") from None
+
+
 def write_clip(
     root: str | Path,
     split_name: str,
@@ -158,13 +177,12 @@ def write_clip(
         elif isinstance(img, np.ndarray):
             write_png(dst, img)
             arrays.append(img)
-        else:
+        else:  # a raw PNG: checked whole (a truncated one would be copied as is), then copied byte for byte
+            image = _read_png(img, decode=mp4)
             with atomic_path(dst) as tmp:
                 shutil.copyfile(img, tmp)
-            if mp4:
-                from PIL import Image
-
-                arrays.append(np.asarray(Image.open(img).convert("RGB")))
+            if image is not None:
+                arrays.append(image)
     mp4_rel = f"{seq}/{clip}.mp4"
     if not (mp4 and arrays and write_mp4(root / "mp4" / mp4_rel, arrays)):
         mp4_rel = None
@@ -179,6 +197,7 @@ def write_clip(
         "split": split_name,
         "event_data": f"{seq}/{clip}.npy",
         "video_data": f"{seq}/{clip}",
+        "video_frames": list(frame_names),  # what readers take from video_data (never a stray or temp file)
         "mp4_data": mp4_rel,
         "event_image": [f"{seq}/{clip}_{i}.png" for i in range(5)],
         "event_image_1f": [f"{seq}/{clip}_0.png"],

@@ -88,8 +88,8 @@ def _image(ax, img: np.ndarray, title: str) -> None:
 
 
 def _rgb_row(fig, cells, sample: Sample) -> None:
-    paths = sample.frame_paths()
     try:
+        paths = sample.frame_paths()
         frames = sample.frames(N_FRAMES)
     except SpecalignError as e:
         for k, cell in enumerate(cells):

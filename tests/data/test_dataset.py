@@ -138,11 +138,14 @@ def test_bad_datasets(built, tmp_path):
     _error(lambda: ds[0].event_images(3), "seqA/000000", "5 or 1")
     for p in (out / "video" / "seqA" / "000002").iterdir():
         p.unlink()
-    _error(lambda: ds[2].frames(8), "000002", "no RGB frames")
-    Image.new("RGB", (4, 4)).save(out / "video" / "seqA" / "000003" / "zzz.png")
+    _error(lambda: ds[2].frames(8), "000002", "20 of the clip's 20 frames are missing")
+    before = ds[3].frames(30)
+    Image.new("RGB", (4, 4)).save(out / "video" / "seqA" / "000003" / "zzz.png")  # a stray file is no frame
+    np.testing.assert_array_equal(ds[3].frames(30), before)
+    Image.new("RGB", (4, 4)).save(out / "video" / "seqA" / "000003" / "000030.png")
     _error(lambda: ds[3].frames(30), "000003", "different sizes")
-    (out / "video" / "seqA" / "000004" / "000080.png").write_bytes(b"not a png")
-    _error(lambda: ds[4].frames(30), "000080.png", "unreadable image")
+    (out / "video" / "seqA" / "000004" / "000045.png").write_bytes(b"not a png")
+    _error(lambda: ds[4].frames(30), "000045.png", "unreadable image")
     (out / "scene" / "seqA").mkdir(parents=True)
     (out / "scene" / "seqA" / "000000.json").write_text("[1, 2")
     _error(lambda: ds[0].ground_truth(), "000000.json", "not valid JSON")

@@ -44,8 +44,8 @@ def test_layout_is_the_reference_layout(world):
     assert len(entries) == 6
     assert (world / "my_egpt_dsec_seq_500ms" / INDEX_NAME).exists()
     for e in entries:
-        assert set(e) == {"id", "split", "event_data", "video_data", "mp4_data", "event_image", "event_image_1f",
-                          "conversations"}  # fmt: skip
+        assert set(e) == {"id", "split", "event_data", "video_data", "video_frames", "mp4_data", "event_image",
+                          "event_image_1f", "conversations"}  # fmt: skip
         assert e["split"] == "my_egpt_dsec_train_500ms"
         seq, clip = e["id"].split("/")
         assert len(clip) == 6 and clip.isdigit()
@@ -56,6 +56,7 @@ def test_layout_is_the_reference_layout(world):
         assert ev["t"].min() >= ev["time_start"] and ev["t"].max() < ev["time_end"]
         frames = sorted((split / "video" / e["video_data"]).glob("*.png"))
         assert len(frames) == 10 == len(ev["image_indices_in_clip"])  # 20 Hz over 500 ms
+        assert [f.name for f in frames] == e["video_frames"]
         assert [int(f.stem) for f in frames] == ev["image_indices_in_clip"]
         assert len(e["event_image"]) == 5 and all((split / "event_image" / p).exists() for p in e["event_image"])
         assert (split / "event_image_1f" / e["event_image_1f"][0]).exists()
