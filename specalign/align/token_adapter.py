@@ -1,6 +1,6 @@
 """The reference study's TokenAdapter: maps the draft model's generated tokens to the target model's next tokens.
 
-Architecture (DESIGN.md §3): token embedding + learned positions -> causal TransformerEncoder -> LayerNorm -> Linear.
+Architecture: token embedding + learned positions -> causal TransformerEncoder -> LayerNorm -> Linear.
 The default config has exactly 45,486,346 parameters, which pins these layer choices:
 
     embedding      nn.Embedding(32010, 512, padding_idx=0)                     16,389,120

@@ -1,6 +1,6 @@
 """Draft/target token pairs: the reference study's token JSON and our own store (pairs.jsonl + manifest.json).
 
-Reference format (DESIGN.md §3): a JSON object whose `results` is a list of
+Reference format: a JSON object whose `results` is a list of
 `{sample_idx, question_idx, sample_id, query, egpt_tokens, egpt_text, vl_tokens, vl_text}`;
 egpt = EventGPT = the draft, vl = Video-LLaVA = the target. Token lists hold the generated tokens only.
 """
@@ -41,6 +41,19 @@ class TokenPairs:
     def max_token_id(self) -> int:
         """Largest id in draft or target; -1 when there are no tokens."""
         return max((max(s) for s in self.draft + self.target if s), default=-1)
+
+    def first_id_at_least(self, limit: int) -> tuple[str, int] | None:
+        """("pair 3 egpt_tokens[2]", 99999): the first token id >= limit (draft before target); None if none."""
+        for key, seqs in (("egpt_tokens", self.draft), ("vl_tokens", self.target)):
+            for i, seq in enumerate(seqs):
+                for j, t in enumerate(seq):
+                    if t >= limit:
+                        return f"pair {i} {key}[{j}]", t
+        return None
+
+    def labels(self, length: int, pad_id: int = 0) -> int:
+        """Target tokens a TokenAdapter learns from at `length` positions: target[1:length] without pads."""
+        return sum(1 for t in self.target for x in t[1:length] if x != pad_id)
 
     def extend(self, other: TokenPairs) -> None:
         for name in ("draft", "target", "sample_id", "question_idx", "query", "draft_text", "target_text",
@@ -173,6 +186,8 @@ def _read_store(directory: Path) -> TokenPairs:
 def read_pairs(path: str | Path) -> TokenPairs:
     """A reference JSON file, our store directory (pairs.jsonl + manifest.json), or a directory of JSON files
     (read in name order and concatenated)."""
+    from specalign.runs import SETTINGS_FILE
+
     path = Path(path)
     if path.is_file():
         return read_reference_json(path)
@@ -180,6 +195,8 @@ def read_pairs(path: str | Path) -> TokenPairs:
         raise fail(path, "token pairs not found")
     if (path / PAIRS_NAME).is_file():
         return _read_store(path)
+    if (path / SETTINGS_FILE).is_file():
+        raise fail(path, f"an unfinished run: no {PAIRS_NAME} yet (run the same extract command again to finish it)")
     files = sorted(p for p in path.glob("*.json") if p.name != MANIFEST_NAME)
     if not files:
         raise fail(path, f"no {PAIRS_NAME} and no JSON token files in this directory")
@@ -187,6 +204,19 @@ def read_pairs(path: str | Path) -> TokenPairs:
     for f in files:
         pairs.extend(read_reference_json(f))
     return pairs
+
+
+def pairs_identity(path: str | Path) -> dict:
+    """What a token-pairs input is, for a resumable job's settings: its path and the hash of its content."""
+    from specalign.runs import file_identity, sha256_file
+
+    path = Path(path)
+    if path.is_file():
+        return file_identity(path)
+    if (path / PAIRS_NAME).is_file():
+        return {"path": str(path.resolve()), "sha256": sha256_file(path / PAIRS_NAME)}
+    files = sorted(p for p in path.glob("*.json") if p.name != MANIFEST_NAME)
+    return {"path": str(path.resolve()), "sha256": {p.name: sha256_file(p) for p in files}}
 
 
 # ---------------------------------------------------------------- batching

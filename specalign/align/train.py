@@ -1,10 +1,11 @@
-"""Train the TokenAdapter on draft/target token pairs with the reference recipe (DESIGN.md §3).
+"""Train the TokenAdapter on draft/target token pairs with the reference study's recipe.
 
 AdamW (lr 1e-4, weight decay 0.01), linear warm-up then cosine decay, batch 32, 50 epochs, early stopping on test
 top-1 (patience 10), loss = `adapter_loss` (draft[:, :-1] predicts target[:, 1:], pad 0 ignored, smoothing 0.1).
 
 Writes `<out>/<task_name>_YYYYMMDD_HHMMSS/`: best_model/ (save_adapter), results.json, RESULTS.md,
-training_curves.png, loss_curve.png, accuracy_curve.png, and last_state.pt (for `resume=<task dir>`).
+training_curves.png, loss_curve.png, accuracy_curve.png, last_state.pt (for `resume=<task dir>`) and
+run_settings.json (a resume with other data or hyper-parameters is refused); `<out>/latest` links the newest.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -27,13 +29,17 @@ from specalign.align.token_adapter import (
     shifted_targets,
     topk_accuracy,
 )
-from specalign.align.tokens import TokenPairs, pad_batch, read_pairs
-from specalign.errors import SpecalignError, fail
+from specalign.align.tokens import TokenPairs, pad_batch, pairs_identity, read_pairs
+from specalign.errors import SpecalignError, fail, one_line
 from specalign.fsutil import atomic_path, ensure_dir, write_bytes, write_json
 from specalign.options import option
-from specalign.runs import require_positive
+from specalign.runs import check_settings, exclusive, require_positive
 
 STATE_NAME = "last_state.pt"
+REFERENCE_VOCAB = 32010  # the reference adapter's vocabulary (Llama's 32000 + specials): pairs that do not say theirs
+MAX_VOCAB = 1 << 20  # above every real tokenizer (the largest are ~256k); guards against a typo allocating terabytes
+# fields that change where things go, speed or resumability, never the trained weights
+COSMETIC = ("train", "test", "task_name", "out", "device", "resume", "checkpoint_every_s", "compile", "overwrite")
 LATEST_NAME = "latest"  # a link beside the task folders to the newest finished one
 PAD_ID = 0
 
@@ -79,6 +85,8 @@ class AdapterTrainConfig:
             require_positive(name, getattr(self, name))
         require_positive("warmup_steps", self.warmup_steps, 0)
         require_positive("vocab_size", self.vocab_size, 2)
+        if self.vocab_size is not None and self.vocab_size > MAX_VOCAB:
+            raise SpecalignError(f"--vocab-size: at most {MAX_VOCAB}, got {self.vocab_size}")
         require_positive("max_len", self.max_len, 2)
         for name in ("lr", "weight_decay", "dropout", "checkpoint_every_s"):
             require_finite(name, getattr(self, name), positive=name == "lr")
@@ -308,11 +316,20 @@ def _plots(task: Path, history: list[dict]) -> None:
         plt.close(fig)
 
 
+def below_baseline(best: dict | None) -> bool:
+    """An adapter whose test top-1 is not above the draft-as-is baseline is of no use (flagged everywhere)."""
+    return best is not None and best["top1"] <= best["baseline"]
+
+
+BELOW_BASELINE = "below baseline: the adapter does no better than the draft's own tokens"
+
+
 def _results_md(res: dict) -> str:
     b = res["best"] or {}
     lines = [f"# TokenAdapter training: {res['task_dir']}", "",
              f"status: {res['status']}; best epoch {res['best_epoch']}; test top-1 {b.get('top1', 0):.2%}, "
              f"top-5 {b.get('top5', 0):.2%}, baseline {b.get('baseline', 0):.2%}; {res['seconds']:.1f} s", "",
+             *([f"**{BELOW_BASELINE}**", ""] if res["below_baseline"] else []),
              "| epoch | train loss | test loss | top-1 | top-5 |", "|---:|---:|---:|---:|---:|"]  # fmt: skip
     for h in res["history"]:
         lines.append(f"| {h['epoch']} | {h['train_loss']:.4f} | {h['test_loss']:.4f} | {h['top1']:.2%} "
@@ -320,51 +337,154 @@ def _results_md(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def result_lines(res: dict) -> list[str]:
+    """The console summary of a training run (results.json's dict)."""
+    b = res["best"]
+    flag = f"  ({BELOW_BASELINE})" if res.get("below_baseline") else ""
+    return [f"{res['status']}: best epoch {res['best_epoch']}  top-1 {b['top1']:.4f}  top-5 {b['top5']:.4f}  "
+            f"baseline {b['baseline']:.4f}  ({res['seconds']:.1f} s){flag}",
+            f"task folder: {res['task_dir']}"]  # fmt: skip
+
+
 def _finish(task: Path, cfg: AdapterTrainConfig, history, best, best_epoch, status, seconds, extra) -> dict:
     res = {"task_dir": str(task), "status": status, "config": dataclasses.asdict(cfg), **extra,
-           "history": history, "best_epoch": best_epoch, "best": best, "final": best, "seconds": seconds}  # fmt: skip
+           "history": history, "best_epoch": best_epoch, "best": best, "final": best,
+           "below_baseline": below_baseline(best), "seconds": seconds}  # fmt: skip
     if _rank_world()[0] != 0:  # under DDP rank 0 writes; every rank returns the same results
         return res
     write_json(task / "results.json", res)
     write_bytes(task / "RESULTS.md", _results_md(res).encode())
     if history:
         _plots(task, history)
+    if (task / "best_model").is_dir():
+        link_latest(task)
     return res
+
+
+def link_latest(task: Path) -> Path:
+    """Point `<out>/latest` (a relative link beside the task folders) at `task`, atomically: link a temp name,
+    then rename it over the old link, so a reader always finds one whole link."""
+    link = task.parent / LATEST_NAME
+    if link.exists() and not link.is_symlink():
+        raise fail(link, "exists and is not a link; rename it (task folders keep a `latest` link here)")
+    tmp = task.parent / f".{LATEST_NAME}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(task.name, tmp)
+    os.replace(tmp, link)
+    return link
+
+
+def star_task(task: str | Path) -> Path:
+    """Link a finished task folder under `<out>/starred/` (a relative link); returns the link."""
+    task = Path(task).resolve()  # `task/latest` stars the folder it points at
+    if not (task / "results.json").is_file():
+        raise fail(task, "not a task folder (results.json is missing)")
+    starred = ensure_dir(task.parent / "starred")
+    link = starred / task.name
+    if not link.is_symlink():
+        os.symlink(os.path.relpath(task, starred), link)
+    return link
 
 
 # ---------------------------------------------------------------- training
 
 
-def train_adapter(cfg: AdapterTrainConfig) -> dict:
-    """Train, evaluate each epoch on the test set, keep the best (test top-1) in best_model/. Returns results.json's
-    dict. NaN/inf loss -> stops, keeps the best checkpoint and results, raises SpecalignError."""
-    from tqdm.auto import tqdm
+@dataclass
+class TrainData:
+    """The checked inputs of one training run: token tensors [N, L] on the CPU and what the task folder records."""
 
-    cfg = dataclasses.replace(cfg, device=cfg.device or _default_device())
-    t0 = time.time()
-    rank, world = _init_distributed(cfg)
+    train_d: torch.Tensor
+    train_t: torch.Tensor
+    test_d: torch.Tensor
+    test_t: torch.Tensor
+    vocab: int
+    length: int
+    settings: dict
+
+
+def resolve_vocab(cfg: AdapterTrainConfig, files: dict[str, TokenPairs]) -> int:
+    """The adapter's vocabulary: --vocab-size, else the one the files record (an extraction's manifest), else the
+    reference's 32010; every token id must fit, or the file and the id are named."""
+    known = {path: p.vocab_size for path, p in files.items() if p.vocab_size is not None}
+    if cfg.vocab_size is not None:
+        vocab, source = cfg.vocab_size, "--vocab-size"
+        for path, v in known.items():
+            if v != vocab:
+                raise fail(path, f"vocab size {v} (its manifest) differs from --vocab-size {vocab}")
+    elif known:
+        (first, vocab), *rest = known.items()
+        for path, v in rest:
+            if v != vocab:
+                raise fail(path, f"vocab size {v} differs from {vocab} of {first} (pairs from other models?)")
+        source = f"the vocab size in {first}'s manifest"
+    else:
+        vocab, source = REFERENCE_VOCAB, "the reference vocabulary; the files do not record theirs: pass --vocab-size"
+    for path, pairs in files.items():
+        hit = pairs.first_id_at_least(vocab)
+        if hit:
+            raise fail(path, f"{hit[0]}: token id {hit[1]} is outside the vocabulary of {vocab} ({source})")
+    return vocab
+
+
+def load_data(cfg: AdapterTrainConfig) -> TrainData:
+    """Read and check both pair files (the cheap checks, before a model exists)."""
     train, test = _load(cfg.train, "train"), _load(cfg.test, "test")
-    vocab = cfg.vocab_size
-    if vocab is None:
-        vocab = max(train.vocab_size or 0, test.vocab_size or 0, train.max_token_id() + 1, test.max_token_id() + 1)
-    for path, pairs in ((cfg.train, train), (cfg.test, test)):
-        if pairs.max_token_id() >= vocab:  # a different tokenizer, or a vocab_size set too small
-            raise fail(path, f"token id {pairs.max_token_id()} is outside the vocabulary of size {vocab} "
-                             "(train and test from different vocabularies?)")  # fmt: skip
-        if pairs.vocab_size is not None and pairs.vocab_size != vocab:
-            raise fail(path, f"vocab_size {pairs.vocab_size} differs from the configured {vocab}")
-    acfg = TokenAdapterConfig(vocab_size=vocab, embed_dim=cfg.embed_dim, num_layers=cfg.num_layers,
-                              num_heads=cfg.num_heads, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout,
-                              token_bias=cfg.token_bias, pad_id=PAD_ID)  # fmt: skip
+    vocab = resolve_vocab(cfg, {cfg.train: train, cfg.test: test})
+    max_positions = TokenAdapterConfig(vocab_size=vocab, token_bias=cfg.token_bias).max_positions
     if cfg.max_len is not None:
-        acfg.max_positions = max(acfg.max_positions, cfg.max_len)
         length = cfg.max_len
     else:
         longest = max(len(s) for s in train.draft + train.target + test.draft + test.target)
-        length = min(max(longest, 2), acfg.max_positions)
-    device = torch.device(cfg.device)
-    train_d, train_t = (x.to(device) for x in _tensors(train, length))  # 52k x 50 ids are 42 MB: keep them there
+        length = min(max(longest, 2), max_positions)
+    for path, pairs, role in ((cfg.train, train, "learn from"), (cfg.test, test, "score")):
+        if not pairs.labels(length, PAD_ID):
+            raise fail(path, f"no target token to {role}: every pair's target has fewer than 2 non-pad tokens "
+                             "(empty generations?)")  # fmt: skip
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in COSMETIC}
+    settings.update(train=pairs_identity(cfg.train), test=pairs_identity(cfg.test), vocab=vocab, length=length)
+    train_d, train_t = _tensors(train, length)
     test_d, test_t = _tensors(test, length)
+    return TrainData(train_d, train_t, test_d, test_t, vocab, length, settings)
+
+
+def train_adapter(cfg: AdapterTrainConfig, progress: bool = True) -> dict:
+    """Train, evaluate each epoch on the test set, keep the best (test top-1) in best_model/. Returns results.json's
+    dict. NaN/inf loss -> stops, keeps the best checkpoint and results, raises SpecalignError.
+
+    A task folder remembers its settings (hyper-parameters, the pair files' hashes): resuming it with others is
+    refused on one line (or, with overwrite, it starts over)."""
+    cfg = dataclasses.replace(cfg, device=cfg.device or _default_device())
+    rank, world = _init_distributed(cfg)
+    data = load_data(cfg)
+    task = _task_dir(cfg) if rank == 0 else None
+    with exclusive(task) if rank == 0 else nullcontext():
+        error = None
+        if rank == 0:
+            try:
+                check_settings(task, data.settings, cfg.overwrite)
+            except SpecalignError as e:
+                error = str(e)
+        if world > 1:  # rank 0 names the task folder (a timestamp) and judges it; the others follow
+            box = [str(task) if task else None, error]
+            torch.distributed.broadcast_object_list(box, src=0)
+            task, error = Path(box[0]), box[1]
+        if error:
+            raise SpecalignError(error)
+        return _train(cfg, data, task, rank, world, progress)
+
+
+def _train(cfg: AdapterTrainConfig, data: TrainData, task: Path, rank: int, world: int, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    vocab, length = data.vocab, data.length
+    acfg = TokenAdapterConfig(vocab_size=vocab, embed_dim=cfg.embed_dim, num_layers=cfg.num_layers,
+                              num_heads=cfg.num_heads, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout,
+                              token_bias=cfg.token_bias, pad_id=PAD_ID)  # fmt: skip
+    acfg.max_positions = max(acfg.max_positions, length)
+    device = torch.device(cfg.device)
+    train_d, train_t = data.train_d.to(device), data.train_t.to(device)  # 52k x 50 ids are 42 MB: keep them there
+    test_d, test_t = data.test_d, data.test_t
 
     torch.manual_seed(cfg.seed)
     adapter = TokenAdapter(acfg).to(device)  # same seed: the same initial weights on every rank
@@ -377,15 +497,10 @@ def train_adapter(cfg: AdapterTrainConfig) -> dict:
     steps_per_epoch = math.ceil(len(train_d) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.epochs * steps_per_epoch))
 
-    task = _task_dir(cfg) if rank == 0 else None
-    if world > 1:  # rank 0 names the task folder (a timestamp); the others follow it
-        box = [str(task) if task else None]
-        torch.distributed.broadcast_object_list(box, src=0)
-        task = Path(box[0])
     history: list[dict] = []
     best, best_epoch, bad_epochs, start = None, 0, 0, 1
     seconds_before = 0.0
-    if cfg.resume:
+    if (task / STATE_NAME).is_file():  # a resume (a task folder started over with overwrite has none)
         try:
             state = torch.load(task / STATE_NAME, map_location="cpu", weights_only=True)
             adapter.load_state_dict(state["model"])
@@ -393,8 +508,7 @@ def train_adapter(cfg: AdapterTrainConfig) -> dict:
             sched.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])
         except Exception as e:  # truncated file, or a state saved with another model size / vocabulary
-            problem = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise fail(task / STATE_NAME, f"cannot resume from this state ({problem})") from None
+            raise fail(task / STATE_NAME, f"cannot resume from this state ({one_line(e)})") from None
         history, best, best_epoch = state["history"], state["best"], state["best_epoch"]
         bad_epochs, start, seconds_before = state["bad_epochs"], state["epoch"] + 1, state["seconds"]
     extra = {"vocab_size": vocab, "max_len": length, "train_pairs": len(train_d), "test_pairs": len(test_d),
@@ -404,7 +518,7 @@ def train_adapter(cfg: AdapterTrainConfig) -> dict:
     last_save = time.time()
     status = "completed"
     bar = tqdm(range(start, cfg.epochs + 1), desc=cfg.task_name, unit="epoch", initial=start - 1, total=cfg.epochs,
-               disable=rank != 0)  # fmt: skip
+               disable=rank != 0 or not progress)  # fmt: skip
     for epoch in bar:
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # per-epoch order: a resume repeats it
         order = torch.randperm(len(train_d), generator=gen).to(device)
