@@ -1,6 +1,11 @@
 """specalign: cross-modal speculative decoding (event-camera draft VLM -> RGB-video target VLM)."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # pyproject.toml is the one place the version is written
+    __version__ = version("specalign")
+except PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+    __version__ = "0+unknown"
 __all__ = ["TokenAdapter", "load_adapter", "__version__"]
 
 

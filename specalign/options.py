@@ -59,8 +59,8 @@ def add_options(parser: argparse.ArgumentParser, config_cls, skip: tuple[str, ..
         kwargs = {"dest": f.name, "help": meta["help"] or None}
         has_default = f.default is not MISSING or f.default_factory is not MISSING
         default = f.default if f.default is not MISSING else (f.default_factory() if has_default else None)
-        if kind is bool:
-            kwargs.update(action=argparse.BooleanOptionalAction, default=default)
+        if kind is bool:  # an off-by-default switch is `--x`; an on-by-default one also gets `--no-x`
+            kwargs.update(action=argparse.BooleanOptionalAction if default else "store_true", default=bool(default))
         else:
             kwargs.update(type=meta["type"] or kind, default=default)
             if meta["choices"]:
@@ -84,7 +84,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default; leaves out "(default: None)" and the defaults of required options."""
 
     def _get_help_string(self, action):
-        if action.default in (None, argparse.SUPPRESS) or action.required or not action.option_strings:
+        if action.default in (None, False, argparse.SUPPRESS) or action.required or not action.option_strings:
             return action.help or ""
         return super()._get_help_string(action)
 
