@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = _command(sub, "answer", "print one model's answer for one sample", cmd_answer)
     a.add_argument("--model", default="mini-target",
-                   help="a bundled name (mini-target, mini-draft), a checkpoint folder, or a cached hub id")  # fmt: skip
+                   help="a bundled name (mini-target, mini-draft), a checkpoint folder or a cached hub id")  # fmt: skip
     a.add_argument("--backend", default=None, choices=["video-llava", "eventgpt", "llava"],
                    help="the model's family (default: from its config.json)")  # fmt: skip
     a.add_argument("--dataset", required=True, help="a split folder")

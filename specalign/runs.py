@@ -14,7 +14,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,17 +108,12 @@ def clear_folder(folder: Path) -> None:
 def exclusive(folder: str | Path):
     """Hold `folder/.lock` for the block: a second process writing the same folder stops on one line."""
     folder = ensure_dir(folder)
-    f = open(folder / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise fail(folder, "another specalign process is writing here; wait for it or use another --out") from None
-    try:
+    with open(folder / LOCK_FILE, "a+") as f:  # the lock dies with the process, however it ends
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise fail(folder, "another specalign process is writing here; wait for it or use another --out") from None
         yield folder
-    finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
 
 
 @contextmanager
