@@ -26,12 +26,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from specalign.data import open_dataset  # noqa: E402
-from specalign.evaluate.quality import COLOURS, facts  # noqa: E402
+from specalign.evaluate.quality import COLOURS, VEHICLES, facts  # noqa: E402
 from specalign.models import load_model  # noqa: E402
 from specalign.models.base import Prompt  # noqa: E402
 from specalign.world.camera import EXPOSURE_S  # noqa: E402
 from specalign.world.render import LAMPS, render  # noqa: E402
-from specalign.world.scene import COLOUR_HUES, Scene  # noqa: E402
+from specalign.world.scene import COLOUR_HUES, VEHICLE_KINDS, Scene  # noqa: E402
 
 MIN_DN = 4  # a pixel shows a colour change of at least this many 8-bit levels (read noise: 1.4 DN by day)
 T0_US = 50_000_000_000  # the world builder's clock offset; drive i starts at T0_US + i * 1e9 us
@@ -64,9 +64,6 @@ def colour_pixels(scene: dict, t: float, objects: list[tuple[str, int]], size: t
     side = min(h, w)
     view = changed[(h - side) // 2 : (h + side) // 2, (w - side) // 2 : (w + side) // 2] if crop else changed
     return int(changed.sum()), int(view.sum())
-
-
-VEHICLES = r"(?:car|van|truck|bus)"
 
 
 def named_objects(phrase: str, scene: dict) -> tuple[str, list[tuple[str, int]]]:
@@ -168,7 +165,7 @@ def main() -> None:
               + " |")  # fmt: skip
     print("\nvisible vehicles seen from behind or ahead (crossing ones show their side): the type an answer gave the "
           "fact's colour, when it was another type (rows: the truth)")  # fmt: skip
-    kinds = ("car", "van", "truck", "bus")
+    kinds = VEHICLE_KINDS
     print("| type | facts | right | " + " | ".join(f"said {k}" for k in kinds) + " |\n|---|---|---|" + "---|" * 4)
     for k in kinds:
         of = [r for r in rows if r["type"] == k and r["pixels"] > 0 and not r["side_view"]]
