@@ -19,7 +19,7 @@ import torch
 
 from specalign.align.token_adapter import load_adapter, shifted_targets
 from specalign.align.tokens import pad_batch, read_pairs
-from specalign.align.train import AdapterTrainConfig
+from specalign.align.train import BELOW_BASELINE, AdapterTrainConfig, below_baseline
 from specalign.align.train import evaluate as train_evaluate
 from specalign.errors import SpecalignError, fail
 from specalign.fsutil import write_bytes
@@ -91,6 +91,7 @@ def predictions(adapter, draft: torch.Tensor, batch_size: int = 64) -> torch.Ten
 
 
 def evaluate_adapter(adapter_path: str | Path, pairs_path: str | Path, batch_size: int = 64) -> dict:
+    """Teacher-forced metrics and the reference's AR comparison of `adapter_path` on the pairs at `pairs_path`."""
     adapter = load_adapter(adapter_path)
     pairs = read_pairs(pairs_path)
     if pairs.max_token_id() >= adapter.config.vocab_size:  # checked once: the pass below skips the per-batch check
@@ -117,14 +118,15 @@ def evaluate_adapter(adapter_path: str | Path, pairs_path: str | Path, batch_siz
         total += sum(row)
         n_tok += n
     return {
-        "adapter": str(adapter_path),
-        "pairs": str(pairs_path),
+        "adapter": str(Path(adapter_path).resolve()),
+        "pairs": str(Path(pairs_path).resolve()),
         "count": len(draft),
         "teacher_forced": {
             "top1": round(tf["top1"], 4),
             "top5": round(tf["top5"], 4),
             "baseline": round(tf["baseline"], 4),
             "improvement": round(tf["top1"] - tf["baseline"], 4),
+            "below_baseline": below_baseline(tf),
             "per_position": [None if p is None else round(p, 4) for p in tf["per_position"]],
         },
         "independent_generations_AR_comparison": {
@@ -150,7 +152,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 def evaluate_lines(r: dict) -> list[str]:
     """The console summary of `evaluate_adapter`'s result."""
     tf, ar = r["teacher_forced"], r["independent_generations_AR_comparison"]
-    flag = "" if tf["improvement"] > 0 else "  (below baseline: the draft as is does as well)"
+    flag = f"  ({BELOW_BASELINE})" if tf["below_baseline"] else ""
     return [f"adapter {r['adapter']} on {r['count']} pairs",
             f"  teacher-forced: top-1 {tf['top1']:.4f}  baseline {tf['baseline']:.4f}  "
             f"improvement {tf['improvement']:+.4f}{flag}",

@@ -1,10 +1,13 @@
-"""The 1q workflow end to end on a tiny world with the bundled models; a re-run resumes (skips) every stage."""
+"""The 1q workflow end to end on a tiny world with the bundled models; a re-run resumes (skips) every stage, a re-run
+with other settings is refused, and --overwrite starts over."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from specalign.align.workflow import WorkflowConfig, run_workflow
+from specalign.errors import SpecalignError
 from specalign.models.registry import BUNDLED
 from specalign.world.build import WorldConfig, build_world
 
@@ -27,3 +30,13 @@ def test_workflow_1q_runs_and_resumes(tmp_path):
     assert again["task"] == s["task"] and again["top1"] == s["top1"], "a re-run resumes, it does not retrain"
     assert "already finished" in (run / "workflow.log").read_text()
     assert json.loads((run / "eval.json").read_text())["count"] == 2
+
+    # another split or other flags: refused on one line naming the first difference; nothing is changed
+    with pytest.raises(SpecalignError, match="epochs: 2 then, 3 now"):
+        run_workflow(replace(cfg, epochs=3), progress=False)
+    with pytest.raises(SpecalignError, match=r"test\.path: .*seq_1s' then, .*train_1s' now"):
+        run_workflow(replace(cfg, test=cfg.train), progress=False)
+    assert json.loads((run / "summary.json").read_text()) == again
+    fresh = run_workflow(replace(cfg, max_samples=2, epochs=1, overwrite=True), progress=False)
+    assert fresh["train_pairs"] == 2 and fresh["task"] != s["task"]
+    assert len(list((run / "task").glob("1q_*"))) == 1, "the old run was cleared"
