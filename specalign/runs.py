@@ -67,7 +67,7 @@ def first_difference(old, new, where: str = "") -> str | None:
 
 def _short(v) -> str:
     s = json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else repr(v)
-    return s if len(s) <= 80 else s[:77] + "..."
+    return s if len(s) <= 80 else ("..." + s[-77:] if isinstance(v, str) else s[:77] + "...")  # a path's end tells
 
 
 def check_settings(folder: str | Path, settings: dict, overwrite: bool = False) -> bool:
