@@ -21,8 +21,8 @@ from specalign.align.token_adapter import load_adapter, shifted_targets
 from specalign.align.tokens import pad_batch, read_pairs
 from specalign.align.train import BELOW_BASELINE, AdapterTrainConfig, below_baseline
 from specalign.align.train import evaluate as train_evaluate
-from specalign.errors import SpecalignError, fail
-from specalign.fsutil import write_bytes
+from specalign.errors import SpecalignError, fail, one_line
+from specalign.fsutil import ensure_dir, write_bytes
 from specalign.options import option
 from specalign.runs import require_positive
 
@@ -81,6 +81,32 @@ def latest_adapter(root: str | Path = "task") -> Path:
     return resolve_adapter(root)
 
 
+def _read_fitting(pairs_path, adapter):
+    """The pairs at `pairs_path`, checked once against the adapter (the passes after skip the per-batch check)."""
+    pairs = read_pairs(pairs_path)
+    if not len(pairs):
+        raise fail(pairs_path, "no token pairs")
+    hit = pairs.first_id_at_least(adapter.config.vocab_size)
+    if hit:
+        raise fail(pairs_path, f"{hit[0]}: token id {hit[1]} is outside the adapter vocabulary "
+                               f"[0, {adapter.config.vocab_size}) (pairs from another tokenizer?)")  # fmt: skip
+    return pairs
+
+
+def load_tokenizer(path: str | Path):
+    """A `tokenizers` tokenizer from tokenizer.json, or from a model folder holding one."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise fail(path, "no tokenizer.json here" if path.is_dir() else "file not found")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # not JSON, truncated, or another format
+        raise fail(file, f"not a readable tokenizer.json ({one_line(e)})") from None
+
+
 @torch.inference_mode()
 def predictions(adapter, draft: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Adapter argmax after each draft prefix: long [N, L]; column i is the guess for target[i + 1]."""
@@ -93,10 +119,7 @@ def predictions(adapter, draft: torch.Tensor, batch_size: int = 64) -> torch.Ten
 def evaluate_adapter(adapter_path: str | Path, pairs_path: str | Path, batch_size: int = 64) -> dict:
     """Teacher-forced metrics and the reference's AR comparison of `adapter_path` on the pairs at `pairs_path`."""
     adapter = load_adapter(adapter_path)
-    pairs = read_pairs(pairs_path)
-    if pairs.max_token_id() >= adapter.config.vocab_size:  # checked once: the pass below skips the per-batch check
-        raise fail(pairs_path, f"token id {pairs.max_token_id()} is outside the adapter vocabulary "
-                               f"[0, {adapter.config.vocab_size}) (pairs from another tokenizer?)")  # fmt: skip
+    pairs = _read_fitting(pairs_path, adapter)
     length = min(max(max(len(d), len(t)) for d, t in zip(pairs.draft, pairs.target, strict=True)),
                  adapter.config.max_positions)  # fmt: skip
     draft, target = pad_batch(pairs.draft, PAD_ID, length), pad_batch(pairs.target, PAD_ID, length)
@@ -143,6 +166,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     """`specalign evaluate`: the metrics of `evaluate_adapter`, also written to cfg.out when given."""
     from specalign.fsutil import write_json
 
+    if cfg.out:
+        ensure_dir(Path(cfg.out).parent)  # an unwritable place fails before the work
     r = evaluate_adapter(resolve_adapter(cfg.token_adapter), cfg.pairs)
     if cfg.out:
         write_json(cfg.out, r)
@@ -169,14 +194,12 @@ def run_debug_tokens(cfg: DebugTokensConfig) -> Path:
 def debug_tokens(
     adapter_path, pairs_path, out: str | Path, tokenizer_file: str | None = None, samples: int = 5
 ) -> Path:
-    """TOKEN_ALIGNMENT_ANALYSIS.md: draft / adapter / target token by token, with decoded text."""
+    """TOKEN_ALIGNMENT_ANALYSIS.md at `out`: draft / adapter / target token by token for the first `samples` pairs,
+    decoded with `tokenizer_file` (tokenizer.json or a folder holding one) when given."""
+    ensure_dir(Path(out).parent)  # an unwritable place fails before the work
+    tok = load_tokenizer(tokenizer_file) if tokenizer_file else None
     adapter = load_adapter(adapter_path)
-    pairs = read_pairs(pairs_path)
-    tok = None
-    if tokenizer_file:
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(tokenizer_file))
+    pairs = _read_fitting(pairs_path, adapter)
 
     def show(i: int) -> str:
         return tok.id_to_token(i) if tok is not None and tok.id_to_token(i) is not None else str(i)
