@@ -113,7 +113,9 @@ def write_mp4(path: str | Path, frames: list[np.ndarray], fps: int = VIDEO_FPS) 
             return False
         stream.width, stream.height = w - w % 2, h - h % 2
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18", "preset": "veryfast"}
+        # one thread and no macroblock-tree rate control: x264's mbtree code gives different bytes from run to run
+        # for heights that are not a multiple of 16 (e.g. 1080), and a resumed build must write the same files
+        stream.options = {"crf": "18", "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
         stream.codec_context.thread_count = 1
         for img in frames:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img[: stream.height, : stream.width]), "rgb24")

@@ -106,13 +106,17 @@ def test_interrupted_build_resumes(tmp_path):
     victim = sorted((split / "event_npy" / seq).glob("*.npy"))[0]
     victim.unlink()
     marker.unlink()
-    (split / "event_npy" / seq / ".000001.npy.tmp").write_bytes(b"half")
     other_seq = next(m.stem for m in (split / ".build").glob("*_a.json") if m.stem != seq)
+    temps = [split / "event_npy" / seq / ".000001.npy.k3j4h5g6.tmp.npy", split / ".index.json.a_b_c_d_.tmp.json",
+             split / "video" / other_seq / "000001" / ".000006.png.abcdefgh.tmp.png"]  # fmt: skip
+    for t in temps:
+        t.write_bytes(b"half")
     untouched = sorted((split / "event_npy" / other_seq).glob("*.npy"))[0]
     mtime = untouched.stat().st_mtime_ns
     build_world(tiny(out), progress=False)
     assert digests(out) == before
     assert untouched.stat().st_mtime_ns == mtime, "finished sequences are not rebuilt"
+    assert not any(t.exists() for t in temps), "a resume removes what a killed build was writing"
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
