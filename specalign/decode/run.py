@@ -1,15 +1,25 @@
 """`specalign speculate`: speculative decoding over a split and its questions, measured against the target alone.
 
-For every (sample, question): the target alone on the static-cache engine (the baseline of every speedup), HF
-`generate` (the reference's path), and SD with the chosen draft source. Writes to --out:
-results.json (config, totals, per sample: sd_tokens, target_tokens, alpha, tau, times; top-level `lossless`),
-BENCHMARK_RESULTS.md (tables + output examples), timing_breakdown.png, acceptance_histogram.png, speedup.png.
+For every (sample, question): the target alone on the static-cache engine (the baseline of every speedup) and SD
+with the chosen draft source, each timed `repeats` times in alternating order (the median is kept), and HF
+`generate` (the reference's path) once. All inputs are checked before any model loads: the values, the dataset and
+its questions, the TokenAdapter, both models, and that --out is writable and holds no run of other settings.
+Writes to --out: results.json (config, resolved paths, verdict, totals, per answer: sd_tokens, target_tokens,
+alpha, tau, times), BENCHMARK_RESULTS.md, timing_breakdown.png, acceptance_histogram.png, speedup.png.
+
+The verdict: greedy SD must give the target-alone tokens exactly; sampling SD follows the rule of Leviathan et al.,
+which preserves the target's distribution, not its tokens, so it gets a two-sample test of that distribution on
+one prompt instead (`check_draws`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import statistics
 import time
+from collections import Counter
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,14 +27,20 @@ import torch
 from tqdm.auto import tqdm
 
 from specalign.decode.engine import Engine, prompt_embeds
-from specalign.decode.sources import AdaptedDraft, VLMDraft, check_same_tokenizer
+from specalign.decode.sources import AdaptedDraft, VLMDraft, shared_vocabulary
 from specalign.decode.speculative import Clock, divergence, speculative_decode, target_generate
-from specalign.errors import SpecalignError
-from specalign.fsutil import atomic_path, ensure_dir, write_bytes, write_json
+from specalign.errors import SpecalignError, fail, one_line
+from specalign.fsutil import atomic_path, write_bytes, write_json
 from specalign.models.base import Sampling
 from specalign.options import option
+from specalign.runs import SETTINGS_FILE, check_settings, dataset_identity, exclusive, file_identity, require_positive
 
 STAGES = ("vision", "prefill", "draft", "adapt", "verify")
+# fewer answers or less SD time than this: the speedup is reported with a warning (timer noise and warm-up dominate)
+SHORT_RUN_ANSWERS, SHORT_RUN_SECONDS = 10, 1.0
+CHECK_ALPHA = 0.01  # the distribution check fails below this p-value (Bonferroni over the positions compared)
+# fields that change how a run is executed or named, not its results: left out of the settings a folder holds
+NOT_SETTINGS = ("out", "overwrite", "device", "draft_device", "target_device")
 
 
 @dataclass
@@ -52,8 +68,13 @@ class SpeculateConfig:
     temperature: float = option(0.0, help="0 = greedy; > 0 samples (with --top-p and --seed)")
     top_p: float = option(1.0, help="nucleus sampling mass in (0, 1] (sampling only)")
     seed: int = option(0, help="random seed of the sampling")
+    check_draws: int = option(
+        200,
+        help="sampling only: answers drawn per side (target alone, SD) on one prompt to test that SD follows the "
+        "target's distribution (0: no test)",
+    )
     repeats: int = option(3, help="time the target alone and SD this many times per answer (the median is kept)")
-    device: str = option("cuda" if torch.cuda.is_available() else "cpu", help="cuda | cpu")
+    device: str | None = option(None, help="cuda | cpu (default: cuda when available)")
     draft_device: str | None = option(None, help="e.g. cuda:1: the draft on its own GPU (default: --device)")
     target_device: str | None = option(None, help="e.g. cuda:0 (default: --device)")
     hide_prefill: bool = option(False, help="the draft drafts while the target prefills")
@@ -67,37 +88,206 @@ class SpeculateConfig:
     )
     overwrite: bool = option(False, help="start over: clear the output folder if it holds a run with other settings")
 
+    def __post_init__(self):
+        from specalign.models.loading import resolve_dtype
+
+        for name in ("max_new_tokens", "gamma", "questions", "max_samples", "repeats"):
+            require_positive(name, getattr(self, name))
+        require_positive("check_draws", self.check_draws, 0)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise SpecalignError(f"--seed: must be an integer in [0, 2^32), got {self.seed!r}")
+        if not self.temperature >= 0 or math.isinf(self.temperature):  # also refuses NaN
+            raise SpecalignError(f"--temperature: must be 0 (greedy) or more, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise SpecalignError(f"--top-p: must be in (0, 1] (1 keeps every token), got {self.top_p}")
+        if not 0 <= self.min_confidence < 1:
+            raise SpecalignError(f"--min-confidence: must be in [0, 1) (0 turns adaptive gamma off), "
+                                 f"got {self.min_confidence}")  # fmt: skip
+        if self.token_adapter is not None and not str(self.token_adapter).strip():
+            raise SpecalignError("--token-adapter: empty path")
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        for name in ("device", "draft_device", "target_device"):
+            _check_device(name, getattr(self, name))
+        resolve_dtype(self.dtype)  # refuses an unknown --dtype
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _check_device(name: str, device: str | None) -> None:
+    if device is None:
+        return
+    flag = "--" + name.replace("_", "-")
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise SpecalignError(f"{flag}: not a device ({one_line(e)}); e.g. cuda, cuda:1 or cpu") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SpecalignError(f"{flag}: {device}: no CUDA GPU is available here (use cpu)")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise SpecalignError(f"{flag}: {device}: only {torch.cuda.device_count()} GPU(s) here")
+    elif d.type != "cpu":
+        raise SpecalignError(f"{flag}: {device}: expected cuda, cuda:N or cpu")
+
+
+# ---------------------------------------------------------------- inputs, checked before any model loads
+
+
+@dataclass
+class Inputs:
+    """What the config's paths resolve to, and the identities that decide whether a results folder matches."""
+
+    dataset: object
+    questions: list[str]
+    paths: dict  # every resolved path: dataset, questions_file, draft, target, token_adapter, out
+    settings: dict  # for runs.check_settings: the config minus NOT_SETTINGS, plus input identities
+
+
+def _model_path(name: str) -> str:
+    """A model's resolved directory (bundled name or checkpoint folder), or the name as given (a hub id)."""
+    from specalign.models import bundled_path
+
+    path = bundled_path(name) or Path(name)
+    return str(path.resolve()) if path.is_dir() else name
+
+
+def _inspect(name: str, flag: str) -> None:
+    """Config, tokenizer and weight files of a model, read without loading it."""
+    try:
+        from specalign.models import inspect_model
+    except ImportError:  # older tree: load_model's own early checks are the only ones
+        return
+    inspect_model(name)
+
+
+def check_inputs(cfg: SpeculateConfig) -> Inputs:
+    """Every input, cheapest first; raises SpecalignError on the first bad one. Nothing is written."""
+    from specalign.align.extract import load_questions
+    from specalign.align.token_adapter import WEIGHTS_NAME, load_adapter
+    from specalign.data import open_dataset
+    from specalign.evaluate.adapter import resolve_adapter
+    from specalign.models import weights_stamp
+    from specalign.models.loading import resolve_dtype
+
+    dataset = open_dataset(cfg.dataset)
+    if len(dataset) == 0:
+        raise fail(dataset.root, "the split holds no samples")
+    questions = load_questions(dataset, cfg.questions, cfg.questions_file)
+    adapter_path = adapter_id = None
+    if cfg.token_adapter:
+        adapter_path = resolve_adapter(cfg.token_adapter).resolve()
+        load_adapter(adapter_path)  # read and shape-checked here; moved to its device after the models load
+        adapter_id = file_identity(adapter_path / WEIGHTS_NAME if adapter_path.is_dir() else adapter_path)
+    _inspect(cfg.draft, "--draft")
+    _inspect(cfg.target, "--target")
+    paths = {
+        "dataset": str(dataset.root),
+        "questions_file": str(Path(cfg.questions_file).resolve()) if cfg.questions_file else None,
+        "draft": _model_path(cfg.draft),
+        "target": _model_path(cfg.target),
+        "token_adapter": str(adapter_path) if adapter_path else None,
+        "out": str(Path(cfg.out).resolve()),
+    }
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_SETTINGS}
+    settings.update(
+        dataset=dataset_identity(dataset.root),
+        questions_file=file_identity(cfg.questions_file) if cfg.questions_file else None,
+        question_list=questions,
+        dtype=str(resolve_dtype(cfg.dtype, cfg.target_device or cfg.device)).removeprefix("torch."),
+        draft_weights=weights_stamp(cfg.draft),
+        target_weights=weights_stamp(cfg.target),
+        token_adapter=adapter_id,
+    )
+    return Inputs(dataset, questions, paths, settings)
+
+
+@contextmanager
+def results_folder(out: str | Path, settings: dict, overwrite: bool):
+    """--out, locked for the run and holding these settings (a folder with another run's results is refused
+    unless overwrite). A run that fails before writing its results leaves a new folder as it found it."""
+    out = Path(out)
+    created = not out.exists()
+    lock = exclusive(out)
+    try:
+        folder = lock.__enter__()
+    except OSError as e:
+        raise fail(out, f"cannot write the results here ({one_line(e)})") from None
+    done = new = False
+    try:
+        try:
+            new = check_settings(folder, settings, overwrite)
+        except OSError as e:
+            raise fail(out, f"cannot write the results here ({one_line(e)})") from None
+        yield folder
+        done = True
+    finally:
+        lock.__exit__(None, None, None)
+        if not done and new and not (folder / "results.json").exists():
+            (folder / SETTINGS_FILE).unlink(missing_ok=True)
+            if created:
+                (folder / ".lock").unlink(missing_ok=True)
+                with suppress(OSError):  # not empty: something else is in it
+                    folder.rmdir()
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _seed(*parts: int) -> int:
+    """A fixed seed for one draw, stable across runs and distinct for each tuple of parts."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
 
 def run_speculate(cfg: SpeculateConfig, progress: bool = True) -> dict:
-    from specalign.align.extract import load_questions
-    from specalign.data import open_dataset
+    from specalign.align.token_adapter import load_adapter
     from specalign.models import load_model
 
-    if cfg.gamma < 1:
-        raise SpecalignError(f"--gamma must be at least 1, got {cfg.gamma}")
-    adapter = None
-    if cfg.token_adapter:
-        from specalign.align.token_adapter import load_adapter
+    inputs = check_inputs(cfg)
+    with results_folder(cfg.out, inputs.settings, cfg.overwrite) as out:
+        target = load_model(cfg.target, device=cfg.target_device or cfg.device, dtype=cfg.dtype)
+        draft = load_model(cfg.draft, device=cfg.draft_device or cfg.device, dtype=cfg.dtype)
+        draft.shared_vocab = shared_vocabulary(draft, target)  # ids the draft may propose
+        adapter = None
+        if inputs.paths["token_adapter"]:
+            adapter = load_adapter(inputs.paths["token_adapter"]).to(draft.device).eval()
+        rows, check = _decode_all(cfg, inputs, target, draft, adapter, progress)
+        result = _summarise(cfg, inputs, rows, check, target, draft)
+        _write(out, result)
+    return result
 
-        path = Path(cfg.token_adapter)
-        if not path.exists():
-            raise SpecalignError(f"{path}: no TokenAdapter checkpoint here (--token-adapter-path)")
-        adapter = load_adapter(path).to(cfg.draft_device or cfg.device).eval()
-    dataset = open_dataset(cfg.dataset)
-    questions = load_questions(dataset, cfg.questions, cfg.questions_file)
-    target = load_model(cfg.target, device=cfg.target_device or cfg.device, dtype=cfg.dtype)
-    draft = load_model(cfg.draft, device=cfg.draft_device or cfg.device, dtype=cfg.dtype)
-    check_same_tokenizer(draft, target)
+
+def _decode_all(cfg: SpeculateConfig, inputs: Inputs, target, draft, adapter, progress: bool):
+    """Every (sample, question): target alone and SD, `repeats` times each -> (rows, distribution check or None)."""
+    dataset, questions = inputs.dataset, inputs.questions
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed)
-    gen = torch.Generator(device=target.device).manual_seed(cfg.seed)
+    gen = torch.Generator(device=target.device)
     # the draft samples on its own device (a generator serves one device)
-    d_gen = gen if draft.device == target.device else torch.Generator(device=draft.device).manual_seed(cfg.seed + 1)
+    d_gen = gen if draft.device == target.device else torch.Generator(device=draft.device)
     eos = target.eos_token_id
     n = len(dataset) if cfg.max_samples is None else min(cfg.max_samples, len(dataset))
     jobs = [(i, q) for i in range(n) for q in questions]
     t_engine = d_engine = None
-    rows = []
-    for i, q in tqdm(jobs, desc="speculate", unit="answer", disable=not progress):
+    rows, check = [], None
+
+    def source(de):  # a fresh draft source per answer
+        s = VLMDraft(d_engine, de, sampling, d_gen, cfg.min_confidence)
+        return s if adapter is None else AdaptedDraft(s, adapter, sampling, d_gen, cfg.adapter_resync,
+                                                      cfg.max_new_tokens)  # fmt: skip
+
+    def reseed(*parts):  # each run of an answer draws the same random numbers: repeats give the same tokens
+        gen.manual_seed(_seed(cfg.seed, *parts))
+        if d_gen is not gen:
+            d_gen.manual_seed(_seed(cfg.seed, *parts, 1))
+
+    for k, (i, q) in enumerate(tqdm(jobs, desc="speculate", unit="answer", disable=not progress)):
         sample = dataset[i]
         seconds = {}
         t_prompt, d_prompt = target.prepare(sample, q), draft.prepare(sample, q)
@@ -112,23 +302,30 @@ def run_speculate(cfg: SpeculateConfig, progress: bool = True) -> dict:
         if not rows:  # warm-up: CUDA graphs are captured on first use, not inside the timed runs
             target_generate(t_engine, te, 4, eos)
             speculative_decode(t_engine, te, VLMDraft(d_engine, de), cfg.gamma, 4, eos)
-        t0 = time.perf_counter()
-        ref, ref_seconds = target_generate(t_engine, te, cfg.max_new_tokens, eos, sampling, gen)
-        target_s = time.perf_counter() - t0
-        source = VLMDraft(d_engine, de, sampling, d_gen, cfg.min_confidence)
-        if adapter is not None:
-            source = AdaptedDraft(source, adapter, sampling, d_gen, cfg.adapter_resync, cfg.max_new_tokens)
-        t0 = time.perf_counter()
-        out, stats = speculative_decode(t_engine, te, source, cfg.gamma, cfg.max_new_tokens, eos, sampling, gen,
-                                        cfg.hide_prefill)  # fmt: skip
-        sd_s = time.perf_counter() - t0
+        alone_runs, sd_runs = [], []
+        for r in range(cfg.repeats):  # alternating order: neither side always runs on a warmer machine
+            for side in ("alone", "sd") if r % 2 == 0 else ("sd", "alone"):
+                reseed(k)
+                _sync(target.device)
+                t0 = time.perf_counter()
+                if side == "alone":
+                    ref, ref_seconds = target_generate(t_engine, te, cfg.max_new_tokens, eos, sampling, gen)
+                    alone_runs.append((time.perf_counter() - t0, ref, ref_seconds))
+                else:
+                    out, stats = speculative_decode(t_engine, te, source(de), cfg.gamma, cfg.max_new_tokens, eos,
+                                                    sampling, gen, cfg.hide_prefill)  # fmt: skip
+                    _sync(target.device)
+                    sd_runs.append((time.perf_counter() - t0, out, stats))
+        target_s, ref, ref_seconds = _median_run(alone_runs)
+        sd_s, out, stats = _median_run(sd_runs)
         hf_s = None
-        if cfg.hf_baseline:
+        if cfg.hf_baseline:  # once: an order of magnitude slower, a reference point rather than a baseline
             t0 = time.perf_counter()
             target.generate([t_prompt], cfg.max_new_tokens, sampling)
-            if target.device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync(target.device)
             hf_s = time.perf_counter() - t0
+        if check is None and not sampling.greedy and cfg.check_draws:
+            check = distribution_check(t_engine, d_engine, te, de, ref, source, reseed, gen, cfg, sampling, eos)
         rows.append({
             "sample": i, "question": q, "sd_tokens": out, "target_tokens": ref, "same": out == ref,
             "divergence": divergence(t_engine, te, ref, out) if out != ref and sampling.greedy else None,
@@ -137,15 +334,146 @@ def run_speculate(cfg: SpeculateConfig, progress: bool = True) -> dict:
             "first_token_accepted": stats.first_accepted / max(stats.rounds, 1),
             "accepted_per_round": stats.accepted_per_round, "drafted_per_round": stats.drafted_per_round,
             "seconds": {"vision": seconds["vision"], **stats.seconds, "sd_total": sd_s, "target_alone": target_s,
-                        "target_alone_prefill": ref_seconds["prefill"], "hf_generate": hf_s},
+                        "target_alone_prefill": ref_seconds["prefill"], "hf_generate": hf_s,
+                        "sd_runs": [x[0] for x in sd_runs], "target_alone_runs": [x[0] for x in alone_runs]},
+            "speedup": target_s / sd_s,
             "sd_text": target.decode(out), "target_text": target.decode(ref),
         })  # fmt: skip
-    result = _summarise(cfg, rows, target, draft)
-    _write(Path(cfg.out), result)
-    return result
+    return rows, check
 
 
-def _summarise(cfg, rows, target, draft) -> dict:
+def _median_run(runs: list[tuple]) -> tuple:
+    """The run with the median time (the lower one of an even count): (seconds, ...) tuples."""
+    return sorted(runs, key=lambda x: x[0])[(len(runs) - 1) // 2]
+
+
+# ---------------------------------------------------------------- the sampling check
+
+
+def distribution_check(t_engine, d_engine, te, de, answer: list[int], make_source, reseed, gen,
+                       cfg: SpeculateConfig, sampling: Sampling, eos: int) -> dict:  # fmt: skip
+    """Sampling SD must draw each answer from the target's own distribution. On one prompt (te [1, T, D] for the
+    target, de [1, T', D'] for the draft), extended by the first m tokens of the target's `answer` where the target
+    is least certain (a stretch the target is sure of tests nothing), `check_draws` continuations of gamma + 1
+    tokens from the target alone and as many from SD, each with its own seed. Tokens 2..gamma+1 of a continuation
+    (the first is the target's own prefill sample on both sides) are compared position by position: total-variation
+    distance and a two-sample chi-square test, Bonferroni over the positions."""
+    length = min(cfg.gamma + 1, cfg.max_new_tokens)
+    if length < 2:
+        return {"run": False, "why": "--max-new-tokens 1: the only token is the target's own sample"}
+    m, entropy = _uncertain_start(t_engine, te, answer, length, sampling, d_engine.vlm.vocab_size)
+    if m:
+        ids = torch.tensor([answer[:m]])
+        te = torch.cat([te, t_engine.lm.embed_tokens(ids.to(t_engine.device)).to(te.dtype)], dim=1)
+        de = torch.cat([de, d_engine.lm.embed_tokens(ids.to(d_engine.device)).to(de.dtype)], dim=1)
+    alone, sd = [], []
+    for j in range(cfg.check_draws):
+        reseed(-1, j)
+        alone.append(target_generate(t_engine, te, length, eos, sampling, gen)[0])
+        reseed(-2, j)
+        sd.append(speculative_decode(t_engine, te, make_source(de), cfg.gamma, length, eos, sampling, gen,
+                                     cfg.hide_prefill)[0])  # fmt: skip
+    positions = []
+    for p in range(1, length):
+        a = [x[p] if p < len(x) else -1 for x in alone]  # -1: the answer ended (EOS) before p
+        b = [x[p] if p < len(x) else -1 for x in sd]
+        stat, dof, pvalue = chi_square(a, b)
+        positions.append({"position": m + p + 1, "distinct_tokens": len(set(a) | set(b)),
+                          "total_variation": round(total_variation(a, b), 4), "chi_square": round(stat, 3),
+                          "dof": dof, "p": pvalue})  # fmt: skip
+    p_all = min(1.0, len(positions) * min(x["p"] for x in positions))
+    return {"run": True, "draws": cfg.check_draws, "prefix_tokens": m, "tokens": f"{m + 2}-{m + length}",
+            "target_entropy_nats": round(entropy, 3), "positions": positions,
+            "max_total_variation": max(x["total_variation"] for x in positions), "p": p_all,
+            "consistent": p_all >= CHECK_ALPHA,
+            "informative": any(x["distinct_tokens"] > 1 for x in positions)}  # fmt: skip
+
+
+@torch.inference_mode()
+def _uncertain_start(t_engine, te, answer: list[int], length: int, sampling: Sampling, draft_vocab: int):
+    """m maximising the target's mean entropy (nats, under `sampling`) over answer positions m+1..m+length-1: the
+    ones a continuation of `length` tokens from prompt + answer[:m] samples through the acceptance rule. Only
+    prefixes of ids the draft has. -> (m, that mean entropy)."""
+    from specalign.decode.engine import prefill, verify
+    from specalign.models.base import probabilities
+
+    bad = next((i for i, t in enumerate(answer) if t >= draft_vocab), len(answer))
+    answer = answer[:bad]
+    if len(answer) < length:
+        return 0, 0.0
+    logits = [prefill(t_engine, te)]  # [1, V]: the distribution of answer[0]
+    logits.append(verify(t_engine, torch.tensor([answer[:-1]], device=t_engine.device))[0])  # answer[1:]
+    p = probabilities(torch.cat(logits).float(), sampling)  # [len(answer), V]
+    entropy = -(p * p.clamp(min=1e-12).log()).sum(-1)
+    window = entropy.unfold(0, length - 1, 1)[1:].mean(-1)  # window m: positions m+1..m+length-1
+    m = int(window.argmax())
+    return m, float(window[m])
+
+
+def total_variation(a: list, b: list) -> float:
+    """Half the L1 distance between the empirical distributions of two samples."""
+    ca, cb = Counter(a), Counter(b)
+    return 0.5 * sum(abs(ca[t] / len(a) - cb[t] / len(b)) for t in set(ca) | set(cb))
+
+
+def chi_square(a: list, b: list) -> tuple[float, int, float]:
+    """Two-sample chi-square test that a and b come from one distribution -> (statistic, degrees of freedom,
+    p-value). Values seen fewer than 5 times in both samples together share one bin, so no expected count is tiny."""
+    ca, cb = Counter(a), Counter(b)
+    bins, rare = [], [0, 0]
+    for t in set(ca) | set(cb):
+        if ca[t] + cb[t] < 5:
+            rare[0], rare[1] = rare[0] + ca[t], rare[1] + cb[t]
+        else:
+            bins.append((ca[t], cb[t]))
+    if sum(rare):
+        bins.append(tuple(rare))
+    if len(bins) < 2:
+        return 0.0, 0, 1.0
+    na, nb = len(a), len(b)
+    stat = 0.0
+    for x, y in bins:
+        ea, eb = na * (x + y) / (na + nb), nb * (x + y) / (na + nb)
+        stat += (x - ea) ** 2 / ea + (y - eb) ** 2 / eb
+    dof = len(bins) - 1
+    p = torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64))
+    return stat, dof, float(p)
+
+
+# ---------------------------------------------------------------- the summary
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default)."""
+    v = sorted(values)
+    x = q * (len(v) - 1)
+    lo = math.floor(x)
+    return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (x - lo)
+
+
+def verdict(cfg: SpeculateConfig, rows: list[dict], check: dict | None) -> dict:
+    """What the run shows about losslessness, as data and as the one line the console and the report print."""
+    if cfg.greedy:
+        differ = sum(not r["same"] for r in rows)
+        line = "token-identical to the target alone: " + (
+            "yes" if not differ else f"no ({differ} of {len(rows)} answers differ)")  # fmt: skip
+        return {"mode": "greedy", "token_identical": not differ, "answers_differing": differ, "line": line}
+    line = "sampling: distribution-preserving rule (Leviathan et al.); token identity not expected"
+    if check is None:
+        line += "; no distribution test run (--check-draws 0)"
+    elif not check["run"]:
+        line += f"; no distribution test run ({check['why']})"
+    else:
+        line += (f"; distribution test on one prompt ({check['draws']} draws a side, tokens {check['tokens']}): "
+                 f"max total variation {check['max_total_variation']:.3f}, chi-square p = {check['p']:.3g}: "
+                 + ("consistent with the target alone" if check["consistent"]
+                    else "SD does NOT follow the target's distribution"))  # fmt: skip
+        if not check["informative"]:
+            line += " (but the target chose one token at every compared position: nothing was tested)"
+    return {"mode": "sampling", "token_identical": None, "distribution_check": check, "line": line}
+
+
+def _summarise(cfg: SpeculateConfig, inputs: Inputs, rows: list[dict], check: dict | None, target, draft) -> dict:
     drafted = sum(r["drafted"] for r in rows)
     accepted = sum(r["accepted"] for r in rows)
     rounds = sum(r["rounds"] for r in rows)
@@ -153,7 +481,9 @@ def _summarise(cfg, rows, target, draft) -> dict:
     sd = sum(r["seconds"]["sd_total"] for r in rows)
     alone = sum(r["seconds"]["target_alone"] for r in rows)
     hf = [r["seconds"]["hf_generate"] for r in rows if r["seconds"]["hf_generate"] is not None]
-    lossless = all(r["same"] for r in rows)
+    per = [r["speedup"] for r in rows]
+    speedup = {"median": statistics.median(per), "p10": _quantile(per, 0.1), "p90": _quantile(per, 0.9),
+               "min": min(per), "max": max(per), "overall": alone / sd, "repeats": cfg.repeats}  # fmt: skip
     totals = {
         "answers": len(rows), "tokens": tokens, "alpha": accepted / max(drafted, 1),
         "tau": (accepted + rounds) / max(rounds, 1),
@@ -161,23 +491,28 @@ def _summarise(cfg, rows, target, draft) -> dict:
         "mean_accepted_per_round": accepted / max(rounds, 1),
         "free_tokens_from_prefill_hiding": sum(r["free_tokens"] for r in rows),
         "sd_tokens_per_s": tokens / sd, "target_tokens_per_s": sum(len(r["target_tokens"]) for r in rows) / alone,
-        "speedup_vs_target_engine": alone / sd, "speedup_vs_hf_generate": (sum(hf) / sd) if hf else None,
-        "median_speedup_vs_target_engine": statistics.median(
-            r["seconds"]["target_alone"] / r["seconds"]["sd_total"] for r in rows),
+        "speedup_vs_target_alone": speedup, "speedup_vs_hf_generate": (sum(hf) / sd) if hf else None,
         "stage_seconds": {k: sum(r["seconds"].get(k, 0.0) for r in rows) for k in STAGES},
+        "sd_seconds": sd, "target_alone_seconds": alone,
     }  # fmt: skip
-    if cfg.temperature > 0:
-        lossless_note = "sampling: SD follows the target's distribution; token identity is not expected"
-    else:
-        lossless_note = "greedy: SD tokens must equal the target-alone tokens"
+    warnings = []
+    speedup["too_short"] = len(rows) < SHORT_RUN_ANSWERS or sd < SHORT_RUN_SECONDS
+    if speedup["too_short"]:
+        warnings.append(f"too short to time well ({len(rows)} answers, SD {sd:.2f} s in all): the speedups are "
+                        f"noise; time {SHORT_RUN_ANSWERS}+ answers and {SHORT_RUN_SECONDS:g}+ s of SD")  # fmt: skip
+    v = verdict(cfg, rows, check)
     return {
         "config": asdict(cfg),
+        "paths": inputs.paths,
         "target": target.name,
         "draft": draft.name,
         "device": str(target.device),
-        "gpu": torch.cuda.get_device_name() if target.device.type == "cuda" else None,
-        "lossless": lossless,
-        "lossless_rule": lossless_note,
+        "draft_device": str(draft.device),
+        "gpu": torch.cuda.get_device_name(target.device) if target.device.type == "cuda" else None,
+        "verdict": v,
+        # greedy: the tokens are the target's (the claim); sampling: not a token claim (see verdict)
+        "lossless": v["token_identical"],
+        "warnings": warnings,
         # greedy answers that differ: where, and the target's margin there (see decode.speculative.divergence)
         "divergences": [
             {"sample": r["sample"], "question": r["question"], **r["divergence"]} for r in rows if r.get("divergence")
@@ -187,8 +522,27 @@ def _summarise(cfg, rows, target, draft) -> dict:
     }
 
 
+def speedup_line(sp: dict) -> str:
+    """'median 1.32x (p10-p90 1.10-1.51x), overall 1.30x' from totals['speedup_vs_target_alone']."""
+    return f"median {sp['median']:.2f}x (p10-p90 {sp['p10']:.2f}-{sp['p90']:.2f}x), overall {sp['overall']:.2f}x"
+
+
+def report_lines(res: dict) -> list[str]:
+    """What the console prints after a run: the verdict, acceptance, speedups with their spread, warnings."""
+    t, c = res["totals"], res["config"]
+    hf = t["speedup_vs_hf_generate"]
+    lines = [
+        res["verdict"]["line"],
+        f"answers {t['answers']}  alpha {t['alpha']:.3f}  tau {t['tau']:.2f}",
+        f"speedup vs target alone: {speedup_line(t['speedup_vs_target_alone'])} over answers, "
+        f"{c['repeats']} timing{'s' if c['repeats'] > 1 else ''} each" + (f"; {hf:.2f}x vs HF generate" if hf else ""),
+    ]
+    lines += [f"warning: {w}" for w in res["warnings"]]
+    lines.append(f"results: {res['paths']['out']}/results.json, BENCHMARK_RESULTS.md and 3 PNGs")
+    return lines
+
+
 def _write(out: Path, res: dict) -> None:
-    ensure_dir(out)
     write_json(out / "results.json", res)
     write_bytes(out / "BENCHMARK_RESULTS.md", _markdown(res).encode())
     _plots(out, res)
@@ -198,28 +552,44 @@ def _markdown(res: dict) -> str:
     t, c = res["totals"], res["config"]
     src = "draft VLM (resynced on the accepted prefix)"
     if c["token_adapter"]:
-        src = "TokenAdapter over " + (
+        src = f"TokenAdapter `{res['paths']['token_adapter']}` over " + (
             "the resynced draft's proposals" if c["adapter_resync"] else "the draft's own answer"
         )
     mode = "greedy" if c["temperature"] <= 0 else f"T={c['temperature']:g} top-p={c['top_p']:g}"
+    sp, hf = t["speedup_vs_target_alone"], t["speedup_vs_hf_generate"]
     lines = [
         "# Speculative decoding results", "",
         f"target `{res['target']}`, draft `{res['draft']}`, source: {src}, gamma {c['gamma']}"
         + (f" (adaptive, min confidence {c['min_confidence']})" if c["min_confidence"] > 0 else "")
         + f", {mode}, "
         f"device {res['device']}{' (' + res['gpu'] + ')' if res['gpu'] else ''}", "",
-        f"**lossless: {res['lossless']}** ({res['lossless_rule']})", "",
+        f"**{res['verdict']['line']}**", "",
+        *[f"> warning: {w}" for w in res["warnings"]], *([""] if res["warnings"] else []),
+        f"Speedups compare SD with the target alone on the same engine, each timed {c['repeats']} time(s) per answer "
+        "in alternating order (the median kept); per-answer ratios are summarised by their median and p10-p90, "
+        "`overall` is total target-alone time / total SD time. HF generate is timed once per answer.", "",
         "| answers | tokens | alpha | tau | first-token acc. | accepted/round | SD tok/s | target tok/s | "
-        "speedup vs target engine | vs HF generate |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "speedup median (p10-p90) | overall | vs HF generate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| {t['answers']} | {t['tokens']} | {t['alpha']:.3f} | {t['tau']:.2f} | {t['first_token_acceptance']:.3f} | "
         f"{t['mean_accepted_per_round']:.2f} | {t['sd_tokens_per_s']:.1f} | {t['target_tokens_per_s']:.1f} | "
-        f"{t['speedup_vs_target_engine']:.2f}x | "
-        + (f"{t['speedup_vs_hf_generate']:.2f}x |" if t["speedup_vs_hf_generate"] else "- |"), "",
+        f"{sp['median']:.2f}x ({sp['p10']:.2f}-{sp['p90']:.2f}) | {sp['overall']:.2f}x | "
+        + (f"{hf:.2f}x |" if hf else "- |"), "",
         "Time by stage (s, all answers): " + ", ".join(f"{k} {v:.3f}" for k, v in t["stage_seconds"].items())
         + (f"; prefill hiding on: {t['free_tokens_from_prefill_hiding']} tokens accepted from drafts made during "
            "the target's prefill" if c["hide_prefill"] else ""), "",
     ]  # fmt: skip
+    check = res["verdict"].get("distribution_check")
+    if check and check["run"]:
+        lines += ["## Distribution test (sampling)", "",
+                  f"One prompt, {check['draws']} answers of {len(check['positions']) + 1} tokens from the target "
+                  "alone and as many from SD, each with its own seed; at each position, the total-variation "
+                  "distance between the two samples' token frequencies and a two-sample chi-square test (tokens "
+                  f"seen fewer than 5 times share a bin). p over all positions (Bonferroni) = {check['p']:.3g}; the "
+                  f"test fails below {CHECK_ALPHA}.", "",
+                  "| token | total variation | chi-square | dof | p |", "|---|---|---|---|---|",
+                  *[f"| {x['position']} | {x['total_variation']:.3f} | {x['chi_square']:.2f} | {x['dof']} | "
+                    f"{x['p']:.3g} |" for x in check["positions"]], ""]  # fmt: skip
     if res.get("divergences"):
         lines += ["## Where greedy SD left the target-alone answer", "",
                   "margin = the target's logit of its own token minus that of the SD token at the first difference, "
@@ -233,7 +603,7 @@ def _markdown(res: dict) -> str:
             for d in res["divergences"]
         ]
         lines.append("")
-    lines += ["## Examples", ""]
+    lines += ["## Inputs", "", *[f"- {k}: `{v}`" for k, v in res["paths"].items() if v], "", "## Examples", ""]
     differing = [r for r in res["samples"] if not r["same"]]
     for r in (differing + [r for r in res["samples"] if r["same"]])[:5]:
         lines += [f"**sample {r['sample']}: {r['question']}** (alpha {r['alpha']:.2f}, tau {r['tau']:.2f})", "",
@@ -271,7 +641,9 @@ def _plots(out: Path, res: dict) -> None:
             left += v
     ax.invert_yaxis()
     ax.set_xlabel("seconds over all answers (the speedup compares SD with target alone; vision is paid by both)")
-    ax.set_title(f"Where the time goes: SD {res['totals']['speedup_vs_target_engine']:.2f}x vs target alone")
+    sp = res["totals"]["speedup_vs_target_alone"]
+    ax.set_title(f"Where the time goes: SD {sp['overall']:.2f}x vs target alone (overall; median per answer "
+                 f"{sp['median']:.2f}x)")  # fmt: skip
     ax.legend(fontsize=8, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)
     save(fig, "timing_breakdown.png")
 
@@ -284,11 +656,15 @@ def _plots(out: Path, res: dict) -> None:
     ax.set_title(f"Acceptance per round (gamma {g}, alpha {res['totals']['alpha']:.2f})")
     save(fig, "acceptance_histogram.png")
 
-    sp = [r["seconds"]["target_alone"] / r["seconds"]["sd_total"] for r in res["samples"]]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(sp, bins=20)
-    ax.axvline(1.0, color="k", lw=1)
-    ax.set_xlabel("speedup vs target alone (same engine), per answer")
+    per = [r["speedup"] for r in res["samples"]]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.axvspan(sp["p10"], sp["p90"], color="tab:blue", alpha=0.12, label=f"p10-p90 {sp['p10']:.2f}-{sp['p90']:.2f}x")
+    ax.hist(per, bins=min(20, max(5, len(per))), color="tab:blue", rwidth=0.9)
+    ax.axvline(1.0, color="k", lw=1, label="1x (no gain)")
+    ax.axvline(sp["median"], color="tab:red", lw=2, label=f"median {sp['median']:.2f}x")
+    ax.axvline(sp["overall"], color="tab:orange", lw=2, ls="--", label=f"overall {sp['overall']:.2f}x")
+    ax.set_xlabel(f"speedup vs target alone (same engine), per answer (median of {sp['repeats']} timings)")
     ax.set_ylabel("answers")
-    ax.set_title(f"Speedup: {res['totals']['speedup_vs_target_engine']:.2f}x overall")
+    ax.set_title(f"Speedup over {len(per)} answers" + (": too short to time well" if sp["too_short"] else ""))
+    ax.legend(fontsize=8)
     save(fig, "speedup.png")
