@@ -42,7 +42,7 @@ def test_train_mini_runs_saves_and_loads(world, tmp_path, role):
     assert isinstance(vlm.answer(sample, "Describe the scene.", max_new_tokens=5), str)
 
 
-def test_killed_training_resumes(world, tmp_path, monkeypatch, capsys):
+def test_killed_training_resumes_only_with_its_own_settings(world, tmp_path, monkeypatch, capsys):
     out = tmp_path / "resume"
     cfg = dict(role="draft", world=str(world), out=str(out), duration="500ms", steps=6, clips_per_batch=2,
                questions_per_clip=2, warmup=1, eval_clips=1, checkpoint_every=2, device="cpu", sizes=TINY)  # fmt: skip
@@ -60,9 +60,66 @@ def test_killed_training_resumes(world, tmp_path, monkeypatch, capsys):
     state = out / "train_state.pt"
     assert torch.load(state, weights_only=True)["step"] == 4, "finished steps are kept"
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    kept = state.read_bytes()
+    # other settings, or another world, cannot continue this run; the training state is left as it was
+    with pytest.raises(SpecalignError, match=r"holds a run with other settings \(train_config.lr: 0.001 then, 0.002"):
+        train_mini(TrainConfig(**{**cfg, "lr": 2e-3}), progress=False)
+    assert state.read_bytes() == kept
+    # a truncated training state (a disk filled up) is named, not loaded, and not removed
+    state.write_bytes(kept[: len(kept) // 2])
+    with pytest.raises(SpecalignError, match="train_state.pt: unreadable training state") as e:
+        train_mini(TrainConfig(**cfg), progress=False)
+    assert "\n" not in str(e.value) and state.stat().st_size == len(kept) // 2
+    state.write_bytes(kept)
     manifest = train_mini(TrainConfig(**cfg), progress=False)
     assert "resuming at step 4" in capsys.readouterr().out
     assert manifest["train_config"]["steps"] == 6 and not state.exists()
+    # the same run asked for again is finished: its manifest, not a second training
+    again = train_mini(TrainConfig(**cfg), progress=False)
+    assert "already holds this run, finished" in capsys.readouterr().out and again == manifest
+    again = train_mini(TrainConfig(**{**cfg, "seed": 1, "overwrite": True}), progress=False)
+    assert again["train_config"]["seed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(steps=0), "--steps: must be at least 1, got 0"),
+        (dict(clips_per_batch=-4), "--clips-per-batch: must be at least 1, got -4"),
+        (dict(questions_per_clip=51), "--questions-per-clip: a clip has 50 questions, got 51"),
+        (dict(lr=-1.0), "--lr: must be positive, got -1.0"),
+        (dict(time_budget=0), "--time-budget: must be positive, got 0"),
+        (dict(seed=-1), "--seed: must be at least 0, got -1"),
+        (dict(eval_clips=0), "--eval-clips: must be at least 1, got 0"),
+        (dict(init="mini-target", add_lm_layers=-1), "--add-lm-layers: must be at least 0, got -1"),
+        (dict(add_lm_layers=1), "--add-vision-layers/--add-lm-layers deepen a model continued with --init"),
+        (dict(role="draft", init="mini-draft", add_vision_layers=1), "only the target can be deepened"),
+        (dict(role="draft", fresh_scenes=True), "--fresh-scenes: only the target's clips can be rendered"),
+        (dict(image_size=100), "--image-size 100 is not a multiple of --patch-size 14"),
+        (dict(image_size=224, init="mini-target"), "a model continued with --init keeps its own sizes"),
+        (dict(role="teacher"), "--role: unknown role 'teacher'"),
+        (dict(device="gpu"), "--device: unknown device 'gpu'"),
+    ],
+)
+def test_train_config_refuses_bad_values_on_one_line(change, message):
+    with pytest.raises(SpecalignError) as e:
+        TrainConfig(**{"role": "target", "world": "w", "out": "o", **change})
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_train_mini_refuses_a_bad_world_before_training(world, tmp_path):
+    base = dict(role="draft", duration="500ms", steps=2, device="cpu", sizes=TINY)
+    with pytest.raises(SpecalignError, match="nope: no such world folder"):
+        train_mini(TrainConfig(world=str(tmp_path / "nope"), out=str(tmp_path / "o"), **base), progress=False)
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(SpecalignError, match="not a minidsec world .tokenizer.json is missing"):
+        train_mini(TrainConfig(world=str(tmp_path / "bare"), out=str(tmp_path / "o"), **base), progress=False)
+    empty = tmp_path / "empty"
+    build_world(WorldConfig(out=str(empty), duration="500ms", train=0, test=1, width=32, height=24,
+                            clips_per_sequence=1, mp4=False), progress=False)  # fmt: skip
+    with pytest.raises(SpecalignError, match="the train split is empty: nothing to train on"):
+        train_mini(TrainConfig(world=str(empty), out=str(tmp_path / "o"), **base), progress=False)
+    assert not (tmp_path / "o").exists(), "nothing written before the inputs are checked"
 
 
 def test_bundled_models_load_by_name_and_answer():
@@ -84,14 +141,14 @@ def test_bundled_models_load_by_name_and_answer():
     assert SIZES["draft"].lm_hidden < SIZES["target"].lm_hidden, "the draft is the cheaper model"
 
 
-def test_loader_errors_are_one_line(tmp_path, capsys):
+def test_loader_errors_are_one_line(world, tmp_path, capsys):
     with pytest.raises(SpecalignError, match="no such model"):
         load_model(str(tmp_path / "nope"))
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(SpecalignError, match="unknown model_type 'bert'"):
         load_model(str(tmp_path / "ck"))
-    assert main(["answer", "--model", str(tmp_path / "ck"), "--dataset", str(tmp_path)]) == 2
+    assert main(["answer", "--model", str(tmp_path / "ck"), "--dataset", str(world / "my_egpt_dsec_seq_500ms")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "config.json" in err
 
@@ -141,25 +198,28 @@ def test_fresh_scenes_flow_into_training(world, tmp_path, capsys):
     assert manifest["fresh_clips"] >= 1 and manifest["train_config"]["fresh_workers"] == 1
 
 
-def test_cli_trains_a_target_at_another_input_size(tmp_path, capsys):
+def test_a_target_trains_at_another_input_size(tmp_path, capsys):
     """--frame-scale 2 frames into a 2x vision input with 2x patches: finer pixels, as many visual tokens."""
     big = tmp_path / "big"
     build_world(WorldConfig(out=str(big), duration="500ms", train=2, test=1, width=32, height=24, frame_scale=2,
                             clips_per_sequence=2, mp4=False), progress=False)  # fmt: skip
     out = tmp_path / "t"
-    args = ["models", "train-mini", "--role", "target", "--world", str(big), "--out", str(out), "--duration", "500ms",
-            "--steps", "2", "--clips-per-batch", "1", "--questions-per-clip", "1", "--eval-clips", "1", "--device",
-            "cpu", "--image-size", "56", "--patch-size", "28", "--quiet"]  # fmt: skip
-    assert main(args) in (0, None)
+    cfg = TrainConfig(role="target", world=str(big), out=str(out), duration="500ms", steps=2, clips_per_batch=1,
+                      questions_per_clip=1, eval_clips=1, device="cpu", sizes=TINY, image_size=56,
+                      patch_size=28)  # fmt: skip
+    assert (cfg.sizes.image_size, cfg.sizes.patch_size, cfg.sizes.lm_hidden) == (56, 28, TINY.lm_hidden)
+    train_mini(cfg, progress=False)
     vlm = load_model(str(out))
     vc = vlm.model.config.vision_config
     assert (vc.image_size, vc.patch_size) == (56, 28)
     sample = open_dataset(big / "my_egpt_dsec_seq_500ms")[0]
     assert sample.frames(8).shape == (8, 48, 64, 3)
     assert vlm.visual_inputs(sample)["pixel_values_videos"].shape[-2:] == (56, 56)
-    capsys.readouterr()
-    assert main([*args[:-5], "--image-size", "56", "--init", str(out), "--quiet"]) == 2
-    assert "keeps its own sizes" in capsys.readouterr().err
+    # the CLI refuses a size for a model that keeps its own, before any work
+    args = ["models", "train-mini", "--role", "target", "--world", str(big), "--out", str(tmp_path / "c"),
+            "--duration", "500ms", "--device", "cpu", "--image-size", "56", "--init", str(out), "--quiet"]  # fmt: skip
+    assert main(args) == 2
+    assert "keeps its own sizes" in capsys.readouterr().err and not (tmp_path / "c").exists()
 
 
 def test_deepened_target_computes_the_same_and_trains_on(world, tmp_path, capsys):
@@ -212,4 +272,4 @@ def test_deepened_target_computes_the_same_and_trains_on(world, tmp_path, capsys
     assert main(args) == 2  # no --init: nothing to deepen
     assert "--init" in capsys.readouterr().err
     assert main([*args[:-1], "-1", "--init", str(out)]) == 2
-    assert "can only be added" in capsys.readouterr().err
+    assert "--add-lm-layers" in capsys.readouterr().err
