@@ -37,7 +37,8 @@ echo "world built in $(( $(date +%s) - start )) s" | tee -a "$OUT/world.txt"
 budget=$(( TOTAL - ($(date +%s) - start) - RESERVE ))
 echo "training budget ${budget} s per model" | tee -a "$OUT/world.txt"
 if [ "$budget" -lt 60 ]; then echo "too little time left to train; the world stays in $WORLD"; exit 0; fi
-common=(--world "$WORLD" --steps 100000 --time-budget "$budget" --eval-clips 100
+# --overwrite: a TRAIN_DIR/mini-ROLE of other settings (an earlier call) is trained over, not refused
+common=(--world "$WORLD" --steps 100000 --time-budget "$budget" --eval-clips 100 --overwrite
   --clips-per-batch "${CLIPS_PER_BATCH:-64}" --questions-per-clip "${QUESTIONS_PER_CLIP:-2}" --quiet)
 [ -n "${IMAGE_SIZE:-}" ] && common+=(--image-size "$IMAGE_SIZE" --patch-size "${PATCH_SIZE:-14}")
 for role in $ROLES; do
