@@ -567,7 +567,8 @@ def _markdown(res: dict) -> str:
         *[f"> warning: {w}" for w in res["warnings"]], *([""] if res["warnings"] else []),
         f"Speedups compare SD with the target alone on the same engine, each timed {c['repeats']} time(s) per answer "
         "in alternating order (the median kept); per-answer ratios are summarised by their median and p10-p90, "
-        "`overall` is total target-alone time / total SD time. HF generate is timed once per answer.", "",
+        "`overall` is total target-alone time / total SD time."
+        + (" HF generate is timed once per answer." if c["hf_baseline"] else ""), "",
         "| answers | tokens | alpha | tau | first-token acc. | accepted/round | SD tok/s | target tok/s | "
         "speedup median (p10-p90) | overall | vs HF generate |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -582,14 +583,18 @@ def _markdown(res: dict) -> str:
     check = res["verdict"].get("distribution_check")
     if check and check["run"]:
         lines += ["## Distribution test (sampling)", "",
-                  f"One prompt, {check['draws']} answers of {len(check['positions']) + 1} tokens from the target "
-                  "alone and as many from SD, each with its own seed; at each position, the total-variation "
+                  f"One prompt extended by the first {check['prefix_tokens']} tokens of the target's answer (where the "
+                  f"target is least certain: mean entropy {check['target_entropy_nats']} nats), {check['draws']} "
+                  f"continuations of {len(check['positions']) + 1} tokens from the target alone and as many from SD, "
+                  "each with its own seed; at each position, the total-variation "
                   "distance between the two samples' token frequencies and a two-sample chi-square test (tokens "
                   f"seen fewer than 5 times share a bin). p over all positions (Bonferroni) = {check['p']:.3g}; the "
                   f"test fails below {CHECK_ALPHA}.", "",
-                  "| token | total variation | chi-square | dof | p |", "|---|---|---|---|---|",
-                  *[f"| {x['position']} | {x['total_variation']:.3f} | {x['chi_square']:.2f} | {x['dof']} | "
-                    f"{x['p']:.3g} |" for x in check["positions"]], ""]  # fmt: skip
+                  "| answer token | distinct tokens | total variation | chi-square | dof | p |",
+                  "|---|---|---|---|---|---|",
+                  *[f"| {x['position']} | {x['distinct_tokens']} | {x['total_variation']:.3f} | "
+                    f"{x['chi_square']:.2f} | {x['dof']} | {x['p']:.3g} |" for x in check["positions"]],
+                  ""]  # fmt: skip
     if res.get("divergences"):
         lines += ["## Where greedy SD left the target-alone answer", "",
                   "margin = the target's logit of its own token minus that of the SD token at the first difference, "
@@ -616,6 +621,7 @@ def _plots(out: Path, res: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     def save(fig, name):
         fig.tight_layout()
@@ -642,8 +648,7 @@ def _plots(out: Path, res: dict) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("seconds over all answers (the speedup compares SD with target alone; vision is paid by both)")
     sp = res["totals"]["speedup_vs_target_alone"]
-    ax.set_title(f"Where the time goes: SD {sp['overall']:.2f}x vs target alone (overall; median per answer "
-                 f"{sp['median']:.2f}x)")  # fmt: skip
+    ax.set_title(f"Where the time goes: SD {sp['overall']:.2f}x vs target alone overall, {sp['median']:.2f}x median")
     ax.legend(fontsize=8, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)
     save(fig, "timing_breakdown.png")
 
@@ -665,6 +670,7 @@ def _plots(out: Path, res: dict) -> None:
     ax.axvline(sp["overall"], color="tab:orange", lw=2, ls="--", label=f"overall {sp['overall']:.2f}x")
     ax.set_xlabel(f"speedup vs target alone (same engine), per answer (median of {sp['repeats']} timings)")
     ax.set_ylabel("answers")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"Speedup over {len(per)} answers" + (": too short to time well" if sp["too_short"] else ""))
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="best")
     save(fig, "speedup.png")
