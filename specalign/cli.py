@@ -110,16 +110,9 @@ def cmd_train(args) -> None:
 
 
 def cmd_speculate(args) -> None:
-    from specalign.decode.run import SpeculateConfig, run_speculate
+    from specalign.decode.run import SpeculateConfig, report_lines, run_speculate
 
-    t = run_speculate(from_args(SpeculateConfig, args), progress=not args.quiet)
-    r = t["totals"]
-    print(
-        f"lossless: {t['lossless']}  answers {r['answers']}  alpha {r['alpha']:.3f}  tau {r['tau']:.2f}  "
-        f"speedup {r['speedup_vs_target_engine']:.2f}x vs target alone"
-        + (f", {r['speedup_vs_hf_generate']:.2f}x vs HF generate" if r["speedup_vs_hf_generate"] else "")
-    )
-    print(f"results: {args.out}/results.json, BENCHMARK_RESULTS.md and 3 PNGs")
+    print("\n".join(report_lines(run_speculate(from_args(SpeculateConfig, args), progress=not args.quiet))))
 
 
 def cmd_tokens(args) -> None:
