@@ -318,7 +318,7 @@ def main() -> None:
         for f in sorted(Path(args.traces).glob("source*/results.json")):
             run = json.loads(f.read_text())
             c = run["config"]
-            mode = "answer" if c["use_token_adapter"] and not c["adapter_resync"] else (
+            mode = "answer" if c.get("token_adapter", c.get("use_token_adapter")) and not c["adapter_resync"] else (
                 "hidden" if c["hide_prefill"] else "resync")  # fmt: skip
             samples = run["samples"][: args.replay_answers]
             for eng, emb in ((engine, embeds), (d_engine, d_embeds)):  # capture every verify width before timing

@@ -2,8 +2,9 @@
 
 Runs `specalign speculate` (greedy, gamma 4) over the test split of a minidsec world with each source: the draft
 VLM resynced on the accepted prefix (plain, with prefill hiding, with adaptive gamma) and the TokenAdapter (over
-the draft's own answer, and over resynced proposals). Reports lossless, alpha, tau, speedup vs the target alone on
-the same engine and vs HF generate. Each run's results.json (with its acceptance traces) is kept under --runs for
+the draft's own answer, and over resynced proposals). Reports whether SD is token-identical to the target
+alone, alpha, tau, the speedup vs the target alone on the same engine (median and spread over answers, and overall)
+and vs HF generate. Each run's results.json (with its acceptance traces) is kept under --runs for
 benchmarks/decode_7b.py to replay at 7B shape. Writes benchmarks/results/speculate_mini.json.
 
     python benchmarks/speculate_mini.py --adapter TASK/best_model [--world DIR] [--samples 64]
@@ -41,6 +42,7 @@ def main() -> None:
     p.add_argument("--world", default="/tmp/speculate_world", help="built here (test split only) when missing")
     p.add_argument("--adapter", required=True, help="a TokenAdapter best_model/ for the adapter sources")
     p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="timings per answer and side (the median is kept)")
     p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on a GPU, fp32 on the CPU)")
     p.add_argument(
@@ -69,16 +71,16 @@ def main() -> None:
         out = Path(args.runs) / f"source{i}"
         shutil.rmtree(out, ignore_errors=True)
         cfg = SpeculateConfig(dataset=str(world / "my_egpt_dsec_seq_1s"), out=str(out), max_samples=args.samples,
-                              gamma=args.gamma, dtype=args.dtype, fp32_head=args.fp32_head,
+                              gamma=args.gamma, dtype=args.dtype, fp32_head=args.fp32_head, repeats=args.repeats,
                               draft_device=args.draft_device, overwrite=True,
                               token_adapter=args.adapter if opts.pop("adapter", False) else None, **opts)  # fmt: skip
         res = run_speculate(cfg, progress=False)
         t = res["totals"]
-        rows.append({"source": name, "run": str(out), "lossless": res["lossless"], "divergences": res["divergences"],
-                     **{k: t[k] for k in (
+        rows.append({"source": name, "run": str(out), "token_identical": res["verdict"]["token_identical"],
+                     "divergences": res["divergences"], **{k: t[k] for k in (
             "answers", "tokens", "alpha", "tau", "first_token_acceptance", "mean_accepted_per_round",
             "free_tokens_from_prefill_hiding", "sd_tokens_per_s", "target_tokens_per_s",
-            "speedup_vs_target_engine", "speedup_vs_hf_generate", "stage_seconds")}})  # fmt: skip
+            "speedup_vs_target_alone", "speedup_vs_hf_generate", "stage_seconds")}})  # fmt: skip
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "stage_seconds"}), flush=True)
     write_json(args.result, {
         "benchmark": "speculate_mini",
@@ -88,7 +90,8 @@ def main() -> None:
         "setup": {"target": "mini-target", "draft": "mini-draft", "adapter": args.adapter, "gamma": args.gamma,
                   "dtype": args.dtype or "default", "fp32_head": args.fp32_head,
                   "draft_device": args.draft_device or "same as the target",
-                  "greedy": True, "max_new_tokens": 50, "questions": 1, "samples": args.samples,
+                  "greedy": True, "max_new_tokens": 50, "repeats": args.repeats, "questions": 1,
+                  "samples": args.samples,
                   "world": "minidsec test split, 2 clips per drive, seed 0"},
         "rows": rows,
     })  # fmt: skip
