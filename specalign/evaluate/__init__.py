@@ -1,1 +1,2 @@
-"""Evaluation: answer quality against the world's ground truth, acceptance metrics, timing reports."""
+"""Evaluation: answer quality against the world's ground truth (quality.py) and how well a token adapter maps draft
+tokens to target tokens (adapter.py)."""
