@@ -33,7 +33,7 @@ from tqdm import tqdm
 from specalign.data import open_dataset
 from specalign.decode.batch import generate_shared
 from specalign.errors import SpecalignError, fail
-from specalign.fsutil import atomic_path, ensure_dir, read_json, write_bytes, write_json
+from specalign.fsutil import atomic_path, ensure_dir, read_json, remove_temp_files, write_bytes, write_json
 from specalign.models.base import Prompt
 from specalign.options import option
 from specalign.runs import check_settings, exclusive, require_positive
@@ -302,6 +302,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
         if rank == 0:
             try:
                 check_settings(out, p.settings, cfg.overwrite)
+                remove_temp_files(out)  # left by a killed run's atomic writes
             except SpecalignError as e:
                 error = str(e)
         if world > 1:

@@ -31,7 +31,7 @@ from specalign.align.token_adapter import (
 )
 from specalign.align.tokens import TokenPairs, pad_batch, pairs_identity, read_pairs
 from specalign.errors import SpecalignError, fail, one_line
-from specalign.fsutil import atomic_path, ensure_dir, write_bytes, write_json
+from specalign.fsutil import atomic_path, ensure_dir, remove_temp_files, write_bytes, write_json
 from specalign.options import option
 from specalign.runs import check_settings, exclusive, require_positive
 
@@ -367,7 +367,7 @@ def link_latest(task: Path) -> Path:
     link = task.parent / LATEST_NAME
     if link.exists() and not link.is_symlink():
         raise fail(link, "exists and is not a link; rename it (task folders keep a `latest` link here)")
-    tmp = task.parent / f".{LATEST_NAME}.{os.getpid()}.tmp"
+    tmp = task.parent / f".{LATEST_NAME}.{os.getpid():08d}.tmp"  # a temp name fsutil.remove_temp_files knows
     tmp.unlink(missing_ok=True)
     os.symlink(task.name, tmp)
     os.replace(tmp, link)
@@ -462,6 +462,7 @@ def train_adapter(cfg: AdapterTrainConfig, progress: bool = True) -> dict:
         if rank == 0:
             try:
                 check_settings(task, data.settings, cfg.overwrite)
+                remove_temp_files(task)  # left by a killed run's atomic writes
             except SpecalignError as e:
                 error = str(e)
         if world > 1:  # rank 0 names the task folder (a timestamp) and judges it; the others follow
