@@ -242,6 +242,11 @@ def open_raw_sequence(seq_dir: str | Path, sensor_size: tuple[int, int] | None =
         missing = [k for k in ("events/p", "events/t", "events/x", "events/y", "ms_to_idx", "t_offset") if k not in f]
         if missing:
             raise fail(h5_path, f"missing datasets {missing}")
+        for k in ("events/p", "events/t", "events/x", "events/y", "ms_to_idx"):
+            if not isinstance(f[k], h5py.Dataset):
+                raise fail(h5_path, f"{k} is not a dataset")
+            if f[k].dtype.kind not in "iu" + ("b" if k == "events/p" else ""):  # checked here, not coerced later
+                raise fail(h5_path, f"{k} has dtype {f[k].dtype}, expected integers")
         lengths = {k: f[f"events/{k}"].shape for k in EVENT_FIELDS}
         if any(len(s) != 1 for s in lengths.values()) or len({s[0] for s in lengths.values()}) != 1:
             raise fail(h5_path, f"events/x, y, t, p are not 1-D arrays of one length: {lengths}")

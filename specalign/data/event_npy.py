@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from specalign.errors import fail
+from specalign.errors import fail, one_line
 from specalign.fsutil import atomic_path
 
 EVENT_FIELDS = ("x", "y", "t", "p")
@@ -34,13 +34,17 @@ _ALLOWED = {
 }
 
 
+class _Refused(pickle.UnpicklingError):
+    """The pickle names something other than numpy arrays and plain values."""
+
+
 class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
         if module in ("numpy.dtypes",) and name.endswith("DType"):
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        raise _Refused(f"{module}.{name}")
 
 
 def load_event_npy(path: str | Path, validate: bool = True) -> dict:
@@ -65,10 +69,10 @@ def load_event_npy(path: str | Path, validate: bool = True) -> dict:
             else:
                 f.seek(0)
                 obj = np.load(f, allow_pickle=False)
-    except pickle.UnpicklingError as e:
-        raise fail(path, f"unsafe or corrupt pickle ({e})") from None
-    except Exception as e:  # truncated / not an npy at all
-        raise fail(path, f"corrupt or truncated .npy ({type(e).__name__}: {e})") from None
+    except _Refused as e:
+        raise fail(path, f"unsafe pickle: refusing to load {e} (only numpy arrays and plain values)") from None
+    except Exception as e:  # truncated / not an npy at all / a damaged pickle
+        raise fail(path, f"corrupt or truncated .npy ({type(e).__name__}: {one_line(e)})") from None
     if isinstance(obj, np.ndarray) and obj.dtype.names:
         obj = {k: obj[k] for k in obj.dtype.names}
     if not isinstance(obj, dict):

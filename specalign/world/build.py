@@ -263,7 +263,8 @@ def build_world(cfg: WorldConfig, progress: bool = True) -> dict:
     settings = _jsonable(cfg.settings())
     with exclusive(cfg.out) as out:
         _check_world_folder(out, cfg)
-        split_roots = [out / split_dir_name(split, cfg.duration) for split in ("train", "test")]
+        splits = [(split, out / split_dir_name(split, cfg.duration)) for split in ("train", "test")]
+        split_roots = [root for _, root in splits]
         for root in split_roots:
             _start_split(root, settings, cfg.overwrite)
         if cfg.raw_dsec and check_settings(ensure_dir(out / RAW_DIR), settings, cfg.overwrite):
@@ -283,7 +284,7 @@ def build_world(cfg: WorldConfig, progress: bool = True) -> dict:
 
         summary = {"out": str(out), "duration": cfg.duration, "seed": cfg.seed, "splits": {}}
         texts = set()
-        for split, root in zip(("train", "test"), split_roots, strict=True):
+        for split, root in splits:
             entries = []
             for t, (record, _) in zip(tasks, done, strict=True):
                 if t.split == split:

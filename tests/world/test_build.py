@@ -155,13 +155,13 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(blocker) in err
     with pytest.raises(SystemExit):
-        main(["world", "build", "--out", str(tmp_path / "y"), "--size", "big"])
+        main(["world", "build", "--out", str(tmp_path / "y"), "--sensor-size", "big"])
 
 
 def test_cli_builds_and_prints_a_summary(tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["world", "build", "--out", str(out), "--train", "2", "--test", "1", "--duration", "500ms",
-            "--size", "32x24", "--clips-per-sequence", "2", "--workers", "1", "--quiet", "--no-mp4"]  # fmt: skip
+            "--sensor-size", "32x24", "--clips-per-sequence", "2", "--workers", "1", "--quiet", "--no-mp4"]  # fmt: skip
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "train" in text and "2 clips" in text.replace("     ", " ").replace("  ", " ")
