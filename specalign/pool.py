@@ -93,7 +93,7 @@ def _run(fn, tasks, todo: list[int], workers: int):
             pending = {pool.submit(fn, tasks[i]): i for i in todo}
         while pending:
             finished, _ = wait(pending, return_when=FIRST_EXCEPTION)
-            for future in finished:
+            for future in sorted(finished, key=lambda f: f.exception() is not None):  # results before an error
                 i = pending.pop(future)
                 yield i, future.result()  # re-raises a worker's error here
     except BrokenProcessPool:

@@ -27,7 +27,7 @@ from specalign.data.layout import (
     split_dir_name,
     write_clip,
 )
-from specalign.errors import SpecalignError, fail
+from specalign.errors import SpecalignError, fail, one_line
 from specalign.fsutil import ensure_dir, png_bytes, read_json, remove_temp_files, write_json
 from specalign.options import option
 from specalign.pool import run_resumable
@@ -376,7 +376,7 @@ def given_tokenizer(path: str, texts):
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # missing file, not a tokenizer
-        raise SpecalignError(f"{path}: cannot read a tokenizer ({str(e).splitlines()[0][:120]})") from None
+        raise SpecalignError(f"{path}: cannot read a tokenizer ({one_line(e, 120)})") from None
     unk = tok.token_to_id("<unk>")
     for text in sorted(texts):
         if unk is not None and unk in tok.encode(text).ids:
