@@ -20,14 +20,35 @@ from specalign.errors import SpecalignError
 from specalign.models.base import Sampling, probabilities, sample_token
 
 
-def check_same_tokenizer(draft_vlm, target_vlm) -> None:
-    """Proposals are token ids: the draft must speak the target's vocabulary, or every id means something else."""
-    a, b = draft_vlm.tokenizer.get_vocab(), target_vlm.tokenizer.get_vocab()
-    if a != b:
-        only = len(set(a.items()) ^ set(b.items()))
-        raise SpecalignError(f"draft {draft_vlm.name} and target {target_vlm.name} have different tokenizers "
-                             f"({len(a)} vs {len(b)} tokens, {only} entries differ): their token ids cannot be "
-                             "compared; use a draft with the target's tokenizer")  # fmt: skip
+def shared_vocabulary(draft_vlm, target_vlm) -> int:
+    """The number of leading token ids the draft may propose to the target: ids 0..n-1 must mean the same token
+    in both tokenizers. Checked on the base vocabularies both share (Llama's 32,000 for EventGPT-7B and
+    Video-LLaVA-7B-hf), then extended over any further ids that agree; ids above (the draft's own added tokens such
+    as `<ev_patch>`, the target's `<image>`, `<video>`, `<pad>`) are never proposed. A real mismatch (two
+    different tokenizers) is refused on one line."""
+    a, b = draft_vlm.tokenizer, target_vlm.tokenizer
+    ta, tb = _tokens_by_id(a), _tokens_by_id(b)
+    n = min(a.vocab_size, b.vocab_size, len(ta), len(tb))
+    differ = [i for i in range(n) if ta[i] != tb[i]]
+    if differ:
+        i = differ[0]
+        raise SpecalignError(
+            f"draft {draft_vlm.name} and target {target_vlm.name} have different tokenizers: {len(differ)} of the "
+            f"{n} ids both should share differ (first: id {i} is {ta[i]!r} in the draft, {tb[i]!r} in the target); "
+            "proposals are token ids, so the draft needs the target's tokenizer"
+        )
+    while n < min(len(ta), len(tb)) and ta[n] == tb[n] and ta[n] is not None:
+        n += 1
+    return min(n, draft_vlm.vocab_size, target_vlm.vocab_size)
+
+
+def _tokens_by_id(tokenizer) -> list[str | None]:
+    """The token of each id 0..len-1 (None for an id no token has)."""
+    vocab = tokenizer.get_vocab()
+    out: list[str | None] = [None] * (max(vocab.values(), default=-1) + 1)
+    for token, i in vocab.items():
+        out[i] = token
+    return out
 
 
 class VLMDraft:
@@ -42,6 +63,11 @@ class VLMDraft:
         self.engine, self.embeds = engine, embeds
         self.sampling, self.generator = sampling or Sampling(), generator
         self.min_confidence = min_confidence
+        vlm = engine.vlm
+        # ids it may propose: those that mean the same token in the target (its own extra ids never)
+        self.limit = min(vlm.shared_vocab or vlm.vocab_size, vlm.vocab_size)
+        unk = vlm.tokenizer.unk_token_id
+        self.stand_in = unk if unk is not None and unk < self.limit else vlm.pad_token_id  # for target-only ids
 
     @property
     def device(self) -> torch.device:
@@ -60,8 +86,11 @@ class VLMDraft:
         return Proposal(tokens)
 
     def _feed(self, tokens: list[int]) -> None:
+        """Append accepted target tokens to the draft's cache; a target-only id (e.g. `<video>`, which the draft's
+        vocabulary lacks or gives another meaning) goes in as the draft's unknown token."""
         if tokens:
-            self.logits = verify(self.engine, torch.tensor([tokens], device=self.engine.device))[:, -1]
+            ids = [t if t < self.limit else self.stand_in for t in tokens]
+            self.logits = verify(self.engine, torch.tensor([ids], device=self.engine.device))[:, -1]
             self.fed += tokens
 
     def draft(self, accepted: list[int], gamma: int, stats: Stats) -> tuple[list[int], list[torch.Tensor]]:
@@ -77,11 +106,12 @@ class VLMDraft:
             self._feed(accepted[same:])
             tokens, dists = [], []
             for i in range(gamma):
-                q = probabilities(self.logits[0], self.sampling) if not self.sampling.greedy else None
-                tok = sample_token(self.logits, self.sampling, self.generator)  # [1], on the device
+                logits = self.logits[:, : self.limit]  # [1, limit]: never an id the target reads otherwise
+                q = probabilities(logits[0], self.sampling) if not self.sampling.greedy else None
+                tok = sample_token(logits, self.sampling, self.generator)  # [1], on the device
                 conf = None
                 if tokens and self.min_confidence > 0:  # adaptive gamma: the only user of the confidence
-                    conf = q[tok[0]] if q is not None else torch.softmax(self.logits[0].float(), -1)[tok[0]]
+                    conf = q[tok[0]] if q is not None else torch.softmax(logits[0].float(), -1)[tok[0]]
                 if i < gamma - 1:  # queued before the token is read on the host (see target_generate)
                     self.logits = verify(self.engine, tok.reshape(1, 1))[:, -1]
                     self.fed.append(int(tok[0]))
@@ -115,9 +145,11 @@ class AdaptedDraft:
         self.device = next(adapter.parameters()).device
 
     def _map(self, seq: list[int], first: int, count: int, stats: Stats):
-        """Adapter rows [first, first + count) over seq -> (tokens, distributions [count, V] or None)."""
+        """Adapter rows [first, first + count) over seq -> (tokens, distributions [count, limit] or None). The
+        adapter speaks target ids; like the draft's own, they stay inside the shared vocabulary."""
         with Clock(self.device, stats.seconds, "adapt", stats.sync), torch.inference_mode():
             logits = self.adapter(torch.tensor([seq], device=self.device)).float()[0, first : first + count]
+            logits = logits[:, : self.inner.limit]
             q = probabilities(logits, self.sampling) if not self.sampling.greedy else None
             return sample_token(logits, self.sampling, self.generator).tolist(), q
 

@@ -90,8 +90,9 @@ def accept_sampling(proposal: Proposal, logits: torch.Tensor, sampling: Sampling
     if proposal.q is None:  # a deterministic draft: q is one-hot on its token
         q = torch.zeros_like(p[:g])
         q[torch.arange(g), torch.tensor(proposal.tokens)] = 1.0
-    else:
-        q = proposal.q.to(p.device, p.dtype)
+    else:  # a draft may propose fewer ids than the target has (the shared vocabulary): zeros above
+        q = proposal.q.to(p.device, p.dtype)[:, : p.shape[-1]]
+        q = torch.nn.functional.pad(q, (0, p.shape[-1] - q.shape[-1]))
     u = torch.rand(g, generator=generator, device=generator.device if generator is not None else "cpu")
     for i, x in enumerate(proposal.tokens):
         if u[i].item() * q[i, x].item() < p[i, x].item():  # u < p/q without dividing by a zero q
@@ -197,6 +198,7 @@ def speculative_decode(target: Engine, embeds: torch.Tensor, draft, gamma: int, 
             logits = prefill(target, embeds)
         draft.start(stats)
     prompt_len = target.length
+    vocab = logits.shape[-1]
     out = [int(sample_token(logits, sampling, generator)[0])]
     while out[-1] != eos and len(out) < max_new_tokens:
         g = min(gamma, max_new_tokens - len(out))
@@ -204,6 +206,10 @@ def speculative_decode(target: Engine, embeds: torch.Tensor, draft, gamma: int, 
             proposal = Proposal(pre.tokens[1 : g + 1])  # drafted during the prefill
         else:
             proposal = draft.propose(out, g, stats)
+        if proposal.tokens and not 0 <= min(proposal.tokens) <= max(proposal.tokens) < vocab:
+            bad = next(t for t in proposal.tokens if not 0 <= t < vocab)
+            raise SpecalignError(f"draft {getattr(draft, 'name', draft)} proposed token id {bad}, outside the "
+                                 f"target's vocabulary of {vocab}")  # fmt: skip
         with Clock(target.device, stats.seconds, "verify"):
             # the cache holds prompt + out[:-1]: feed the last emitted token and the proposals together
             block = torch.tensor([[out[-1], *proposal.tokens]], device=target.device)

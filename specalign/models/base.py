@@ -109,6 +109,9 @@ class VLM:
     name: str = ""
     kind: str = ""
     extra: dict = field(default_factory=dict)
+    # as a draft: ids below this mean the same tokens in the target's vocabulary, and only they may be proposed
+    # (`decode.sources.shared_vocabulary`); None: all of the model's ids
+    shared_vocab: int | None = None
 
     # ---- the input side: backend-specific -----------------------------------------------------------------
     def prompt_text(self, question: str) -> str:

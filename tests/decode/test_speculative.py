@@ -7,7 +7,7 @@ import torch
 from specalign.align.token_adapter import TokenAdapter, TokenAdapterConfig
 from specalign.data import open_dataset
 from specalign.decode.engine import Engine, decode_one_token, prefill, prompt_embeds
-from specalign.decode.sources import AdaptedDraft, FixedDraft, VLMDraft, check_same_tokenizer
+from specalign.decode.sources import AdaptedDraft, FixedDraft, VLMDraft, shared_vocabulary
 from specalign.decode.speculative import (
     Proposal,
     accept_sampling,
@@ -94,7 +94,7 @@ def sources(draft_vlm, draft_engine, draft_embeds, target_tokens, vocab):
 @pytest.mark.parametrize("pair", ["minis", "random_pair"])
 def test_greedy_sd_is_token_identical_to_target(pair, dataset, request):
     target, draft = request.getfixturevalue(pair)
-    check_same_tokenizer(draft, target)
+    assert shared_vocabulary(draft, target) == len(target.tokenizer) == target.vocab_size  # one tokenizer: all ids
     t_engine, d_engine = Engine(target, 700), Engine(draft, 400)
     alphas = {}
     for i in range(len(dataset)):
@@ -166,9 +166,68 @@ def test_bad_input_is_refused(minis, random_pair, dataset):
     short = Engine(target, te.shape[1] + 4)
     with pytest.raises(SpecalignError, match="exceed"):
         target_generate(short, te, 20, -1)
-    # the random pair's tokenizer is the test world's, not the bundled models'
-    with pytest.raises(SpecalignError, match="different tokenizers"):
-        check_same_tokenizer(random_pair[1], target)
+    # the random pair's tokenizer is the test world's, not the bundled models': refused on one line
+    with pytest.raises(SpecalignError, match="different tokenizers") as e:
+        shared_vocabulary(random_pair[1], target)
+    assert "\n" not in str(e.value) and "first: id " in str(e.value)
+    # a proposal outside the target's vocabulary is refused before it reaches the embeddings
+    with pytest.raises(SpecalignError, match="outside the target's vocabulary"):
+        speculative_decode(t_engine, te, FixedDraft([target.vocab_size + 5] * 60), 3, 10, target.eos_token_id)
+
+
+def recorded(source):
+    """The source, with every proposal it makes also appended to `source.proposed`."""
+    source.proposed = []
+    propose = source.propose
+
+    def spy(accepted, gamma, stats):
+        proposal = propose(accepted, gamma, stats)
+        source.proposed.append(list(proposal.tokens))
+        return proposal
+
+    source.propose = spy
+    return source
+
+
+def test_a_draft_never_proposes_ids_outside_the_shared_vocabulary(random_pair, dataset):
+    """Ids >= shared_vocab (the draft's own extra tokens, the target's specials) are never proposed, even where the
+    draft's argmax is one of them; the target, which may emit such ids itself, still decides every token."""
+    target, draft = random_pair
+    shared = draft.vocab_size - 60  # as if the last 60 ids were the draft's own added tokens
+    t_engine, d_engine = Engine(target, 700), Engine(draft, 400)
+    head = d_engine.head
+    boost = torch.zeros(draft.vocab_size, dtype=torch.float64)
+    boost[shared:] = 1e4  # the draft's argmax is always an extra id
+    d_engine.head = lambda h: head(h) + boost
+    greedy, sampling = Sampling(), Sampling(temperature=1.0)
+    g = torch.Generator().manual_seed(0)
+    try:
+        te, de = embeds(target, dataset[0], QUESTIONS[0]), embeds(draft, dataset[0], QUESTIONS[0])
+        ref, _ = target_generate(t_engine, te, 40, -1)
+        draft.shared_vocab = None
+        unmasked = recorded(VLMDraft(d_engine, de))
+        speculative_decode(t_engine, te, unmasked, 3, 40, -1)
+        assert min(t for p in unmasked.proposed for t in p) >= shared  # the boost works: unmasked, only extras
+        draft.shared_vocab = shared
+        for mode in (greedy, sampling):
+            src = recorded(VLMDraft(d_engine, de, mode, g))
+            out, stats = speculative_decode(t_engine, te, src, 3, 40, -1, mode, g)
+            assert stats.drafted > 0 and max(t for p in src.proposed for t in p) < shared
+            if mode is greedy:
+                assert out == ref
+        adapter = TokenAdapter(TokenAdapterConfig(vocab_size=draft.vocab_size, embed_dim=32, num_layers=1,
+                                                  num_heads=2, ffn_dim=64)).eval()  # fmt: skip
+        with torch.no_grad():
+            adapter.head.bias[shared:] = 1e4  # the adapter's argmax too is an id the target does not share
+        for resync in (False, True):
+            src = recorded(AdaptedDraft(VLMDraft(d_engine, de), adapter, resync=resync))
+            out, _ = speculative_decode(t_engine, te, src, 3, 40, -1)
+            assert out == ref and max(t for p in src.proposed for t in p) < shared
+    finally:
+        draft.shared_vocab = None
+    assert any(
+        t >= shared for t in ref
+    )  # the target emitted ids the draft does not share; they were fed to it as <unk>
 
 
 def test_compiled_decode_step_gives_the_same_tokens(minis, dataset):
