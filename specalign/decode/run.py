@@ -33,7 +33,15 @@ from specalign.errors import SpecalignError, fail, one_line
 from specalign.fsutil import atomic_path, write_bytes, write_json
 from specalign.models.base import Sampling
 from specalign.options import option
-from specalign.runs import SETTINGS_FILE, check_settings, dataset_identity, exclusive, file_identity, require_positive
+from specalign.runs import (
+    LOCK_FILE,
+    SETTINGS_FILE,
+    check_settings,
+    dataset_identity,
+    exclusive,
+    file_identity,
+    require_positive,
+)
 
 STAGES = ("vision", "prefill", "draft", "adapt", "verify")
 # fewer answers or less SD time than this: the speedup is reported with a warning (timer noise and warm-up dominate)
@@ -122,15 +130,15 @@ def _check_device(name: str, device: str | None) -> None:
     flag = "--" + name.replace("_", "-")
     try:
         d = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise SpecalignError(f"{flag}: not a device ({one_line(e)}); e.g. cuda, cuda:1 or cpu") from None
+    except (RuntimeError, TypeError):
+        raise SpecalignError(f"{flag}: {device!r} is not a device; use cuda, cuda:N or cpu") from None
     if d.type == "cuda":
         if not torch.cuda.is_available():
             raise SpecalignError(f"{flag}: {device}: no CUDA GPU is available here (use cpu)")
         if d.index is not None and d.index >= torch.cuda.device_count():
             raise SpecalignError(f"{flag}: {device}: only {torch.cuda.device_count()} GPU(s) here")
     elif d.type != "cpu":
-        raise SpecalignError(f"{flag}: {device}: expected cuda, cuda:N or cpu")
+        raise SpecalignError(f"{flag}: {device!r} is not a device; use cuda, cuda:N or cpu")
 
 
 # ---------------------------------------------------------------- inputs, checked before any model loads
@@ -207,30 +215,27 @@ def check_inputs(cfg: SpeculateConfig) -> Inputs:
 @contextmanager
 def results_folder(out: str | Path, settings: dict, overwrite: bool):
     """--out, locked for the run and holding these settings (a folder with another run's results is refused
-    unless overwrite). A run that fails before writing its results leaves a new folder as it found it."""
+    unless overwrite). A run that fails before writing its results leaves the folder as it found it."""
     out = Path(out)
-    created = not out.exists()
-    lock = exclusive(out)
-    try:
-        folder = lock.__enter__()
-    except OSError as e:
-        raise fail(out, f"cannot write the results here ({one_line(e)})") from None
+    created, had_lock = not out.exists(), (out / LOCK_FILE).exists()
     done = new = False
     try:
-        try:
-            new = check_settings(folder, settings, overwrite)
-        except OSError as e:
-            raise fail(out, f"cannot write the results here ({one_line(e)})") from None
-        yield folder
-        done = True
+        with exclusive(out) as folder:  # mkdir -p and the lock: an unwritable place fails here, on one line
+            try:
+                new = check_settings(folder, settings, overwrite)
+            except OSError as e:
+                raise fail(out, f"cannot write the results here ({one_line(e)})") from None
+            yield folder
+            done = True
     finally:
-        lock.__exit__(None, None, None)
-        if not done and new and not (folder / "results.json").exists():
-            (folder / SETTINGS_FILE).unlink(missing_ok=True)
+        if not done and out.is_dir() and not (out / "results.json").exists():
+            if new:
+                (out / SETTINGS_FILE).unlink(missing_ok=True)
+            if not had_lock:
+                (out / LOCK_FILE).unlink(missing_ok=True)
             if created:
-                (folder / ".lock").unlink(missing_ok=True)
                 with suppress(OSError):  # not empty: something else is in it
-                    folder.rmdir()
+                    out.rmdir()
 
 
 # ---------------------------------------------------------------- the run
@@ -299,7 +304,7 @@ def _decode_all(cfg: SpeculateConfig, inputs: Inputs, target, draft, adapter, pr
             t_engine = Engine(target, need_t + 64, fp32_head=cfg.fp32_head)
         if d_engine is None or d_engine.max_len < need_d + cfg.gamma:
             d_engine = Engine(draft, need_d + cfg.gamma + 64)
-        if not rows:  # warm-up: CUDA graphs are captured on first use, not inside the timed runs
+        if not rows and target.device.type == "cuda":  # warm-up: CUDA graphs are captured on first use
             target_generate(t_engine, te, 4, eos)
             speculative_decode(t_engine, te, VLMDraft(d_engine, de), cfg.gamma, 4, eos)
         alone_runs, sd_runs = [], []
