@@ -4,11 +4,14 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from specalign.cli import main
+from specalign.cli import build_parser, main
 from specalign.errors import SpecalignError
 from specalign.runs import exclusive
 from specalign.world.build import WorldConfig
@@ -147,6 +150,24 @@ def test_two_builds_into_one_folder(capsys, world):
         err = cli_error(capsys, "--out", out, "--train", "4", "--test", "0", *TINY)
     assert f"{out}: another specalign process is writing here" in err
     assert digests(out) == before
+
+
+def test_a_second_process_stops_while_the_first_builds(capsys, tmp_path):
+    build_parser()  # its imports are done before the race, so the second build meets the first at work
+    out = tmp_path / "w"
+    args = ["--out", out, "--train", "4", "--test", "2", *TINY]
+    code = "import sys; from specalign.world.build import WorldConfig, build_world; build_world(WorldConfig(" \
+           "out=sys.argv[1], duration='500ms', train=4, test=2, width=32, height=24, clips_per_sequence=2, " \
+           "mp4=False, workers=1), progress=False)"  # fmt: skip
+    first = subprocess.Popen([sys.executable, "-c", code, str(out)])
+    deadline = time.time() + 60
+    while not (out / SPLIT / "run_settings.json").exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert first.poll() is None, "the first build still runs"
+    err = cli_error(capsys, *args)
+    assert f"{out}: another specalign process is writing here" in err
+    assert first.wait(timeout=120) == 0, "the first build is not disturbed"
+    assert len(json.loads((out / SPLIT / "EventGPT_Instruction_Subset.json").read_text())) == 4
 
 
 def test_unwritable_output(capsys, tmp_path):
