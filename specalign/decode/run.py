@@ -166,9 +166,12 @@ def _inspect(name: str, flag: str) -> None:
     """Config, tokenizer and weight files of a model, read without loading it."""
     try:
         from specalign.models import inspect_model
-    except ImportError:  # older tree: load_model's own early checks are the only ones
+    except ImportError:  # not in this tree: load_model's own early checks are the only ones
         return
-    inspect_model(name)
+    try:
+        inspect_model(name)
+    except SpecalignError as e:
+        raise SpecalignError(f"{flag}: {e}") from None
 
 
 def check_inputs(cfg: SpeculateConfig) -> Inputs:
@@ -667,15 +670,23 @@ def _plots(out: Path, res: dict) -> None:
     save(fig, "acceptance_histogram.png")
 
     per = [r["speedup"] for r in res["samples"]]
+    lo, hi = min(per + [sp["overall"]]), max(per + [sp["overall"]])
+    pad = max(hi - lo, 0.05 * hi, 1e-3) * 0.15
+    lo, hi = lo - pad, hi + pad
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     ax.axvspan(sp["p10"], sp["p90"], color="tab:blue", alpha=0.12, label=f"p10-p90 {sp['p10']:.2f}-{sp['p90']:.2f}x")
-    ax.hist(per, bins=min(20, max(5, len(per))), color="tab:blue", rwidth=0.9)
-    ax.axvline(1.0, color="k", lw=1, label="1x (no gain)")
+    ax.hist(per, bins=min(20, max(5, len(per))), range=(lo, hi), color="tab:blue", rwidth=0.9)
     ax.axvline(sp["median"], color="tab:red", lw=2, label=f"median {sp['median']:.2f}x")
     ax.axvline(sp["overall"], color="tab:orange", lw=2, ls="--", label=f"overall {sp['overall']:.2f}x")
+    if lo - (hi - lo) < 1.0 < hi + (hi - lo):  # 1x in reach: drawn; far off: named in the title instead
+        ax.axvline(1.0, color="k", lw=1, label="1x (no gain)")
+        lo, hi = min(lo, 1.0 - pad), max(hi, 1.0 + pad)
+    where = " (every answer slower than the target alone)" if hi < 1.0 else (
+        " (every answer faster than the target alone)" if lo > 1.0 else "")  # fmt: skip
+    ax.set_xlim(lo, hi)
     ax.set_xlabel(f"speedup vs target alone (same engine), per answer (median of {sp['repeats']} timings)")
     ax.set_ylabel("answers")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"Speedup over {len(per)} answers" + (": too short to time well" if sp["too_short"] else ""))
+    ax.set_title(f"Speedup over {len(per)} answers{where}" + ("\ntoo short to time well" if sp["too_short"] else ""))
     ax.legend(fontsize=8, loc="best")
     save(fig, "speedup.png")
