@@ -90,23 +90,17 @@ def cmd_answer(args) -> None:
 
 
 def cmd_extract(args) -> None:
-    from specalign.align.extract import ExtractConfig, extract
+    from specalign.align.extract import ExtractConfig, extract, summary_line
 
     m = extract(from_args(ExtractConfig, args), progress=not args.quiet)
-    if "pairs" in m:
-        print(f"{m['pairs']} pairs in {args.out}/pairs.jsonl  ({m['samples']} samples x {len(m['questions'])} "
-              f"questions, {m['seconds_rank0']} s, peak memory {m['peak_memory_gb']} GB)")  # fmt: skip
+    if "pairs" in m:  # under torchrun only rank 0 merges and reports
+        print(summary_line(m, args.out))
 
 
 def cmd_train(args) -> None:
-    from specalign.align.train import AdapterTrainConfig, train_adapter
+    from specalign.align.train import AdapterTrainConfig, result_lines, train_adapter
 
-    r = train_adapter(from_args(AdapterTrainConfig, args), progress=not args.quiet)
-    best = r["best"]
-    verdict = "" if best["top1"] > best["baseline"] else "  (NOT above the baseline)"
-    print(f"{r['status']}: best epoch {r['best_epoch']}  top-1 {best['top1']:.4f}  top-5 {best['top5']:.4f}  "
-          f"baseline {best['baseline']:.4f}{verdict}  ({r['seconds']:.1f} s)")  # fmt: skip
-    print(f"task folder: {r['task_dir']}")
+    print("\n".join(result_lines(train_adapter(from_args(AdapterTrainConfig, args), progress=not args.quiet))))
 
 
 def cmd_speculate(args) -> None:
@@ -124,18 +118,9 @@ def cmd_tokens(args) -> None:
 
 
 def cmd_star(args) -> None:
-    import os
-    from pathlib import Path
+    from specalign.align.train import star_task
 
-    task = Path(args.task).resolve()
-    if not (task / "results.json").is_file():
-        raise SpecalignError(f"{task}: not a task folder (results.json is missing)")
-    starred = task.parent / "starred"
-    starred.mkdir(exist_ok=True)
-    link = starred / task.name
-    if not link.exists():
-        os.symlink(os.path.relpath(task, starred), link)
-    print(f"starred: {link}")
+    print(f"starred: {star_task(args.task)}")
 
 
 def cmd_evaluate(args) -> None:
@@ -151,15 +136,9 @@ def cmd_debug_tokens(args) -> None:
 
 
 def cmd_workflow(args) -> None:
-    from specalign.align.workflow import WorkflowConfig, run_workflow
+    from specalign.align.workflow import WorkflowConfig, run_workflow, summary_lines
 
-    s = run_workflow(from_args(WorkflowConfig, args), progress=not args.quiet)
-    print()
-    print("| workflow | train pairs | test pairs | baseline | adapter top-1 | improvement | seconds |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| {s['workflow']} | {s['train_pairs']} | {s['test_pairs']} | {s['baseline']:.4f} | {s['top1']:.4f} | "
-          f"{s['improvement']:+.4f} | {s['seconds']} |")  # fmt: skip
-    print(f"task folder: {s['task']}")
+    print("\n".join(summary_lines(run_workflow(from_args(WorkflowConfig, args), progress=not args.quiet))))
 
 
 # ---- the parser -----------------------------------------------------------------------------------------------
