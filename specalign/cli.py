@@ -8,6 +8,7 @@ their results.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from specalign.errors import SpecalignError
@@ -144,35 +145,41 @@ def cmd_workflow(args) -> None:
 # ---- the parser -----------------------------------------------------------------------------------------------
 
 
-def _command(sub, name: str, help: str, func, config=None, quiet: bool = True, skip: tuple[str, ...] = ()):
+def _command(sub, name: str, help: str, func, config: str | None = None, quiet: bool = True,
+             skip: tuple[str, ...] = ()):  # fmt: skip
+    """A leaf command. `config` is "module:Class", imported only when this command is the one being run (or when
+    the whole parser is built), so `specalign world build` does not pay for importing torch."""
     p = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
-    if config is not None:
-        add_options(p, config, skip=skip)
+    if config is not None and _wanted(sub, name):
+        module, cls = config.split(":")
+        add_options(p, getattr(importlib.import_module(module), cls), skip=skip)
     if quiet:
         p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
     p.set_defaults(func=func)
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from specalign import __version__
-    from specalign.align.extract import ExtractConfig
-    from specalign.align.train import AdapterTrainConfig
-    from specalign.align.workflow import WORKFLOWS, WorkflowConfig
-    from specalign.data.dsec import DsecBuildConfig
-    from specalign.decode.run import SpeculateConfig
-    from specalign.evaluate.adapter import DebugTokensConfig, EvaluateConfig
-    from specalign.models.train_mini import TrainConfig
-    from specalign.world.build import WorldConfig
+def _wanted(sub, name: str) -> bool:
+    selected = getattr(sub, "_specalign_selected", None)
+    return selected is None or name in selected
 
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with argv, only the options of the command argv names are built (the rest keep their
+    names and help)."""
+    from specalign import __version__
+
+    selected = None if argv is None else {a for a in argv[:2] if not a.startswith("-")}
     p = argparse.ArgumentParser(prog="specalign", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"specalign {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub._specalign_selected = selected
 
     world = sub.add_parser("world", help="the built-in miniature DSEC world (minidsec)")
     wsub = world.add_subparsers(dest="world_command", required=True, metavar="COMMAND")
+    wsub._specalign_selected = selected
     b = _command(wsub, "build", "simulate drives and write them in the reference derived layout (resumable)",
-                 cmd_world_build, WorldConfig)  # fmt: skip
+                 cmd_world_build, "specalign.world.build:WorldConfig")  # fmt: skip
     b.add_argument("--sensor-size", type=parse_size, default="128x96", metavar="WxH",
                    help="event sensor size; the RGB frames too, times --frame-scale")  # fmt: skip
     s = _command(wsub, "show", "contact sheet of one sample: RGB frames, event images, scene, answers",
@@ -184,27 +191,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="dataset layouts")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    dsub._specalign_selected = selected
     _command(dsub, "build-dsec", "build the reference derived layout from a raw DSEC tree (resumable)",
-             cmd_data_build_dsec, DsecBuildConfig)  # fmt: skip
+             cmd_data_build_dsec, "specalign.data.dsec:DsecBuildConfig")  # fmt: skip
 
     models = sub.add_parser("models", help="draft and target models")
     msub = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+    msub._specalign_selected = selected
     _command(msub, "train-mini", "train the mini target (Video-LLaVA) or draft (EventGPT) on a world (resumable)",
-             cmd_train_mini, TrainConfig)  # fmt: skip
+             cmd_train_mini, "specalign.models.train_mini:TrainConfig")  # fmt: skip
 
     _command(sub, "extract", "paired draft/target generations for every (sample, question) (resumable)",
-             cmd_extract, ExtractConfig)  # fmt: skip
+             cmd_extract, "specalign.align.extract:ExtractConfig")  # fmt: skip
     _command(sub, "train", "train a TokenAdapter on token pairs (the reference recipe by default; resumable)",
-             cmd_train, AdapterTrainConfig)  # fmt: skip
+             cmd_train, "specalign.align.train:AdapterTrainConfig")  # fmt: skip
     _command(sub, "speculate", "speculative decoding over a split: lossless check, alpha, tau, speedup",
-             cmd_speculate, SpeculateConfig)  # fmt: skip
+             cmd_speculate, "specalign.decode.run:SpeculateConfig")  # fmt: skip
     _command(sub, "evaluate", "teacher-forced TokenAdapter metrics + the reference's AR comparison",
-             cmd_evaluate, EvaluateConfig, quiet=False)  # fmt: skip
+             cmd_evaluate, "specalign.evaluate.adapter:EvaluateConfig", quiet=False)  # fmt: skip
     _command(sub, "debug-tokens", "write a token-by-token comparison (TOKEN_ALIGNMENT_ANALYSIS.md)",
-             cmd_debug_tokens, DebugTokensConfig, quiet=False)  # fmt: skip
+             cmd_debug_tokens, "specalign.evaluate.adapter:DebugTokensConfig", quiet=False)  # fmt: skip
     wf = _command(sub, "workflow", "extract (train + test) -> train -> evaluate, resumable", cmd_workflow,
-                  WorkflowConfig, skip=("name",))  # fmt: skip
-    wf.add_argument("name", choices=list(WORKFLOWS), help="how many questions per sample: 1q, 10q or 50q")
+                  "specalign.align.workflow:WorkflowConfig", skip=("name",))  # fmt: skip
+    wf.add_argument("name", help="how many questions per sample: 1q, 10q or 50q")
 
     tok = sub.add_parser("tokens", help="convert token pairs between our store and the reference JSON")
     toksub = tok.add_subparsers(dest="tokens_command", required=True, metavar="COMMAND")
@@ -235,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     if getattr(args, "quiet", False):
         quiet_third_party()
     try:
