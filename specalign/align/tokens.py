@@ -197,13 +197,18 @@ def read_pairs(path: str | Path) -> TokenPairs:
         return _read_store(path)
     if (path / SETTINGS_FILE).is_file():
         raise fail(path, f"an unfinished run: no {PAIRS_NAME} yet (run the same extract command again to finish it)")
-    files = sorted(p for p in path.glob("*.json") if p.name != MANIFEST_NAME)
+    files = reference_files(path)
     if not files:
         raise fail(path, f"no {PAIRS_NAME} and no JSON token files in this directory")
     pairs = TokenPairs()
     for f in files:
         pairs.extend(read_reference_json(f))
     return pairs
+
+
+def reference_files(folder: Path) -> list[Path]:
+    """The reference JSON token files of a folder: never a hidden file (a half-written temp file is one)."""
+    return sorted(p for p in folder.glob("*.json") if p.name != MANIFEST_NAME and not p.name.startswith("."))
 
 
 def pairs_identity(path: str | Path) -> dict:
@@ -215,7 +220,7 @@ def pairs_identity(path: str | Path) -> dict:
         return file_identity(path)
     if (path / PAIRS_NAME).is_file():
         return {"path": str(path.resolve()), "sha256": sha256_file(path / PAIRS_NAME)}
-    files = sorted(p for p in path.glob("*.json") if p.name != MANIFEST_NAME)
+    files = reference_files(path)
     return {"path": str(path.resolve()), "sha256": {p.name: sha256_file(p) for p in files}}
 
 

@@ -76,3 +76,16 @@ def test_pad_batch_right_pads_and_truncates():
     assert pad_batch([[1, 2, 3], [4]]).tolist() == [[1, 2, 3], [4, 0, 0]]
     assert pad_batch([[1, 2, 3], [4]], length=2).tolist() == [[1, 2], [4, 0]]
     assert pad_batch([[1]], length=3).dtype == torch.long
+
+
+def test_a_folder_of_reference_files_skips_hidden_temp_files(tmp_path):
+    import json
+
+    from specalign.align.tokens import read_pairs
+
+    entry = {"sample_idx": 0, "question_idx": 0, "sample_id": "s/000000", "query": "q",
+             "egpt_tokens": [5, 6, 2], "egpt_text": "a", "vl_tokens": [5, 7, 2], "vl_text": "b"}  # fmt: skip
+    (tmp_path / "part0.json").write_text(json.dumps({"results": [entry]}))
+    # what a killed atomic write leaves behind: a complete file under a hidden temp name
+    (tmp_path / ".part1.json.abcd1234.tmp.json").write_text(json.dumps({"results": [entry, entry]}))
+    assert len(read_pairs(tmp_path)) == 1
