@@ -1,9 +1,10 @@
 """Draft sources for `speculative_decode`: where proposed tokens come from.
 
-Every source has `start(stats)` (called once per prompt, after the target's prefill) and
+Every source is a `DraftSource`: `start(stats)` (once per prompt, after the target's prefill) and
 `propose(accepted, gamma, stats) -> Proposal`, where `accepted` is the answer so far in target token ids
-(the target's accepted prefix: a source resyncs on it every round). Feature-level draft heads fit the same
-two calls.
+(the target's accepted prefix: a source resyncs on it every round). `predraft(k, stats)` starts the source while
+the target prefills and may already propose k tokens from the prompt alone (default: none). Feature-level draft
+heads fit the same calls.
 
 - `VLMDraft`: the draft VLM on its own visual input, continuing from the target's accepted prefix;
 - `AdaptedDraft`: a `VLMDraft` whose proposals go through the TokenAdapter (the reference study's idea);
@@ -12,12 +13,34 @@ two calls.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from specalign.decode.engine import Engine, prefill, verify
 from specalign.decode.speculative import Clock, Proposal, Stats
 from specalign.errors import SpecalignError
 from specalign.models.base import Sampling, probabilities, sample_token
+
+
+class DraftSource(Protocol):
+    """What `speculative_decode` needs of a draft. Sources may subclass it for the default `predraft`."""
+
+    name: str
+    device: torch.device  # where it drafts (prefill hiding overlaps it with the target only on the same GPU)
+
+    def start(self, stats: Stats) -> None:
+        """Get ready for a new prompt (called after the target's prefill)."""
+        ...
+
+    def propose(self, accepted: list[int], gamma: int, stats: Stats) -> Proposal:
+        """Up to gamma target token ids to follow `accepted` (the answer so far)."""
+        ...
+
+    def predraft(self, k: int, stats: Stats) -> Proposal:
+        """start(), run while the target prefills, plus up to k tokens drafted from the prompt alone (none here)."""
+        self.start(stats)
+        return Proposal([])
 
 
 def shared_vocabulary(draft_vlm, target_vlm) -> int:
@@ -51,7 +74,7 @@ def _tokens_by_id(tokenizer) -> list[str | None]:
     return out
 
 
-class VLMDraft:
+class VLMDraft(DraftSource):
     """The draft model drafting on its own prompt (e.g. the event image), resynced on the accepted prefix."""
 
     name = "draft-vlm"
@@ -126,7 +149,7 @@ class VLMDraft:
         return Proposal(tokens, None if self.sampling.greedy else torch.stack(dists))
 
 
-class AdaptedDraft:
+class AdaptedDraft(DraftSource):
     """The draft VLM's tokens mapped through a TokenAdapter (the reference study's idea).
 
     The adapter was trained on independent generations: adapter(draft answer)[i] predicts target answer token
@@ -175,7 +198,7 @@ class AdaptedDraft:
         return Proposal(tokens, q)
 
 
-class FixedDraft:
+class FixedDraft(DraftSource):
     """Proposes `tokens[len(accepted) : len(accepted) + gamma]` (nothing past the end): with the target's own
     output it is always right; with any other list, as right as that list is."""
 

@@ -8,8 +8,9 @@ Sampling: the rule of Leviathan et al. 2023 (accept x with probability min(1, p(
 from norm(max(0, p - q)); after gamma acceptances a bonus token from p), so outputs follow the target's
 distribution. Both models' caches roll back to the accepted prefix after every round.
 
-Draft sources (`decode.sources`) share one small interface: `start()`, then `propose(accepted, gamma)` ->
-`Proposal` (tokens and, for sampling, the distributions they were drawn from).
+Draft sources (`decode.sources.DraftSource`) share one small interface: `start()`, then `propose(accepted,
+gamma)` -> `Proposal` (tokens and, for sampling, the distributions they were drawn from); `predraft(k)` when the
+target's prefill is hidden.
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from specalign.decode.engine import Engine, decode_one_token, prefill, verify
 from specalign.errors import SpecalignError
 from specalign.models.base import Sampling, probabilities, sample_token
+
+if TYPE_CHECKING:
+    from specalign.decode.sources import DraftSource
 
 
 @dataclass
@@ -158,7 +163,7 @@ def divergence(target: Engine, embeds: torch.Tensor, ref: list[int], out: list[i
     return row
 
 
-def prefill_hidden(target: Engine, embeds: torch.Tensor, draft, k: int, stats: Stats):
+def prefill_hidden(target: Engine, embeds: torch.Tensor, draft: DraftSource, k: int, stats: Stats):
     """The target prefills while the draft prefills and drafts k tokens from the prompt alone (its own CUDA
     stream on a shared GPU; on another device it simply runs while the target's kernels do). Returns (target
     logits [1, V], the k pre-drafted tokens). Timed as one 'prefill' section: the draft's part is hidden in it."""
@@ -178,8 +183,8 @@ def prefill_hidden(target: Engine, embeds: torch.Tensor, draft, k: int, stats: S
 
 
 @torch.inference_mode()
-def speculative_decode(target: Engine, embeds: torch.Tensor, draft, gamma: int, max_new_tokens: int, eos: int,
-                       sampling: Sampling | None = None, generator=None,
+def speculative_decode(target: Engine, embeds: torch.Tensor, draft: DraftSource, gamma: int, max_new_tokens: int,
+                       eos: int, sampling: Sampling | None = None, generator=None,
                        hide_prefill: bool = False) -> tuple[list[int], Stats]:  # fmt: skip
     """Generate up to max_new_tokens for one prompt (embeds [1, T, D]) with the target verifying `draft`'s
     proposals. Returns (tokens, Stats). The first token comes from the target's prefill.
@@ -191,7 +196,7 @@ def speculative_decode(target: Engine, embeds: torch.Tensor, draft, gamma: int, 
     sampling = sampling or Sampling()
     stats = Stats()
     pre = None
-    if hide_prefill and hasattr(draft, "predraft"):
+    if hide_prefill:
         logits, pre = prefill_hidden(target, embeds, draft, gamma + 1, stats)
     else:
         with Clock(target.device, stats.seconds, "prefill"):
@@ -208,7 +213,7 @@ def speculative_decode(target: Engine, embeds: torch.Tensor, draft, gamma: int, 
             proposal = draft.propose(out, g, stats)
         if proposal.tokens and not 0 <= min(proposal.tokens) <= max(proposal.tokens) < vocab:
             bad = next(t for t in proposal.tokens if not 0 <= t < vocab)
-            raise SpecalignError(f"draft {getattr(draft, 'name', draft)} proposed token id {bad}, outside the "
+            raise SpecalignError(f"draft {draft.name} proposed token id {bad}, outside the "
                                  f"target's vocabulary of {vocab}")  # fmt: skip
         with Clock(target.device, stats.seconds, "verify"):
             # the cache holds prompt + out[:-1]: feed the last emitted token and the proposals together

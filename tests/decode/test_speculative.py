@@ -219,9 +219,9 @@ def test_a_draft_never_proposes_ids_outside_the_shared_vocabulary(random_pair, d
                                                   num_heads=2, ffn_dim=64)).eval()  # fmt: skip
         with torch.no_grad():
             adapter.head.bias[shared:] = 1e4  # the adapter's argmax too is an id the target does not share
-        for resync in (False, True):
+        for resync in (False, True):  # hidden prefill: the adapter's default predraft (start, nothing drafted)
             src = recorded(AdaptedDraft(VLMDraft(d_engine, de), adapter, resync=resync))
-            out, _ = speculative_decode(t_engine, te, src, 3, 40, -1)
+            out, _ = speculative_decode(t_engine, te, src, 3, 40, -1, hide_prefill=resync)
             assert out == ref and max(t for p in src.proposed for t in p) < shared
     finally:
         draft.shared_vocab = None
