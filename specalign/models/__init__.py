@@ -1,18 +1,22 @@
 """Draft and target VLMs behind one interface (`models.base.VLM`).
 
-load_model("mini-target")                 # bundled mini-world models, by name
-load_model("/ckpt/Video-LLaVA-7B-hf")      # a checkpoint directory: the backend comes from config.json
-load_model("LanguageBind/Video-LLaVA-7B-hf", backend="video-llava")   # a hub id in the local cache
+load_model("mini-target")                        # a bundled mini-world model, by name
+load_model("/ckpt/Video-LLaVA-7B-hf")            # a checkpoint directory: the backend comes from config.json
+load_model("LanguageBind/Video-LLaVA-7B-hf")     # a hub id already in the local Hugging Face cache
+inspect_model("/ckpt/EventGPT-7B")               # every check of load_model that needs no weights, in a second
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from specalign.errors import SpecalignError, fail
 from specalign.models.base import VLM, Batch, DecodeState, Prompt, Sampling, Step
 
-BACKENDS = {"video_llava": "video-llava", "EventChat_llama": "eventgpt", "llava": "llava"}
+BACKENDS = {"video_llava": "video-llava", "EventChat_llama": "eventgpt", "llava": "llava"}  # model_type -> backend
+# backend -> its module, which has check_<module>(path) and load_<module>(path, ...)
+_MODULES = {"video-llava": "video_llava", "eventgpt": "eventgpt", "llava": "llava"}
 
 
 def bundled_path(name: str) -> Path | None:
@@ -21,15 +25,39 @@ def bundled_path(name: str) -> Path | None:
     return BUNDLED.get(name)
 
 
+def locate(name_or_path: str) -> Path:
+    """The checkpoint directory of a bundled name, a directory, or a hub id in the local Hugging Face cache."""
+    from specalign.models.loading import is_hub_id, resolve_checkpoint
+
+    path = bundled_path(name_or_path)
+    if path is not None:
+        if not (path / "config.json").is_file():
+            raise fail(path, f"the bundled model {name_or_path!r} is missing (re-clone the repository, or train it "
+                             "with scripts/train_mini_assets.sh)")  # fmt: skip
+        return path
+    if is_hub_id(str(name_or_path)):
+        return resolve_checkpoint(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        from specalign.models.registry import BUNDLED
+
+        raise SpecalignError(f"{name_or_path}: no such model: not a bundled name ({', '.join(BUNDLED)}), not a "
+                             "directory, and not a hub id (owner/name) in the local Hugging Face cache")  # fmt: skip
+    return path
+
+
 def weights_stamp(name_or_path: str) -> dict | None:
-    """{weight file: [bytes, mtime ns]} of a bundled model or checkpoint directory (None for a hub id): what
-    tells a resumed job that the model's weights changed since it started (retrained, re-downloaded)."""
+    """{weight file: [bytes, mtime ns]} of a bundled model, checkpoint directory or cached hub id (None when it
+    cannot be found): what tells a resumed job that the model's weights changed since it started (retrained,
+    re-downloaded)."""
     from specalign.models.loading import weight_files
 
-    path = bundled_path(name_or_path) or Path(name_or_path)
-    if not path.is_dir():
+    try:
+        path = locate(name_or_path)
+        files = weight_files(path) if path.is_dir() else []
+    except SpecalignError:
         return None
-    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in weight_files(path)}
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files} or None
 
 
 def detect_backend(path: Path) -> str:
@@ -41,32 +69,34 @@ def detect_backend(path: Path) -> str:
     return BACKENDS[model_type]
 
 
+def _backend(path: Path, backend: str | None):
+    """(backend name, its module) for a checkpoint directory; `backend` None: from its config.json."""
+    backend = backend or detect_backend(path)
+    if backend not in _MODULES:
+        raise SpecalignError(f"--backend: unknown backend {backend!r}: choose {', '.join(_MODULES)}")
+    return backend, importlib.import_module(f"specalign.models.{_MODULES[backend]}")
+
+
+def inspect_model(name_or_path: str, backend: str | None = None) -> dict:
+    """Every check load_model makes before it reads weights (config.json, backend, weight files present, tokenizer
+    loadable and fitting the embeddings, image processor, EventGPT's CLIP tower), without loading the model.
+    Returns {"path": the resolved directory, "backend", "vocab_size": text embeddings, "tokenizer_size"}; a bad
+    model is a one-line SpecalignError."""
+    path = locate(name_or_path)
+    backend, module = _backend(path, backend)
+    checked = getattr(module, f"check_{_MODULES[backend]}")(path)
+    return {"path": str(path.resolve()), "backend": backend, "vocab_size": checked.vocab_size,
+            "tokenizer_size": len(checked.tokenizer)}  # fmt: skip
+
+
 def load_model(name_or_path: str, backend: str | None = None, device: str = "cpu", dtype=None,
                quantization: int | None = None) -> VLM:  # fmt: skip
-    """Load a draft or target VLM by bundled name, checkpoint directory, or (with backend=) cached hub id."""
-    path = bundled_path(name_or_path)
-    if path is not None and not (path / "config.json").is_file():
-        raise SpecalignError(f"{path}: bundled model {name_or_path!r} is missing (run `make assets` or re-clone)")
-    path = path or Path(name_or_path)
-    if backend is None:
-        if not path.exists():
-            raise SpecalignError(f"{name_or_path}: no such model (not a bundled name or a directory); "
-                                 "for a hub id in the local cache pass --backend")  # fmt: skip
-        backend = detect_backend(path)
-    name = name_or_path
-    if backend == "video-llava":
-        from specalign.models.video_llava import load_video_llava
-
-        return load_video_llava(str(path), device=device, dtype=dtype, quantization=quantization, name=name)
-    if backend == "eventgpt":
-        from specalign.models.eventgpt import load_eventgpt
-
-        return load_eventgpt(str(path), device=device, dtype=dtype, quantization=quantization, name=name)
-    if backend == "llava":
-        from specalign.models.llava import load_llava
-
-        return load_llava(str(path), device=device, dtype=dtype, quantization=quantization, name=name)
-    raise SpecalignError(f"--backend: unknown backend {backend!r}: choose video-llava, eventgpt or llava")
+    """Load a draft or target VLM by bundled name, checkpoint directory, or hub id in the local cache. backend:
+    video-llava | eventgpt | llava (default: from config.json's model_type)."""
+    path = locate(name_or_path)
+    backend, module = _backend(path, backend)
+    load = getattr(module, f"load_{_MODULES[backend]}")
+    return load(path, device=device, dtype=dtype, quantization=quantization, name=name_or_path)
 
 
-__all__ = ["VLM", "Batch", "DecodeState", "Prompt", "Sampling", "Step", "load_model", "detect_backend"]
+__all__ = ["VLM", "Batch", "DecodeState", "Prompt", "Sampling", "Step", "load_model", "inspect_model", "detect_backend"]

@@ -17,7 +17,6 @@ per visual token, so the KV cache length equals the prompt length (see models.ba
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +26,18 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlamaModel
 
-from specalign.errors import SpecalignError, fail
+from specalign.errors import SpecalignError, fail, one_line
 from specalign.fsutil import read_json
 from specalign.models.base import VLM
 from specalign.models.loading import (
+    HUB_ID,
+    Checked,
     check_tokenizer_fits,
-    quantization_config,
+    load_hf_model,
+    load_tokenizer,
+    quiet_transformers,
     read_config,
+    resolve_checkpoint,
     resolve_dtype,
     weight_files,
 )
@@ -297,20 +301,21 @@ class EventGPT(VLM):
 
 
 # ---- loading ------------------------------------------------------------------------------------------------------
-def _why(e: Exception) -> str:
-    """An exception as one short line."""
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-
-
 def _tower_dir(path: Path, cfg: dict, override: str | None = None) -> Path:
     """The CLIP tower directory: `override`, else config key mm_visual_tower, absolute or relative to the
-    checkpoint directory; a hub id ("openai/clip-vit-large-patch14-336") may also sit there under its last part."""
+    checkpoint directory; a hub id ("openai/clip-vit-large-patch14-336") may also sit there under its last part,
+    or be in the local Hugging Face cache."""
     where = path / "config.json"
     name = override or cfg.get("mm_visual_tower")
     if not isinstance(name, str) or not name:
         raise fail(where, "no mm_visual_tower: EventGPT needs the path of its CLIP tower directory")
     raw = Path(name).expanduser()
     candidates = [raw] if raw.is_absolute() else [path / raw, path / raw.name]
+    if HUB_ID.fullmatch(name) and not any((c / "config.json").is_file() for c in candidates):
+        try:
+            candidates.append(resolve_checkpoint(name))
+        except SpecalignError:
+            candidates.append(Path(f"{name} (not in the local Hugging Face cache)"))
     for c in candidates:
         if (c / "config.json").is_file():
             if not (c / "preprocessor_config.json").is_file():
@@ -342,21 +347,8 @@ def _checkpoint_keys(files: list[Path]) -> set[str]:
                     obj = torch.load(f, map_location="meta", weights_only=True)
                 keys.update(obj.get("model_state_dict", obj).keys() if isinstance(obj, dict) else obj.keys())
         except Exception as e:
-            raise fail(f, f"cannot read weights ({_why(e)})") from None
+            raise fail(f, f"cannot read weights ({one_line(e)})") from None
     return keys
-
-
-def _load_tokenizer(path: Path, config: EventChatConfig):
-    from transformers import AutoTokenizer
-
-    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
-        raise fail(path, "no tokenizer in the checkpoint directory (tokenizer.json or tokenizer.model)")
-    try:
-        # config= keeps AutoTokenizer from parsing config.json (whose model_type it does not know)
-        return AutoTokenizer.from_pretrained(str(path), config=config, local_files_only=True)
-    except Exception as e:
-        hint = "" if (path / "tokenizer.json").is_file() else " (a tokenizer.model alone needs `sentencepiece`)"
-        raise fail(path, f"cannot load the tokenizer{hint}: {_why(e)}") from None
 
 
 def _image_processor_class():
@@ -376,28 +368,13 @@ def _load_image_processor(tower: Path):
     try:
         return _image_processor_class().from_pretrained(str(tower), local_files_only=True)
     except Exception as e:
-        raise fail(tower / "preprocessor_config.json", f"cannot load the image processor: {_why(e)}") from None
+        raise fail(tower / "preprocessor_config.json", f"cannot load the image processor: {one_line(e)}") from None
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """transformers prints a load report when the checkpoint leaves the tower out; we check keys ourselves."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
-def load_eventgpt(path, device="cpu", dtype=None, quantization: int | None = None, name: str | None = None,
-                  event_frames: int = 1, visual_tower: str | None = None) -> EventGPT:  # fmt: skip
-    """Load an EventGPT checkpoint directory (official layout: config.json with model_type EventChat_llama,
-    safetensors or .bin shards, the tokenizer, and the CLIP tower directory named by mm_visual_tower, or by
-    `visual_tower`). Every problem with the files is a one-line SpecalignError raised before the weights are read."""
-    path = Path(path)
+def check_eventgpt(path: Path, visual_tower: str | None = None) -> Checked:
+    """Every check of an EventGPT checkpoint directory that needs no weights: config, weight files (their names
+    only), the CLIP tower directory (config.json key mm_visual_tower, or `visual_tower`) and its weights when the
+    checkpoint lacks them, tokenizer, image processor. One-line SpecalignError on the first problem."""
     cfg = read_config(path)
     if cfg.get("model_type") != MODEL_TYPE:
         raise fail(path / "config.json", f"model_type is {cfg.get('model_type')!r}, not {MODEL_TYPE!r} (EventGPT)")
@@ -406,7 +383,7 @@ def load_eventgpt(path, device="cpu", dtype=None, quantization: int | None = Non
     try:
         vision = CLIPVisionConfig.from_pretrained(str(tower), local_files_only=True)
     except Exception as e:
-        raise fail(tower / "config.json", f"not a CLIP config ({_why(e)})") from None
+        raise fail(tower / "config.json", f"not a CLIP config ({one_line(e)})") from None
     keys = _checkpoint_keys(files)
     tower_inside = any(k.startswith(TOWER_PREFIX) for k in keys)
     if not tower_inside:
@@ -417,61 +394,53 @@ def load_eventgpt(path, device="cpu", dtype=None, quantization: int | None = Non
     try:
         config = EventChatConfig.from_dict(cfg)
     except Exception as e:
-        raise fail(path / "config.json", f"invalid config ({_why(e)})") from None
+        raise fail(path / "config.json", f"invalid config ({one_line(e)})") from None
     if config.mm_hidden_size != vision.hidden_size:
         raise fail(path / "config.json", f"mm_hidden_size {config.mm_hidden_size} != CLIP width {vision.hidden_size}")
-    tokenizer = _load_tokenizer(path, config)
+    # config= keeps AutoTokenizer from parsing config.json (whose model_type it does not know)
+    tokenizer = load_tokenizer(path, config)
     check_tokenizer_fits(tokenizer, config.vocab_size, path)
     image_processor = _load_image_processor(tower)
+    return Checked(path, config, files, tokenizer, image_processor, int(config.vocab_size),
+                   {"tower": tower, "tower_inside": tower_inside})  # fmt: skip
 
-    # heavy part
-    device = torch.device(device)
-    dtype = resolve_dtype(dtype, device)
-    kwargs: dict = {"config": config, "dtype": dtype, "local_files_only": True, "output_loading_info": True}
-    qc = quantization_config(quantization)
-    if qc is not None and device.type != "cuda":
-        raise SpecalignError(f"{path}: {quantization}-bit loading needs a CUDA device, not {device}")
-    if qc is not None:
-        qc.llm_int8_skip_modules = ["visual_tower", "visual_projector", "feature_adaptor", "lm_head"]
-        kwargs.update(quantization_config=qc, device_map={"": str(device) if device.index is not None else 0})
-    elif device.type != "cpu":
-        kwargs["device_map"] = {"": str(device)}
-    try:
-        with _quiet_transformers():
-            model, info = EventChatModel.from_pretrained(str(path), **kwargs)
-    except SpecalignError:
-        raise
-    except Exception as e:
-        raise fail(path, f"cannot load the weights ({_why(e)})") from None
-    missing = sorted(k for k in info["missing_keys"] if not (k.startswith(TOWER_PREFIX) and not tower_inside))
-    if missing:
-        raise fail(files[0].parent, f"weights do not match the config: {len(missing)} missing, e.g. {missing[0]}")
-    if info.get("mismatched_keys"):
-        bad = sorted(info["mismatched_keys"])[0]
-        raise fail(files[0].parent, f"weights do not match the config: wrong shape of {bad}")
+
+def load_eventgpt(path, device="cpu", dtype=None, quantization: int | None = None, name: str | None = None,
+                  event_frames: int = 1, visual_tower: str | None = None, offline: bool = True,
+                  cache_dir=None) -> EventGPT:  # fmt: skip
+    """Load an EventGPT checkpoint directory (official layout: config.json with model_type EventChat_llama,
+    safetensors or .bin shards, the tokenizer, and the CLIP tower directory named by mm_visual_tower, or by
+    `visual_tower`), or a hub id in the local cache. Every problem with the files is a one-line SpecalignError
+    raised before the weights are read."""
+    c = check_eventgpt(resolve_checkpoint(path, offline, cache_dir), visual_tower)
+    tower_inside = c.extra["tower_inside"]
+    model = load_hf_model(
+        EventChatModel, c.path, c.config, c.files, device, dtype, quantization,
+        full_precision=("visual_tower", "visual_projector", "feature_adaptor", "lm_head"),
+        may_miss=lambda k: k.startswith(TOWER_PREFIX) and not tower_inside,  # then loaded from the tower directory
+    )  # fmt: skip
     if not tower_inside:
-        _load_tower_weights(model, tower, dtype)
+        _load_tower_weights(model, c.extra["tower"], resolve_dtype(dtype, torch.device(device)))
     model.vision_tower.requires_grad_(False)  # from_pretrained makes fresh Parameters: freeze again
-    model.eval()
-    return EventGPT(model=model, tokenizer=tokenizer, name=name or str(path), image_processor=image_processor,
+    return EventGPT(model=model, tokenizer=c.tokenizer, name=name or str(path), image_processor=c.image_processor,
                     event_frames=event_frames)  # fmt: skip
 
 
 def _load_tower_weights(model: EventChatModel, tower: Path, dtype: torch.dtype) -> None:
     """Copy the CLIP weights of the tower directory (a CLIPModel or CLIPVisionModel checkpoint) into the model."""
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             clip, info = CLIPVisionModel.from_pretrained(str(tower), dtype=dtype, local_files_only=True,
                                                          output_loading_info=True)  # fmt: skip
     except Exception as e:
-        raise fail(tower, f"cannot load the CLIP tower ({_why(e)})") from None
+        raise fail(tower, f"cannot load the CLIP tower ({one_line(e)})") from None
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise fail(tower, f"CLIP weights incomplete: {len(missing)} missing, e.g. {missing[0]}")
     try:
         model.vision_tower.load_state_dict(clip.state_dict())
     except RuntimeError as e:
-        raise fail(tower, f"CLIP tower does not fit the model ({_why(e)})") from None
+        raise fail(tower, f"CLIP tower does not fit the model ({one_line(e)})") from None
 
 
 # ---- fresh models and saving ----------------------------------------------------------------------------------------

@@ -20,23 +20,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from specalign.errors import SpecalignError, fail
+from specalign.errors import SpecalignError, fail, one_line
 from specalign.models.base import VLM
-from specalign.models.loading import check_tokenizer_fits, read_config, weight_files
-from specalign.models.video_llava import (
-    IMAGE_TOKEN,
-    NUM_FRAMES,
-    Processor,
+from specalign.models.loading import (
+    Checked,
     check_special_ids,
-    expand_placeholder,
-    image_pixels,
+    check_tokenizer_fits,
     load_hf_model,
     load_image_processor,
     load_tokenizer,
     quiet_transformers,
+    read_config,
     resolve_checkpoint,
-    why,
+    weight_files,
 )
+from specalign.models.video_llava import IMAGE_TOKEN, NUM_FRAMES, Processor, expand_placeholder, image_pixels
 
 MODEL_TYPE = "llava"
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
@@ -105,15 +103,11 @@ def image_tokens(config) -> int:
     return positions - (config.vision_feature_select_strategy == "default")
 
 
-def load_llava(path_or_hub_id, device="cpu", dtype=None, quantization: int | None = None, name: str | None = None,
-               offline: bool = True, cache_dir=None, image_source: str = "frame") -> Llava:  # fmt: skip
-    """Load a LLaVA checkpoint (HF layout directory, or a hub id in the local HF cache); file problems are one-line
-    SpecalignErrors raised before the weights are read."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+def check_llava(path: Path) -> Checked:
+    """Every check of a LLaVA checkpoint directory that needs no weights (config, weight files, tokenizer and its
+    <image> id, image processor); one-line SpecalignError on the first problem."""
+    from transformers import LlavaConfig
 
-    if image_source not in IMAGE_SOURCES:
-        raise SpecalignError(f"image_source: unknown {image_source!r}: choose {' or '.join(IMAGE_SOURCES)}")
-    path = resolve_checkpoint(path_or_hub_id, offline, cache_dir)
     cfg = read_config(path)
     config_file = path / "config.json"
     if cfg.get("model_type") != MODEL_TYPE:
@@ -123,7 +117,7 @@ def load_llava(path_or_hub_id, device="cpu", dtype=None, quantization: int | Non
         with quiet_transformers():
             config = LlavaConfig.from_dict(cfg)
     except Exception as e:
-        raise fail(config_file, f"invalid LLaVA config ({why(e)})") from None
+        raise fail(config_file, f"invalid LLaVA config ({one_line(e)})") from None
     tower = getattr(config.vision_config, "model_type", None)
     if tower not in _CLS:
         raise fail(config_file, f"vision tower {tower!r} is not supported (CLIP or SigLIP)")
@@ -132,6 +126,18 @@ def load_llava(path_or_hub_id, device="cpu", dtype=None, quantization: int | Non
     check_tokenizer_fits(tokenizer, vocab, path)
     check_special_ids(config_file, vocab, tokenizer, {IMAGE_TOKEN: int(config.image_token_index)})
     image_processor = load_image_processor(path, "CLIPImageProcessor")
-    model = load_hf_model(LlavaForConditionalGeneration, path, config, files, device, dtype, quantization)
-    return Llava(model=model, tokenizer=tokenizer, name=name or str(path_or_hub_id), image_processor=image_processor,
-                 image_source=image_source)  # fmt: skip
+    return Checked(path, config, files, tokenizer, image_processor, vocab)
+
+
+def load_llava(path_or_hub_id, device="cpu", dtype=None, quantization: int | None = None, name: str | None = None,
+               offline: bool = True, cache_dir=None, image_source: str = "frame") -> Llava:  # fmt: skip
+    """Load a LLaVA checkpoint (HF layout directory, or a hub id in the local HF cache); file problems are one-line
+    SpecalignErrors raised before the weights are read."""
+    from transformers import LlavaForConditionalGeneration
+
+    if image_source not in IMAGE_SOURCES:
+        raise SpecalignError(f"image_source: unknown {image_source!r}: choose {' or '.join(IMAGE_SOURCES)}")
+    c = check_llava(resolve_checkpoint(path_or_hub_id, offline, cache_dir))
+    model = load_hf_model(LlavaForConditionalGeneration, c.path, c.config, c.files, device, dtype, quantization)
+    return Llava(model=model, tokenizer=c.tokenizer, name=name or str(path_or_hub_id),
+                 image_processor=c.image_processor, image_source=image_source)  # fmt: skip

@@ -19,10 +19,8 @@ machines do not have, and resizes slightly differently.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +28,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from specalign.errors import SpecalignError, fail
+from specalign.errors import SpecalignError, fail, one_line
 from specalign.models.base import VLM
-from specalign.models.loading import check_tokenizer_fits, quantization_config, read_config, resolve_dtype, weight_files
+from specalign.models.loading import (
+    Checked,
+    check_special_ids,
+    check_tokenizer_fits,
+    image_processor_config,
+    load_hf_model,
+    load_image_processor,
+    load_tokenizer,
+    quiet_transformers,
+    read_config,
+    resolve_checkpoint,
+    weight_files,
+)
 
 MODEL_TYPE = "video_llava"
 NUM_FRAMES = 8
@@ -170,142 +180,12 @@ class Processor:
         (out / "processor_config.json").write_text(json.dumps(extra, indent=2) + "\n")
 
 
-# ---- loading (shared with llava.py) -------------------------------------------------------------------------------
-def why(e: Exception) -> str:
-    """An exception as one short line."""
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+# ---- loading ------------------------------------------------------------------------------------------------------
+def check_video_llava(path: Path) -> Checked:
+    """Every check of a Video-LLaVA checkpoint directory that needs no weights: config, weight files, tokenizer and
+    its placeholder ids, image processor. One-line SpecalignError on the first problem."""
+    from transformers import VideoLlavaConfig
 
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def resolve_checkpoint(path_or_hub_id, offline: bool = True, cache_dir=None) -> Path:
-    """A checkpoint directory for a path or a hub id ("owner/name"). Hub ids come from the local HF cache when
-    offline (the default: nothing is downloaded); a hub id that is not cached is a one-line error."""
-    text = str(path_or_hub_id)
-    path = Path(text).expanduser()
-    if path.exists() or not _HUB_ID.fullmatch(text):
-        return path
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(text, local_files_only=offline, cache_dir=cache_dir))
-    except Exception as e:
-        if offline:
-            raise SpecalignError(
-                f"{text}: not a directory, and not in the local Hugging Face cache (offline: download it first, "
-                f"e.g. `hf download {text}`, or pass a checkpoint directory)"
-            ) from None
-        raise SpecalignError(f"{text}: cannot download it from the hub ({why(e)})") from None
-
-
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
-        raise fail(path, "no tokenizer in the checkpoint directory (tokenizer.json or tokenizer.model)")
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:
-        hint = "" if (path / "tokenizer.json").is_file() else " (a tokenizer.model alone needs `sentencepiece`)"
-        raise fail(path, f"cannot load the tokenizer{hint}: {why(e)}") from None
-
-
-def image_processor_config(path: Path) -> tuple[Path, dict]:
-    """(file, dict) of the image processor's settings: preprocessor_config.json, or the nested "image_processor" of
-    processor_config.json (transformers 5 saves it there)."""
-    for name, key in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
-        f = path / name
-        if f.is_file():
-            try:
-                data = json.loads(f.read_text())
-            except json.JSONDecodeError as e:
-                raise fail(f, f"not valid JSON ({e})") from None
-            data = data.get(key) if key else data
-            if isinstance(data, dict):
-                return f, data
-    raise fail(path, "no image processor settings (preprocessor_config.json) in the checkpoint directory")
-
-
-def load_image_processor(path: Path, default: str):
-    """The PIL/numpy flavour of the checkpoint's image processor (the same pixels on every machine; transformers'
-    torchvision flavours need torchvision). `default`: the class when the settings name none."""
-    import transformers
-
-    file, settings = image_processor_config(path)
-    name = str(settings.get("image_processor_type") or default).removesuffix("Fast").removesuffix("Pil")
-    cls = getattr(transformers, name + "Pil", None) or getattr(transformers, name, None)
-    if cls is None:
-        raise fail(file, f"unknown image_processor_type {settings.get('image_processor_type')!r}")
-    try:
-        return cls.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:
-        raise fail(file, f"cannot load the image processor: {why(e)}") from None
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """transformers prints load reports, progress bars and deprecation notes; the loaders check what matters
-    themselves."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def check_special_ids(config_file: Path, vocab_size: int, tokenizer, specials: dict[str, int]) -> None:
-    """Each placeholder id must be inside the embeddings and be the tokenizer's id of its token."""
-    for token, token_id in specials.items():
-        if not 0 <= token_id < vocab_size:
-            raise fail(config_file, f"text vocab_size {vocab_size} is not above the {token} id {token_id}")
-        got = tokenizer.convert_tokens_to_ids(token)
-        if got != token_id:
-            raise fail(config_file, f"{token} is id {token_id} in the config but {got} in the tokenizer")
-
-
-def load_hf_model(cls, path: Path, config, files: list[Path], device, dtype, quantization):
-    """from_pretrained with our device/dtype/quantization rules; missing or misshapen weights are a one-line error."""
-    device = torch.device(device)
-    dtype = resolve_dtype(dtype, device)
-    # mismatched shapes are reported by us below, with the tensor's name
-    kwargs: dict = {"config": config, "dtype": dtype, "local_files_only": True, "output_loading_info": True,
-                    "ignore_mismatched_sizes": True}  # fmt: skip
-    if quantization is not None and device.type != "cuda":
-        raise SpecalignError(f"{path}: {quantization}-bit loading needs a CUDA device, not {device}")
-    qc = quantization_config(quantization)
-    if qc is not None:
-        kwargs.update(quantization_config=qc, device_map={"": device.index if device.index is not None else 0})
-    elif device.type != "cpu":
-        kwargs["device_map"] = {"": str(device)}
-    try:
-        with quiet_transformers():
-            model, info = cls.from_pretrained(str(path), **kwargs)
-    except Exception as e:
-        raise fail(path, f"cannot load the weights ({why(e)})") from None
-    if info.get("missing_keys"):
-        missing = sorted(info["missing_keys"])
-        raise fail(files[0].parent, f"weights do not match the config: {len(missing)} missing, e.g. {missing[0]}")
-    if info.get("mismatched_keys"):
-        bad = sorted(info["mismatched_keys"])[0]
-        bad = bad[0] if isinstance(bad, tuple) else bad  # (name, stored shape, expected shape) in some versions
-        raise fail(files[0].parent, f"weights do not match the config: wrong shape of {bad}")
-    return model.eval()
-
-
-def load_video_llava(path_or_hub_id, device="cpu", dtype=None, quantization: int | None = None,
-                     name: str | None = None, offline: bool = True, cache_dir=None) -> VideoLlava:  # fmt: skip
-    """Load a Video-LLaVA checkpoint (a directory in the HF layout, or a hub id in the local cache). Every problem
-    with the files is a one-line SpecalignError raised before the weights are read."""
-    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
-
-    path = resolve_checkpoint(path_or_hub_id, offline, cache_dir)
     cfg = read_config(path)
     config_file = path / "config.json"
     if cfg.get("model_type") != MODEL_TYPE:
@@ -315,7 +195,7 @@ def load_video_llava(path_or_hub_id, device="cpu", dtype=None, quantization: int
         with quiet_transformers():
             config = VideoLlavaConfig.from_dict(cfg)
     except Exception as e:
-        raise fail(config_file, f"invalid Video-LLaVA config ({why(e)})") from None
+        raise fail(config_file, f"invalid Video-LLaVA config ({one_line(e)})") from None
     if getattr(config.vision_config, "model_type", "") != "clip_vision_model":
         raise fail(config_file, f"vision tower {config.vision_config.model_type!r} is not CLIP")
     tokenizer = load_tokenizer(path)
@@ -328,10 +208,19 @@ def load_video_llava(path_or_hub_id, device="cpu", dtype=None, quantization: int
     size = config.vision_config.image_size
     if crop is not None and crop != size:
         raise fail(image_processor_config(path)[0], f"crops frames to {crop} px but the vision tower takes {size} px")
+    return Checked(path, config, files, tokenizer, image_processor, vocab)
 
-    model = load_hf_model(VideoLlavaForConditionalGeneration, path, config, files, device, dtype, quantization)
-    return VideoLlava(model=model, tokenizer=tokenizer, name=name or str(path_or_hub_id),
-                      image_processor=image_processor)  # fmt: skip
+
+def load_video_llava(path_or_hub_id, device="cpu", dtype=None, quantization: int | None = None,
+                     name: str | None = None, offline: bool = True, cache_dir=None) -> VideoLlava:  # fmt: skip
+    """Load a Video-LLaVA checkpoint (a directory in the HF layout, or a hub id in the local cache). Every problem
+    with the files is a one-line SpecalignError raised before the weights are read."""
+    from transformers import VideoLlavaForConditionalGeneration
+
+    c = check_video_llava(resolve_checkpoint(path_or_hub_id, offline, cache_dir))
+    model = load_hf_model(VideoLlavaForConditionalGeneration, c.path, c.config, c.files, device, dtype, quantization)
+    return VideoLlava(model=model, tokenizer=c.tokenizer, name=name or str(path_or_hub_id),
+                      image_processor=c.image_processor)  # fmt: skip
 
 
 def _crop_size(image_processor) -> int | None:
@@ -353,7 +242,7 @@ def world_tokenizer(tokenizer_file):
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:
-        raise fail(path, f"not a tokenizers file ({why(e)})") from None
+        raise fail(path, f"not a tokenizers file ({one_line(e)})") from None
     missing = [t for t in ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN, VIDEO_TOKEN) if tok.token_to_id(t) is None]
     if missing:
         raise fail(path, f"tokenizer lacks the special token(s) {', '.join(missing)}")
