@@ -23,17 +23,25 @@ CORPUS = [
 QUESTIONS = ["What are the key elements in this scene?", "Describe the road layout."]
 
 
-def tiny_tokenizer(patch_token: bool = True):
-    """A small BPE tokenizer (the mini world's recipe) wrapped as a transformers fast tokenizer."""
+def tiny_tokenizer(patch_token: bool = True, llama_vocab=None):
+    """A small BPE tokenizer (the mini world's recipe) wrapped as a transformers fast tokenizer. llama_vocab: a
+    minidsec world's tokenizer.json, to use EventGPT-7B's layout instead (Llama's 32,000 tokens, from
+    `tiny_video_llava.llama_tokenizer`; <unk> doubles as padding, as in Vicuna)."""
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=train_tokenizer(CORPUS, QUESTIONS, vocab_size=160),
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-    )
+    if llama_vocab is not None:
+        from tiny_video_llava import llama_tokenizer
+
+        tok = llama_tokenizer(llama_vocab)
+        tok.pad_token = "<unk>"
+    else:
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=train_tokenizer(CORPUS, QUESTIONS, vocab_size=160),
+            bos_token="<s>",
+            eos_token="</s>",
+            unk_token="<unk>",
+            pad_token="<pad>",
+        )
     if patch_token:  # EventGPT adds <ev_patch> when mm_use_im_patch_token (32000 -> 32001 in the real model)
         tok.add_tokens(["<ev_patch>"], special_tokens=True)
     return tok
@@ -76,8 +84,13 @@ def write_tiny_eventgpt(
     patch_token: bool = True,
     model_type: str = "EventChat_llama",
     seed: int = 0,
+    llama_vocab=None,  # a minidsec world's tokenizer.json: EventGPT-7B's vocabulary layout (see tiny_tokenizer)
+    prefer_patch_token: bool = False,
 ) -> Path:
-    """Write the checkpoint directory and return it. vocab_size None: the tokenizer's size + 3 (padding)."""
+    """Write the checkpoint directory and return it. vocab_size None: the tokenizer's size + 3 (padding; with
+    llama_vocab: the tokenizer's size, 32,000 or 32,001 with <ev_patch>, as in EventGPT-7B).
+    prefer_patch_token: the LM head's <ev_patch> row points along the LM's mean last hidden state, so the draft says
+    <ev_patch> at most positions (a draft whose argmax is an id the target does not share)."""
     from safetensors.torch import save_file
     from transformers import CLIPVisionModel, LlamaForCausalLM
 
@@ -85,8 +98,9 @@ def write_tiny_eventgpt(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = tiny_tokenizer(patch_token)
-    vocab_size = len(tok) + 3 if vocab_size is None else vocab_size
+    tok = tiny_tokenizer(patch_token, llama_vocab)
+    if vocab_size is None:
+        vocab_size = len(tok) + (3 if llama_vocab is None else 0)
     vision, llama_cfg = tiny_configs(vocab_size, adaptor)
     torch.manual_seed(seed)
     lm = LlamaForCausalLM(llama_cfg)
@@ -98,6 +112,11 @@ def write_tiny_eventgpt(
         for p in [*projector.parameters(), *feature_adaptor.parameters()]:
             p.normal_(0, 0.3)
 
+    if prefer_patch_token:  # the <ev_patch> row along the LM's mean last hidden state: a logit of about 2 there
+        with torch.no_grad():
+            ids = torch.tensor([tok("In the scene, there is a red car on the left side of the road.")["input_ids"]])
+            mean = lm(ids, output_hidden_states=True).hidden_states[-1][0].mean(0)
+            lm.lm_head.weight[tok.convert_tokens_to_ids("<ev_patch>")] = 2 * mean / mean.dot(mean)
     state = dict(lm.state_dict())
     state.update({f"model.visual_tower.visual_tower.vision_model.{k}": v for k, v in clip.state_dict().items()})
     state.update({f"model.visual_projector.{k}": v for k, v in projector.state_dict().items()})

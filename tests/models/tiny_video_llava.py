@@ -26,25 +26,54 @@ CORPUS = [
 QUESTIONS = ["What are the key elements in this scene?", "Describe the road layout in detail, please."]
 
 
-def tiny_tokenizer(vocab: int = 120):
+LLAMA_VOCAB = 32000  # Llama's tokenizer: the base vocabulary of EventGPT-7B and Video-LLaVA-7B-hf
+
+
+def tiny_tokenizer(vocab: int = 120, llama_vocab=None):
     """A small BPE tokenizer (Metaspace, like Llama's) that adds <s> in front, wrapped as a fast tokenizer,
-    with <image>, <video>, <pad> appended after the BPE vocabulary."""
+    with <image>, <video>, <pad> appended after the BPE vocabulary. llama_vocab: a minidsec world's tokenizer.json,
+    to start from `llama_tokenizer` (32,000 base tokens) instead: then <image>, <video>, <pad> are 32000..32002."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
-    prompts = [f"USER: <video>\n{q} ASSISTANT:" for q in QUESTIONS]
-    tok.train_from_iterator(CORPUS + prompts, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 1)])  # fmt: skip
+    if llama_vocab is not None:
+        fast = llama_tokenizer(llama_vocab)
+    else:
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+        prompts = [f"USER: <video>\n{q} ASSISTANT:" for q in QUESTIONS]
+        tok.train_from_iterator(CORPUS + prompts, trainer=trainer)
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])  # fmt: skip
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     # appended in the real tokenizer's order: <image>, <video>, <pad>
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.add_tokens(["<image>", "<video>", "<pad>"], special_tokens=True)
     fast.pad_token = "<pad>"
     return fast
+
+
+def llama_tokenizer(world_tokenizer, size: int = LLAMA_VOCAB):
+    """A tokenizer in Llama's layout, built offline: exactly `size` base tokens, <unk> <s> </s> at 0, 1, 2, a
+    minidsec world's BPE tokens at their own ids (so the world's text tokenizes as it does there; the world's own
+    specials <pad> <image> <video> <event> become plain byte-like tokens, as ids 3.. are in Llama's), then unused
+    filler tokens up to `size`. Adds <s> in front, as Llama's does."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    data = json.loads(Path(world_tokenizer).read_text())
+    vocab = data["model"]["vocab"]  # token -> id
+    for i, special in enumerate(("<pad>", "<image>", "<video>", "<event>"), start=3):
+        vocab[f"<0x{i:02X}>"] = vocab.pop(special)
+    if len(vocab) > size:
+        raise ValueError(f"the world's tokenizer has {len(vocab)} tokens, more than {size}")
+    vocab.update({f"<unused{i}>": i for i in range(len(vocab), size)})
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] in ("<unk>", "<s>", "</s>")]
+    tok = Tokenizer.from_str(json.dumps(data))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", vocab["<s>"])])  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def _vision(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> dict:
@@ -124,14 +153,16 @@ def _save(model, tok, image_processor, out: Path, processor_extra: dict, legacy_
 
 
 def write_tiny_video_llava(out_dir, *, vocab_size: int | None = None, model_type: str | None = None,
-                           legacy_keys: bool = False, seed: int = 0) -> Path:  # fmt: skip
+                           legacy_keys: bool = False, seed: int = 0, llama_vocab=None) -> Path:  # fmt: skip
     """A random VideoLlavaForConditionalGeneration directory (CLIP 30 px / patch 6 -> 26 tokens per frame,
     208 per 8-frame video; Llama hidden 32, 2 layers). vocab_size None: the tokenizer's size padded to 64.
-    model_type overrides config.json's (to test the check); legacy_keys writes transformers-4.x weight names."""
+    model_type overrides config.json's (to test the check); legacy_keys writes transformers-4.x weight names.
+    llama_vocab: a minidsec world's tokenizer.json: Video-LLaVA-7B-hf's vocabulary layout (`llama_tokenizer`'s
+    32,000 tokens + <image> <video> <pad> = 32,003; embeddings 32,064)."""
     from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration, VideoLlavaImageProcessor
 
     out = Path(out_dir)
-    tok = tiny_tokenizer()
+    tok = tiny_tokenizer(llama_vocab=llama_vocab)
     vocab_size = _padded(len(tok)) if vocab_size is None else vocab_size
     config = VideoLlavaConfig(
         vision_config=_vision(),
