@@ -66,8 +66,10 @@ def first_difference(old, new, where: str = "") -> str | None:
 
 
 def _short(v) -> str:
-    s = json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else repr(v)
-    return s if len(s) <= 80 else ("..." + s[-77:] if isinstance(v, str) else s[:77] + "...")  # a path's end tells
+    if isinstance(v, str):  # a long string is a path: its end tells two apart
+        return repr(v if len(v) <= 78 else "..." + v[-75:])
+    s = json.dumps(v, ensure_ascii=False)
+    return s if len(s) <= 80 else s[:77] + "..."
 
 
 def check_settings(folder: str | Path, settings: dict, overwrite: bool = False) -> bool:

@@ -110,28 +110,6 @@ def load_questions(dataset, questions: int, questions_file: str | None = None) -
     return qs[:questions]
 
 
-def check_model(name: str, flag: str) -> None:
-    """Is `name` a model we can load, judged from its files without loading weights (before any heavy work)."""
-    from specalign import models
-
-    try:
-        if hasattr(models, "inspect_model"):
-            models.inspect_model(name)
-            return
-        from specalign.models.loading import weight_files
-
-        path = models.bundled_path(name)
-        if path is not None and not (path / "config.json").is_file():
-            raise SpecalignError(f"{path}: bundled model {name!r} is missing")
-        path = path or Path(name)
-        if not path.is_dir():
-            raise SpecalignError(f"{name}: no such model (not a bundled name or a checkpoint directory)")
-        models.detect_backend(path)
-        weight_files(path)
-    except SpecalignError as e:
-        raise SpecalignError(f"{flag}: {e}") from None
-
-
 @dataclass
 class Plan:
     """What one extraction will do, worked out from cheap checks only (no model loaded)."""
@@ -144,7 +122,7 @@ class Plan:
 
 def plan(cfg: ExtractConfig) -> Plan:
     """Check the dataset, the questions and both models (no weights loaded), in the order a user would fix them."""
-    from specalign.models import weights_stamp
+    from specalign.models import check_model, weights_stamp
     from specalign.runs import dataset_identity
 
     dataset = open_dataset(cfg.dataset)

@@ -154,51 +154,30 @@ class Inputs:
     settings: dict  # for runs.check_settings: the config minus NOT_SETTINGS, plus input identities
 
 
-def _model_path(name: str) -> str:
-    """A model's resolved directory (bundled name or checkpoint folder), or the name as given (a hub id)."""
-    from specalign.models import bundled_path
-
-    path = bundled_path(name) or Path(name)
-    return str(path.resolve()) if path.is_dir() else name
-
-
-def _inspect(name: str, flag: str) -> None:
-    """Config, tokenizer and weight files of a model, read without loading it."""
-    try:
-        from specalign.models import inspect_model
-    except ImportError:  # not in this tree: load_model's own early checks are the only ones
-        return
-    try:
-        inspect_model(name)
-    except SpecalignError as e:
-        raise SpecalignError(f"{flag}: {e}") from None
-
-
 def check_inputs(cfg: SpeculateConfig) -> Inputs:
     """Every input, cheapest first; raises SpecalignError on the first bad one. Nothing is written."""
     from specalign.align.extract import load_questions
     from specalign.align.token_adapter import WEIGHTS_NAME, load_adapter
     from specalign.data import open_dataset
     from specalign.evaluate.adapter import resolve_adapter
-    from specalign.models import weights_stamp
+    from specalign.models import check_model, weights_stamp
     from specalign.models.loading import resolve_dtype
 
     dataset = open_dataset(cfg.dataset)
     if len(dataset) == 0:
-        raise fail(dataset.root, "the split holds no samples")
+        raise fail(dataset.root, "the split has no samples")
     questions = load_questions(dataset, cfg.questions, cfg.questions_file)
     adapter_path = adapter_id = None
     if cfg.token_adapter:
         adapter_path = resolve_adapter(cfg.token_adapter).resolve()
         load_adapter(adapter_path)  # read and shape-checked here; moved to its device after the models load
         adapter_id = file_identity(adapter_path / WEIGHTS_NAME if adapter_path.is_dir() else adapter_path)
-    _inspect(cfg.draft, "--draft")
-    _inspect(cfg.target, "--target")
+    draft_info, target_info = check_model(cfg.draft, "--draft"), check_model(cfg.target, "--target")
     paths = {
         "dataset": str(dataset.root),
         "questions_file": str(Path(cfg.questions_file).resolve()) if cfg.questions_file else None,
-        "draft": _model_path(cfg.draft),
-        "target": _model_path(cfg.target),
+        "draft": draft_info["path"],
+        "target": target_info["path"],
         "token_adapter": str(adapter_path) if adapter_path else None,
         "out": str(Path(cfg.out).resolve()),
     }

@@ -89,6 +89,14 @@ def inspect_model(name_or_path: str, backend: str | None = None) -> dict:
             "tokenizer_size": len(checked.tokenizer)}  # fmt: skip
 
 
+def check_model(name_or_path: str, flag: str) -> dict:
+    """`inspect_model` for a command-line option: its errors name the option (`--target: ...`)."""
+    try:
+        return inspect_model(name_or_path)
+    except SpecalignError as e:
+        raise SpecalignError(f"{flag}: {e}") from None
+
+
 def load_model(name_or_path: str, backend: str | None = None, device: str = "cpu", dtype=None,
                quantization: int | None = None) -> VLM:  # fmt: skip
     """Load a draft or target VLM by bundled name, checkpoint directory, or hub id in the local cache. backend:

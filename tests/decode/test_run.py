@@ -164,7 +164,7 @@ def _inputs(split, tmp_path):
     (corrupt / "config.json").write_text("{}")
     return [
         ("missing split", {"dataset": str(tmp_path / "nowhere")}, r"nowhere: dataset folder not found"),
-        ("empty split", {"dataset": str(empty)}, r"empty_split: the split holds no samples"),
+        ("empty split", {"dataset": str(empty)}, r"empty_split: the split has no samples"),
         ("fewer questions than asked", {"questions": 3, "questions_file": str(one)},
          r"--questions 3: .*one_question.json holds only 1 question"),
         ("missing adapter", {"token_adapter": str(tmp_path / "none")}, r"none: no such TokenAdapter"),
