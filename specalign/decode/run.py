@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from specalign.decode.engine import Engine, prompt_embeds
-from specalign.decode.sources import AdaptedDraft, VLMDraft, shared_vocabulary
+from specalign.decode.sources import AdaptedDraft, VLMDraft, shared_ids, shared_vocabulary
 from specalign.decode.speculative import Clock, divergence, speculative_decode, target_generate
 from specalign.errors import SpecalignError, fail, one_line
 from specalign.fsutil import atomic_path, write_bytes, write_json
@@ -173,6 +173,8 @@ def check_inputs(cfg: SpeculateConfig) -> Inputs:
         load_adapter(adapter_path)  # read and shape-checked here; moved to its device after the models load
         adapter_id = file_identity(adapter_path / WEIGHTS_NAME if adapter_path.is_dir() else adapter_path)
     draft_info, target_info = check_model(cfg.draft, "--draft"), check_model(cfg.target, "--target")
+    shared_ids(draft_info["tokenizer"], target_info["tokenizer"], draft_info["vocab_size"], target_info["vocab_size"],
+               cfg.draft, cfg.target)  # two tokenizers that disagree are refused before any model loads  # fmt: skip
     paths = {
         "dataset": str(dataset.root),
         "questions_file": str(Path(cfg.questions_file).resolve()) if cfg.questions_file else None,

@@ -49,20 +49,26 @@ def shared_vocabulary(draft_vlm, target_vlm) -> int:
     Video-LLaVA-7B-hf), then extended over any further ids that agree; ids above (the draft's own added tokens such
     as `<ev_patch>`, the target's `<image>`, `<video>`, `<pad>`) are never proposed. A real mismatch (two
     different tokenizers) is refused on one line."""
-    a, b = draft_vlm.tokenizer, target_vlm.tokenizer
+    return shared_ids(draft_vlm.tokenizer, target_vlm.tokenizer, draft_vlm.vocab_size, target_vlm.vocab_size,
+                      draft_vlm.name, target_vlm.name)  # fmt: skip
+
+
+def shared_ids(a, b, a_embeddings: int, b_embeddings: int, a_name: str, b_name: str) -> int:
+    """`shared_vocabulary` from the tokenizers and embedding counts alone (no model loaded: the check runs before
+    any heavy work, on `models.inspect_model`'s results)."""
     ta, tb = _tokens_by_id(a), _tokens_by_id(b)
     n = min(a.vocab_size, b.vocab_size, len(ta), len(tb))
     differ = [i for i in range(n) if ta[i] != tb[i]]
     if differ:
         i = differ[0]
         raise SpecalignError(
-            f"draft {draft_vlm.name} and target {target_vlm.name} have different tokenizers: {len(differ)} of the "
+            f"draft {a_name} and target {b_name} have different tokenizers: {len(differ)} of the "
             f"{n} ids both should share differ (first: id {i} is {ta[i]!r} in the draft, {tb[i]!r} in the target); "
             "proposals are token ids, so the draft needs the target's tokenizer"
         )
     while n < min(len(ta), len(tb)) and ta[n] == tb[n] and ta[n] is not None:
         n += 1
-    return min(n, draft_vlm.vocab_size, target_vlm.vocab_size)
+    return min(n, a_embeddings, b_embeddings)
 
 
 def _tokens_by_id(tokenizer) -> list[str | None]:

@@ -80,13 +80,14 @@ def _backend(path: Path, backend: str | None):
 def inspect_model(name_or_path: str, backend: str | None = None) -> dict:
     """Every check load_model makes before it reads weights (config.json, backend, weight files present, tokenizer
     loadable and fitting the embeddings, image processor, EventGPT's CLIP tower), without loading the model.
-    Returns {"path": the resolved directory, "backend", "vocab_size": text embeddings, "tokenizer_size"}; a bad
+    Returns {"path": the resolved directory, "backend", "vocab_size": text embeddings, "tokenizer_size",
+    "tokenizer"}; a bad
     model is a one-line SpecalignError."""
     path = locate(name_or_path)
     backend, module = _backend(path, backend)
     checked = getattr(module, f"check_{_MODULES[backend]}")(path)
     return {"path": str(path.resolve()), "backend": backend, "vocab_size": checked.vocab_size,
-            "tokenizer_size": len(checked.tokenizer)}  # fmt: skip
+            "tokenizer_size": len(checked.tokenizer), "tokenizer": checked.tokenizer}  # fmt: skip
 
 
 def check_model(name_or_path: str, flag: str) -> dict:

@@ -103,7 +103,9 @@ def test_extract_train_speculate_is_lossless_and_proposes_only_shared_ids(pair, 
         assert res["totals"]["tokens"] == sum(len(r["target_tokens"]) for r in res["samples"])
 
 
-def test_a_draft_whose_shared_ids_mean_other_tokens_is_refused(pair, tmp_path):
+def test_a_draft_whose_shared_ids_mean_other_tokens_is_refused(pair, tmp_path, monkeypatch):
+    import specalign.models
+
     world, draft, target = pair
     wrong = shutil.copytree(draft, tmp_path / "EventGPT-other-tokenizer")
     data = json.loads((wrong / "tokenizer.json").read_text())
@@ -111,6 +113,8 @@ def test_a_draft_whose_shared_ids_mean_other_tokens_is_refused(pair, tmp_path):
     a, b = [tok for tok, i in vocab.items() if i in (100, 101)]
     vocab[a], vocab[b] = vocab[b], vocab[a]  # ids 100 and 101 swapped: another tokenizer inside Llama's range
     (wrong / "tokenizer.json").write_text(json.dumps(data))
+    # refused from the tokenizers alone, before either model loads
+    monkeypatch.setattr(specalign.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(SpecalignError) as e:
         run_speculate(SpeculateConfig(dataset=str(world / SPLIT), out=str(tmp_path / "out"), draft=str(wrong),
                                       target=str(target), max_new_tokens=4, repeats=1, hf_baseline=False,
