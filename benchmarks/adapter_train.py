@@ -1,4 +1,4 @@
-"""Benchmark: TokenAdapter training at the reference 10q scale on one GPU (issue 4).
+"""Benchmark: TokenAdapter training at the reference 10q scale on one GPU.
 
 52,000 train pairs x 50 tokens, vocab 32,010 (the reference-size adapter, 45,486,346 parameters), 50 epochs.
 Goal: 50 epochs in at most 3 minutes on one H200 (the reference needed about 5 hours).

@@ -1,4 +1,4 @@
-"""Benchmark: the decode engine at 7B shape on one GPU (issue 5). Random weights: right timing, no meaning.
+"""Benchmark: the decode engine at 7B shape on one GPU. Random weights: right timing, no meaning.
 
 Target: the Video-LLaVA-7B language model (Llama-7B, vocab 32,064) after a 2,080-token prompt (8 frames x 257
 tokens + text); draft: the EventGPT-7B language model (Llama-7B, vocab 32,000) after a 620-token prompt

@@ -1,4 +1,4 @@
-"""Benchmark: extraction throughput at 7B shape, 10 questions per sample, on one GPU (issue 5).
+"""Benchmark: extraction throughput at 7B shape, 10 questions per sample, on one GPU.
 
 Goal: >= 60 pairs/s of 50-token greedy answers from the Video-LLaVA-7B shape (HF batched generate: about 4;
 the reference: about 1). The path is extraction's own (`decode.batch`): per batch of S samples, a CLIP ViT-L/14

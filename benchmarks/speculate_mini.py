@@ -1,4 +1,4 @@
-"""Benchmark: speculative decoding on the bundled mini models (real acceptance) for each draft source (issue 5).
+"""Benchmark: speculative decoding on the bundled mini models (real acceptance) for each draft source.
 
 Runs `specalign speculate` (greedy, gamma 4) over the test split of a minidsec world with each source: the draft
 VLM resynced on the accepted prefix (plain, with prefill hiding, with adaptive gamma) and the TokenAdapter (over

@@ -1,6 +1,6 @@
 """Benchmark: build the default minidsec world (1 s clips, 5,208 train + 1,100 test) on this machine.
 
-Goal (issue 2): under 20 minutes on the 2-core development machine. Writes benchmarks/results/world_build.json.
+Goal: under 20 minutes on the 2-core development machine. Writes benchmarks/results/world_build.json.
 
     .venv/bin/python benchmarks/world_build.py [--out DIR] [--train N --test N] [--workers 2]
 """

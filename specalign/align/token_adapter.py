@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specalign.errors import SpecalignError, fail
+from specalign.errors import SpecalignError, fail, one_line
 from specalign.fsutil import atomic_path, ensure_dir, read_json, write_json
 
 WEIGHTS_NAME = "model.safetensors"
@@ -262,8 +262,7 @@ def _read_pt(path: Path) -> tuple[dict, dict]:
         with torch.serialization.safe_globals([argparse.Namespace]):  # reference scripts often save argparse args
             blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a zip/pickle, or a pickle that would need to run code
-        problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise fail(path, f"not a readable torch checkpoint ({problem[:200]})") from None
+        raise fail(path, f"not a readable torch checkpoint ({one_line(e)})") from None
     if not isinstance(blob, dict):
         raise fail(path, f"expected a dict checkpoint, found {type(blob).__name__}")
     for key in ("model_state_dict", "state_dict", "model"):
@@ -283,7 +282,7 @@ def _read_safetensors(path: Path) -> dict:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as e:
-        raise fail(path, f"not a readable safetensors file ({str(e).strip().splitlines()[0][:200]})") from None
+        raise fail(path, f"not a readable safetensors file ({one_line(e)})") from None
 
 
 def load_adapter(

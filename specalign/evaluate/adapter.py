@@ -7,7 +7,7 @@ Two kinds of numbers, kept apart on purpose:
 - the reference's AR comparison on *independent generations*: the adapter's predictions along the draft's own
   generation compared with the target's own generation from the first predicted position on. One early mismatch
   ends every consecutive run here, which is why the reference saw 0 consecutive matches; a real speculative
-  decoder resyncs the draft on the target's accepted prefix instead (issue 5), so this is NOT an acceptance rate.
+  decoder resyncs the draft on the target's accepted prefix instead, so this is NOT an acceptance rate.
 """
 
 from __future__ import annotations

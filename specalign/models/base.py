@@ -55,11 +55,6 @@ class DecodeState:
     attention_mask: torch.Tensor  # long [B, L]: 1 for real tokens, 0 for left padding
     length: int = 0  # L, cache length (same for every row)
 
-    @property
-    def next_positions(self) -> torch.Tensor:
-        """Position id of the next token of each row: long [B]."""
-        return self.attention_mask.sum(dim=1)
-
 
 @dataclass
 class Step:

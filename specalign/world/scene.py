@@ -190,11 +190,6 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     return scene
 
 
-def road_offset(scene: Scene, z):
-    """Lateral shift (m) of the road centre line at depth z on a curve."""
-    return scene.curvature * np.square(z) / 2.0
-
-
 def wrap(z, lo: float = Z_NEAR, hi: float = Z_FAR):
     """Depths leave at one end of the visible range and come back at the other."""
     return lo + np.mod(np.asarray(z) - lo, hi - lo)
