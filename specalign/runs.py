@@ -15,7 +15,7 @@ import fcntl
 import hashlib
 import json
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from specalign.errors import SpecalignError, fail
@@ -124,6 +124,32 @@ def run_folder(folder: str | Path, settings: dict, overwrite: bool = False):
     with exclusive(folder) as path:
         check_settings(path, settings, overwrite)
         yield path
+
+
+@contextmanager
+def shared_run_folder(folder: str | Path | None, settings: dict, overwrite: bool, rank: int = 0, world: int = 1):
+    """`run_folder` for a job of `world` ranks (torchrun) writing one folder: rank 0 holds the lock, judges the
+    settings and removes a killed run's temp files; every rank gets its verdict and the folder (rank 0 may be the
+    only one that knows it: a timestamped name), so all ranks stop on the same one-line error."""
+    from specalign.fsutil import remove_temp_files
+
+    with exclusive(folder) if rank == 0 else nullcontext():
+        error = None
+        if rank == 0:
+            try:
+                check_settings(folder, settings, overwrite)
+                remove_temp_files(folder)
+            except SpecalignError as e:
+                error = str(e)
+        if world > 1:
+            import torch.distributed as dist
+
+            box = [None if folder is None else str(folder), error]
+            dist.broadcast_object_list(box, src=0)
+            folder, error = box
+        if error:
+            raise SpecalignError(error)
+        yield Path(folder)
 
 
 def require_positive(name: str, value, minimum=1) -> None:

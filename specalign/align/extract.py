@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,10 +32,10 @@ from tqdm import tqdm
 from specalign.data import open_dataset
 from specalign.decode.batch import generate_shared
 from specalign.errors import SpecalignError, fail
-from specalign.fsutil import atomic_path, ensure_dir, read_json, remove_temp_files, write_bytes, write_json
+from specalign.fsutil import atomic_path, ensure_dir, read_json, write_bytes, write_json
 from specalign.models.base import Prompt
 from specalign.options import option
-from specalign.runs import check_settings, exclusive, require_positive
+from specalign.runs import require_positive, shared_run_folder
 
 ROLES = ("draft", "target")
 OVERWRITE_HELP = "start over: clear the output folder if it holds a run with other settings"
@@ -274,21 +273,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> dict:
         if not torch.distributed.is_initialized():
             torch.distributed.init_process_group("gloo")  # only for the barriers
     out = Path(cfg.out)
-    # rank 0 holds the folder (lock + settings) for the whole run; the ranks share its verdict
-    with exclusive(out) if rank == 0 else nullcontext():
-        error = None
-        if rank == 0:
-            try:
-                check_settings(out, p.settings, cfg.overwrite)
-                remove_temp_files(out)  # left by a killed run's atomic writes
-            except SpecalignError as e:
-                error = str(e)
-        if world > 1:
-            box = [error]
-            torch.distributed.broadcast_object_list(box, src=0)
-            error = box[0]
-        if error:
-            raise SpecalignError(error)
+    with shared_run_folder(out, p.settings, cfg.overwrite, rank, world):  # rank 0 holds it for the whole run
         return _extract(cfg, p, out, device, rank, world, load_model, progress)
 
 

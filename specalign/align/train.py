@@ -14,7 +14,6 @@ import dataclasses
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -31,9 +30,9 @@ from specalign.align.token_adapter import (
 )
 from specalign.align.tokens import TokenPairs, pad_batch, pairs_identity, read_pairs
 from specalign.errors import SpecalignError, fail, one_line
-from specalign.fsutil import atomic_path, ensure_dir, remove_temp_files, write_bytes, write_json
+from specalign.fsutil import atomic_path, ensure_dir, write_bytes, write_json
 from specalign.options import option
-from specalign.runs import check_settings, exclusive, require_positive
+from specalign.runs import require_positive, shared_run_folder
 
 STATE_NAME = "last_state.pt"
 REFERENCE_VOCAB = 32010  # the reference adapter's vocabulary (Llama's 32000 + specials): pairs that do not say theirs
@@ -457,20 +456,7 @@ def train_adapter(cfg: AdapterTrainConfig, progress: bool = True) -> dict:
     rank, world = _init_distributed(cfg)
     data = load_data(cfg)
     task = _task_dir(cfg) if rank == 0 else None
-    with exclusive(task) if rank == 0 else nullcontext():
-        error = None
-        if rank == 0:
-            try:
-                check_settings(task, data.settings, cfg.overwrite)
-                remove_temp_files(task)  # left by a killed run's atomic writes
-            except SpecalignError as e:
-                error = str(e)
-        if world > 1:  # rank 0 names the task folder (a timestamp) and judges it; the others follow
-            box = [str(task) if task else None, error]
-            torch.distributed.broadcast_object_list(box, src=0)
-            task, error = Path(box[0]), box[1]
-        if error:
-            raise SpecalignError(error)
+    with shared_run_folder(task, data.settings, cfg.overwrite, rank, world) as task:  # rank 0 names it
         return _train(cfg, data, task, rank, world, progress)
 
 

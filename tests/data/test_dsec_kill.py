@@ -1,10 +1,7 @@
 """`data build-dsec` killed at random points (the parent alone, or with its workers) resumes to the same files."""
 
-import contextlib
 import hashlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dsec_synth import synth_sequence
+from processes import alive, kill_after
 
 from specalign.data import open_dataset
 from specalign.data.dsec import DsecBuildConfig, build_dsec, write_raw_sequence
@@ -28,36 +26,6 @@ def files(root: Path) -> dict:
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != ".lock"
     }
-
-
-def children(pid: int) -> list[int]:
-    kids = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            kids += [int(k) for k in (task / "children").read_text().split()]
-    return kids
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
-
-
-def kill_after(proc: subprocess.Popen, out: Path, n_files: int, group: bool) -> list[int]:
-    """SIGKILL the build once `out` holds n_files files (or when it ends). Returns the workers it had then."""
-    deadline = time.time() + 60
-    while proc.poll() is None and time.time() < deadline:
-        if sum(1 for p in out.rglob("*") if p.is_file()) >= n_files:
-            break
-        time.sleep(0.02)
-    workers = [k for k in children(proc.pid) if alive(k)]
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL) if group else os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return workers
 
 
 @pytest.fixture(scope="module")
