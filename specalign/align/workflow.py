@@ -58,12 +58,13 @@ COSMETIC = ("out", "device", "batch_size", "overwrite", "train", "test")
 
 
 @contextmanager
-def _logger(path: Path):
-    """Log to the console and to `path` for one run (handlers removed after, so a later run logs afresh)."""
+def _logger(path: Path, console: bool = True):
+    """Log to `path` and (unless --quiet) the console for one run (handlers removed after, so a later run logs
+    afresh)."""
     log = logging.getLogger(f"specalign.workflow.{path}")
     log.setLevel(logging.INFO)
     log.propagate = False
-    handlers = [logging.FileHandler(path), logging.StreamHandler()]
+    handlers = [logging.FileHandler(path)] + ([logging.StreamHandler()] if console else [])
     for h in handlers:
         h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(h)
@@ -98,7 +99,7 @@ def run_workflow(cfg: WorkflowConfig, progress: bool = True) -> dict:
     settings = {k: v for k, v in asdict(cfg).items() if k not in COSMETIC}
     settings.update({split: p.settings["dataset"] for split, p in plans.items()},
                     weights=plans["train"].settings["weights"])  # fmt: skip
-    with run_folder(run, settings, cfg.overwrite), _logger(run / "workflow.log") as log:
+    with run_folder(run, settings, cfg.overwrite), _logger(run / "workflow.log", console=progress) as log:
         t0 = time.time()
         for split, c in stages.items():
             log.info(f"[{cfg.name}] extract {split}: {c.dataset}")
