@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from specalign.decode.engine import Engine, prompt_embeds
+from specalign.decode.ngram import NgramDraft, NgramTable
 from specalign.decode.sources import AdaptedDraft, VLMDraft, shared_ids, shared_vocabulary
 from specalign.decode.speculative import Clock, divergence, speculative_decode, target_generate
 from specalign.errors import SpecalignError, fail, one_line
@@ -73,6 +74,10 @@ class SpeculateConfig:
     adapter_resync: bool = option(
         False, help="map the resynced draft's per-round proposals (default: its own whole answer, as trained)"
     )
+    ngram: str | None = option(
+        None,
+        help="draft from this n-gram table (`specalign ngram build`) instead of the draft VLM: a text-only baseline",
+    )
     temperature: float = option(0.0, help="0 = greedy; > 0 samples (with --top-p and --seed)")
     top_p: float = option(1.0, help="nucleus sampling mass in (0, 1] (sampling only)")
     seed: int = option(0, help="random seed of the sampling")
@@ -113,6 +118,13 @@ class SpeculateConfig:
                                  f"got {self.min_confidence}")  # fmt: skip
         if self.token_adapter is not None and not str(self.token_adapter).strip():
             raise SpecalignError("--token-adapter: empty path")
+        if self.ngram is not None:
+            if not str(self.ngram).strip():
+                raise SpecalignError("--ngram: empty path")
+            if self.token_adapter:
+                raise SpecalignError("--ngram: cannot be combined with --token-adapter (it drafts without the VLM)")
+            if self.min_confidence > 0:
+                raise SpecalignError("--ngram: adaptive gamma (--min-confidence) needs the draft VLM's probabilities")
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         for name in ("device", "draft_device", "target_device"):
@@ -152,6 +164,7 @@ class Inputs:
     questions: list[str]
     paths: dict  # every resolved path: dataset, questions_file, draft, target, token_adapter, out
     settings: dict  # for runs.check_settings: the config minus NOT_SETTINGS, plus input identities
+    ngram: object = None  # the loaded decode.ngram.NgramTable of --ngram
 
 
 def check_inputs(cfg: SpeculateConfig) -> Inputs:
@@ -172,7 +185,13 @@ def check_inputs(cfg: SpeculateConfig) -> Inputs:
         adapter_path = resolve_adapter(cfg.token_adapter).resolve()
         load_adapter(adapter_path)  # read and shape-checked here; moved to its device after the models load
         adapter_id = file_identity(adapter_path / WEIGHTS_NAME if adapter_path.is_dir() else adapter_path)
+    table = None
+    if cfg.ngram:
+        table = NgramTable.load(cfg.ngram)
     draft_info, target_info = check_model(cfg.draft, "--draft"), check_model(cfg.target, "--target")
+    if table is not None and table.max_token_id() >= target_info["vocab_size"]:
+        raise fail(cfg.ngram, f"holds token id {table.max_token_id()}, outside the target's vocabulary of "
+                              f"{target_info['vocab_size']}: a table built for another target?")  # fmt: skip
     shared_ids(draft_info["tokenizer"], target_info["tokenizer"], draft_info["vocab_size"], target_info["vocab_size"],
                cfg.draft, cfg.target)  # two tokenizers that disagree are refused before any model loads  # fmt: skip
     paths = {
@@ -181,6 +200,7 @@ def check_inputs(cfg: SpeculateConfig) -> Inputs:
         "draft": draft_info["path"],
         "target": target_info["path"],
         "token_adapter": str(adapter_path) if adapter_path else None,
+        "ngram": str(Path(cfg.ngram).resolve()) if cfg.ngram else None,
         "out": str(Path(cfg.out).resolve()),
     }
     settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_SETTINGS}
@@ -192,8 +212,9 @@ def check_inputs(cfg: SpeculateConfig) -> Inputs:
         draft_weights=weights_stamp(cfg.draft),
         target_weights=weights_stamp(cfg.target),
         token_adapter=adapter_id,
+        ngram=file_identity(cfg.ngram) if cfg.ngram else None,
     )
-    return Inputs(dataset, questions, paths, settings)
+    return Inputs(dataset, questions, paths, settings, table)
 
 
 @contextmanager
@@ -267,6 +288,8 @@ def _decode_all(cfg: SpeculateConfig, inputs: Inputs, target, draft, adapter, pr
     rows, check = [], None
 
     def source(de):  # a fresh draft source per answer
+        if inputs.ngram is not None:  # text only: the target's prompt ids (placeholders dropped) and the table
+            return NgramDraft(inputs.ngram, t_prompt.input_ids.tolist(), target.vocab_size, eos)
         s = VLMDraft(d_engine, de, sampling, d_gen, cfg.min_confidence)
         return s if adapter is None else AdaptedDraft(s, adapter, sampling, d_gen, cfg.adapter_resync,
                                                       cfg.max_new_tokens)  # fmt: skip
@@ -540,6 +563,8 @@ def _write(out: Path, res: dict) -> None:
 def _markdown(res: dict) -> str:
     t, c = res["totals"], res["config"]
     src = "draft VLM (resynced on the accepted prefix)"
+    if c.get("ngram"):
+        src = f"n-gram table `{res['paths']['ngram']}` (text only: prompt lookup or the table, whichever matched more)"
     if c["token_adapter"]:
         src = f"TokenAdapter `{res['paths']['token_adapter']}` over " + (
             "the resynced draft's proposals" if c["adapter_resync"] else "the draft's own answer"

@@ -94,7 +94,7 @@ def accept_sampling(proposal: Proposal, logits: torch.Tensor, sampling: Sampling
     g = len(proposal.tokens)
     if proposal.q is None:  # a deterministic draft: q is one-hot on its token
         q = torch.zeros_like(p[:g])
-        q[torch.arange(g), torch.tensor(proposal.tokens)] = 1.0
+        q[torch.arange(g), torch.tensor(proposal.tokens, dtype=torch.long)] = 1.0  # long: an empty proposal too
     else:  # a draft may propose fewer ids than the target has (the shared vocabulary): zeros above
         q = proposal.q.to(p.device, p.dtype)[:, : p.shape[-1]]
         q = torch.nn.functional.pad(q, (0, p.shape[-1] - q.shape[-1]))
