@@ -2,12 +2,13 @@
 
 Runs `specalign speculate` (greedy, gamma 4) over the test split of a minidsec world with each source: the draft
 VLM resynced on the accepted prefix (plain, with prefill hiding, with adaptive gamma) and the TokenAdapter (over
-the draft's own answer, and over resynced proposals). Reports whether SD is token-identical to the target
+the draft's own answer, and over resynced proposals); with --ngram also the text-only n-gram draft (the baseline a
+draft that reads the scene must beat). Reports whether SD is token-identical to the target
 alone, alpha, tau, the speedup vs the target alone on the same engine (median and spread over answers, and overall)
 and vs HF generate. Each run's results.json (with its acceptance traces) is kept under --runs for
 benchmarks/decode_7b.py to replay at 7B shape. Writes benchmarks/results/speculate_mini.json.
 
-    python benchmarks/speculate_mini.py --adapter TASK/best_model [--world DIR] [--samples 64]
+    python benchmarks/speculate_mini.py --adapter TASK/best_model [--ngram TABLE.json] [--world DIR] [--samples 64]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ SOURCES = {
     "draft-vlm, adaptive gamma (p >= 0.3)": {"min_confidence": 0.3},
     "adapter over the draft's answer": {"adapter": True},
     "adapter over resynced proposals": {"adapter": True, "adapter_resync": True},
+    "ngram (text only: prompt lookup + n-gram table)": {"ngram": True},
 }
 
 
@@ -41,6 +43,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", default="/tmp/speculate_world", help="built here (test split only) when missing")
     p.add_argument("--adapter", required=True, help="a TokenAdapter best_model/ for the adapter sources")
+    p.add_argument("--ngram", default=None, help="an n-gram table (`specalign ngram build`): runs the ngram row")
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="timings per answer and side (the median is kept)")
     p.add_argument("--gamma", type=int, default=4)
@@ -65,7 +68,7 @@ def main() -> None:
     if picked is not None and not picked <= set(range(len(SOURCES))):
         p.error(f"--sources: rows are 0..{len(SOURCES) - 1}")
     for i, (name, opts) in enumerate(SOURCES.items()):
-        if picked is not None and i not in picked:
+        if (picked is not None and i not in picked) or (opts.get("ngram") and not args.ngram):
             continue
         opts = dict(opts)
         out = Path(args.runs) / f"source{i}"
@@ -73,7 +76,8 @@ def main() -> None:
         cfg = SpeculateConfig(dataset=str(world / "my_egpt_dsec_seq_1s"), out=str(out), max_samples=args.samples,
                               gamma=args.gamma, dtype=args.dtype, fp32_head=args.fp32_head, repeats=args.repeats,
                               draft_device=args.draft_device, overwrite=True,
-                              token_adapter=args.adapter if opts.pop("adapter", False) else None, **opts)  # fmt: skip
+                              token_adapter=args.adapter if opts.pop("adapter", False) else None,
+                              ngram=args.ngram if opts.pop("ngram", False) else None, **opts)  # fmt: skip
         res = run_speculate(cfg, progress=False)
         t = res["totals"]
         rows.append({"source": name, "run": str(out), "token_identical": res["verdict"]["token_identical"],
@@ -87,7 +91,8 @@ def main() -> None:
         "machine": {"device": torch.cuda.get_device_name() if torch.cuda.is_available()
                     else f"cpu {platform.machine()}, {os.cpu_count()} cores",
                     "torch": torch.__version__},
-        "setup": {"target": "mini-target", "draft": "mini-draft", "adapter": args.adapter, "gamma": args.gamma,
+        "setup": {"target": "mini-target", "draft": "mini-draft", "adapter": args.adapter, "ngram": args.ngram,
+                  "gamma": args.gamma,
                   "dtype": args.dtype or "default", "fp32_head": args.fp32_head,
                   "draft_device": args.draft_device or "same as the target",
                   "greedy": True, "max_new_tokens": 50, "repeats": args.repeats, "questions": 1,
