@@ -110,6 +110,14 @@ def cmd_speculate(args) -> None:
     print("\n".join(report_lines(run_speculate(from_args(SpeculateConfig, args), progress=not args.quiet))))
 
 
+def cmd_ngram_build(args) -> None:
+    from specalign.decode.ngram import NgramBuildConfig, build_ngram
+
+    s = build_ngram(from_args(NgramBuildConfig, args))
+    print(f"n-gram table: {s['contexts']} contexts (n = {s['n']}) from {s['sequences']} answers ({s['tokens']} tokens) "
+          f"-> {s['path']}")  # fmt: skip
+
+
 def cmd_tokens(args) -> None:
     from specalign.align.tokens import read_pairs, write_pairs, write_reference_json
 
@@ -214,6 +222,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     wf = _command(sub, "workflow", "extract (train + test) -> train -> evaluate, resumable", cmd_workflow,
                   "specalign.align.workflow:WorkflowConfig", skip=("name",))  # fmt: skip
     wf.add_argument("name", help="how many questions per sample: 1q, 10q or 50q")
+
+    ngram = sub.add_parser("ngram", help="a text-only draft: an n-gram table of the target's own answers")
+    nsub = ngram.add_subparsers(dest="ngram_command", required=True, metavar="COMMAND")
+    nsub._specalign_selected = selected
+    _command(nsub, "build", "build the table from an extraction's target answers (for speculate --ngram)",
+             cmd_ngram_build, "specalign.decode.ngram:NgramBuildConfig", quiet=False)  # fmt: skip
 
     tok = sub.add_parser("tokens", help="convert token pairs between our store and the reference JSON")
     toksub = tok.add_subparsers(dest="tokens_command", required=True, metavar="COMMAND")

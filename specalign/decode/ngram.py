@@ -197,9 +197,9 @@ class NgramBuildConfig:
             raise SpecalignError("--out: empty path")
 
 
-def build_ngram(cfg: NgramBuildConfig, progress: bool = True) -> dict:
+def build_ngram(cfg: NgramBuildConfig) -> dict:
     """Build the table from the target's answers in cfg.pairs and write it to cfg.out -> a summary (sequences,
-    tokens, n, contexts, path). `progress`: print that summary on one line (the build itself takes a moment)."""
+    tokens, n, contexts, path)."""
     from specalign.align.tokens import pairs_identity, read_pairs
 
     out = Path(cfg.out)
@@ -213,7 +213,4 @@ def build_ngram(cfg: NgramBuildConfig, progress: bool = True) -> dict:
     table.save(out)
     summary = {"sequences": table.sequences, "tokens": sum(map(len, answers)), "n": table.n,
                "contexts": table.contexts, "path": str(out.resolve())}  # fmt: skip
-    if progress:
-        print(f"n-gram table: {summary['contexts']} contexts (n = {table.n}) from {table.sequences} answers "
-              f"({summary['tokens']} tokens) -> {summary['path']}")  # fmt: skip
     return summary

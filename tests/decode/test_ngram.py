@@ -79,23 +79,23 @@ def test_missing_table_and_bad_build_options_are_refused(tmp_path):
     with pytest.raises(SpecalignError, match=r"^--n: must be at least 2, got 1$"):
         NgramBuildConfig(pairs="p", out="o.json", n=1)
     with pytest.raises(SpecalignError, match="is a folder"):
-        build_ngram(NgramBuildConfig(pairs="p", out=str(tmp_path)), progress=False)
+        build_ngram(NgramBuildConfig(pairs="p", out=str(tmp_path)))
     with pytest.raises(SpecalignError, match="token pairs not found"):
-        build_ngram(NgramBuildConfig(pairs=str(tmp_path / "none"), out=str(tmp_path / "t.json")), progress=False)
+        build_ngram(NgramBuildConfig(pairs=str(tmp_path / "none"), out=str(tmp_path / "t.json")))
 
 
 def test_build_from_a_reference_file_keeps_its_identity(tmp_path):
     ref = tmp_path / "ref.json"
     entries = [{"egpt_tokens": [9, 9], "vl_tokens": [1, 2, 3, 2]}, {"egpt_tokens": [9], "vl_tokens": [1, 2, 4]}]
     ref.write_text(json.dumps({"results": entries}))
-    summary = build_ngram(NgramBuildConfig(pairs=str(ref), out=str(tmp_path / "t.json"), n=3), progress=False)
+    summary = build_ngram(NgramBuildConfig(pairs=str(ref), out=str(tmp_path / "t.json"), n=3))
     assert summary["sequences"] == 2 and summary["tokens"] == 7 and summary["path"] == str(tmp_path / "t.json")
     table = NgramTable.load(tmp_path / "t.json")
     assert table.predict([1, 2]) == (3, 2) and table.source["path"] == str(ref.resolve())  # the target's tokens
     assert len(table.source["sha256"]) == 64
     ref.write_text(json.dumps({"results": [{"egpt_tokens": [1], "vl_tokens": []}]}))
     with pytest.raises(SpecalignError, match="no target answers"):
-        build_ngram(NgramBuildConfig(pairs=str(ref), out=str(tmp_path / "u.json")), progress=False)
+        build_ngram(NgramBuildConfig(pairs=str(ref), out=str(tmp_path / "u.json")))
     assert not (tmp_path / "u.json").exists()
 
 
