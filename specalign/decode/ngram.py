@@ -130,10 +130,10 @@ class NgramTable:
         return cls(n, levels, sequences if isinstance(sequences, int) else 0, blob.get("source"))
 
 
-def prompt_lookup(seq: list[int], max_len: int) -> tuple[int, int] | None:
-    """Prompt-lookup decoding's guess: the longest suffix of seq (max_len tokens at most) that also occurs earlier
+def prompt_lookup(seq: list[int], max_len: int, min_len: int = 1) -> tuple[int, int] | None:
+    """Prompt-lookup decoding's guess: the longest suffix of seq (min_len..max_len tokens) that also occurs earlier
     in seq, and the token after its first occurrence -> (token, suffix length), or None."""
-    for size in range(min(max_len, len(seq) - 1), 0, -1):
+    for size in range(min(max_len, len(seq) - 1), min_len - 1, -1):
         suffix = seq[-size:]
         for i in range(len(seq) - size):  # i + size < len(seq): the match is followed by a token
             if seq[i : i + size] == suffix:
@@ -160,8 +160,10 @@ class NgramDraft(DraftSource):
 
     def next_token(self, seq: list[int]) -> tuple[int, str] | None:
         """The next token after seq -> (token, "lookup" | "table"), or None: the guess with the longer context."""
-        looked, known = prompt_lookup(seq, self.table.n - 1), self.table.predict(seq)
-        if looked is not None and (known is None or looked[1] > known[1]):
+        known = self.table.predict(seq)
+        # lookup wins only with a longer match than the table's: search only those lengths (the per-round cost)
+        looked = prompt_lookup(seq, self.table.n - 1, 1 if known is None else known[1] + 1)
+        if looked is not None:
             known, origin = looked, "lookup"
         else:
             origin = "table"

@@ -288,8 +288,8 @@ def _decode_all(cfg: SpeculateConfig, inputs: Inputs, target, draft, adapter, pr
     rows, check = [], None
 
     def source(de):  # a fresh draft source per answer
-        if inputs.ngram is not None:  # text only: the target's prompt ids (placeholders dropped) and the table
-            return NgramDraft(inputs.ngram, t_prompt.input_ids.tolist(), target.vocab_size, eos)
+        if inputs.ngram is not None:  # text only: the target's prompt text (not its hundreds of visual placeholders)
+            return NgramDraft(inputs.ngram, target.tokenizer.encode(t_prompt.text), target.vocab_size, eos)
         s = VLMDraft(d_engine, de, sampling, d_gen, cfg.min_confidence)
         return s if adapter is None else AdaptedDraft(s, adapter, sampling, d_gen, cfg.adapter_resync,
                                                       cfg.max_new_tokens)  # fmt: skip
