@@ -22,6 +22,7 @@ from specalign.errors import SpecalignError, fail
 from specalign.fsutil import ensure_dir, read_json, write_json
 
 SETTINGS_FILE = "run_settings.json"
+OVERWRITE_HELP = "start over: clear the output folder if it holds a run with other settings"
 LOCK_FILE = ".lock"
 
 

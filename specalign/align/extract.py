@@ -35,10 +35,9 @@ from specalign.errors import SpecalignError, fail
 from specalign.fsutil import atomic_path, ensure_dir, read_json, write_bytes, write_json
 from specalign.models.base import Prompt
 from specalign.options import option
-from specalign.runs import require_positive, shared_run_folder
+from specalign.runs import OVERWRITE_HELP, require_positive, shared_run_folder
 
 ROLES = ("draft", "target")
-OVERWRITE_HELP = "start over: clear the output folder if it holds a run with other settings"
 
 
 @dataclass

@@ -16,11 +16,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from specalign.align.extract import OVERWRITE_HELP
 from specalign.errors import SpecalignError
 from specalign.fsutil import read_json, write_json
 from specalign.options import option
-from specalign.runs import require_positive, run_folder
+from specalign.runs import OVERWRITE_HELP, require_positive, run_folder
 
 WORKFLOWS = {"1q": 1, "10q": 10, "50q": 50}
 

@@ -36,6 +36,7 @@ from specalign.models.base import Sampling
 from specalign.options import option
 from specalign.runs import (
     LOCK_FILE,
+    OVERWRITE_HELP,
     SETTINGS_FILE,
     check_settings,
     dataset_identity,
@@ -99,7 +100,7 @@ class SpeculateConfig:
         help="the target's logits from an fp32 LM head: bf16 logits tie now and then, and a tie may break "
         "differently in a verify than in a decode step on a GPU",
     )
-    overwrite: bool = option(False, help="start over: clear the output folder if it holds a run with other settings")
+    overwrite: bool = option(False, help=OVERWRITE_HELP)
 
     def __post_init__(self):
         from specalign.models.loading import resolve_dtype

@@ -28,7 +28,7 @@ from specalign.fsutil import read_json, write_json
 from specalign.models.registry import BUNDLED, ROLES, SIZES, MiniSizes, new_model
 from specalign.models.surgery import deepen_target
 from specalign.options import option
-from specalign.runs import check_settings, dataset_identity, exclusive, file_identity, require_positive
+from specalign.runs import OVERWRITE_HELP, check_settings, dataset_identity, exclusive, file_identity, require_positive
 from specalign.world.fresh import FreshFeed, FreshScenes
 
 
@@ -40,7 +40,7 @@ class TrainConfig:
     world: str = option(help="a minidsec world folder (from `world build`)")
     out: str | None = option(None, help="checkpoint folder (default: the bundled assets/mini-ROLE); resumes if "
                              "it holds an unfinished run with the same settings")  # fmt: skip
-    overwrite: bool = option(False, help="start over: clear the output folder if it holds a run with other settings")
+    overwrite: bool = option(False, help=OVERWRITE_HELP)
     duration: str = option("1s", help="clip duration of the world's splits: 500ms | 1s | 2s | 4s")
     steps: int = option(2000, help="optimizer steps")
     clips_per_batch: int = option(32, help="clips per step (each with --questions-per-clip questions)")
