@@ -8,6 +8,13 @@ what the transformers model computes, but keeps the KV cache in preallocated ten
     logits = decode_one_token(engine, token)      # token [B, 1] -> [B, V]; the CUDA-graph path on a GPU
     logits = verify(engine, tokens)               # tokens [B, k] -> [B, k, V]: one forward over k positions
     engine.rollback(length)                       # drop rejected tokens: just a length (stale slots are masked)
+    logits = verify_tree(engine, tokens, parents) # a draft tree in one forward (each token sees its ancestors)
+    engine.keep(start, path)                      # keep the accepted path's keys and values, drop the rest
+
+`Engine(vlm, features=(layer, ...))` also keeps, after every forward, the hidden states a draft head reads
+(`engine.features` [B, T, F]). A draft head (`align.heads.DraftHead`: one Llama layer whose input is
+fc([feature ; embedding])) runs on the same engine: its `inputs(features, tokens, context)` replaces the token
+embedding, so it gets the static cache, rollback, trees and CUDA graphs of the target.
 
 On a GPU, `engine.graphs = True` replays CUDA graphs captured per (batch, k) shape: no launch overhead, no compile.
 Batches are left-padded: `pad` [B, T] marks prompt padding, and positions count real tokens only, so a padded row
@@ -25,7 +32,10 @@ from specalign.errors import SpecalignError
 
 
 def language_model(vlm):
-    """(LlamaModel-like module with embed_tokens / layers / norm / rotary_emb, lm_head) of a backend."""
+    """(LlamaModel-like module with embed_tokens / layers / norm / rotary_emb, lm_head) of a backend, or of a draft
+    head, which is such a module itself (with `inputs` in place of its own embeddings)."""
+    if hasattr(vlm, "inputs") and hasattr(vlm, "layers"):
+        return vlm, vlm.lm_head
     inner = vlm.model.model
     lm = getattr(inner, "language_model", inner)
     for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
@@ -74,13 +84,17 @@ class _Graph:
     tokens: torch.Tensor
     start: torch.Tensor
     logits: torch.Tensor
+    features: torch.Tensor | None = None
+    inputs: torch.Tensor | None = None  # a head's input features [B, T, F]
+    positions: torch.Tensor | None = None
+    attend: torch.Tensor | None = None
 
 
 class Engine:
     """One model's language side with a static KV cache of `max_len` slots for `batch` rows."""
 
     def __init__(self, vlm, max_len: int, batch: int = 1, compile: bool = False, fuse: bool = False, tune: bool = True,
-                 fp32_head: bool = False):  # fmt: skip
+                 fp32_head: bool = False, features: tuple[int, ...] = ()):  # fmt: skip
         """compile: torch.compile the one-token decode step (fuses the element-wise work between the weight
         reads; on a GPU the compiled step is then captured as a CUDA graph like the others).
         tune: with compile, inductor's coordinate-descent tuning (gpt-fast's setting): it also turns each
@@ -89,13 +103,22 @@ class Engine:
         weights: costs their memory again, so it is off by default; benchmarks/decode_7b.py measures it).
         fp32_head: logits from an fp32 copy of the LM head. bf16 logits keep 8 bits of mantissa, so the top two tie
         exactly now and then (7 of 48 mini-target answers, scripts/logit_margins.py), and a one-row decode step and
-        a k-row verify may break the tie apart on a GPU: greedy SD then leaves the target-alone answer."""
+        a k-row verify may break the tie apart on a GPU: greedy SD then leaves the target-alone answer.
+        features: hidden states kept after every forward in `self.features` [B, T, F] (concatenated in this order):
+        index i < n_layers is decoder layer i's output, n_layers the final normed state (what the LM head reads)."""
         self.vlm = vlm
         self.lm, self.head = language_model(vlm)
         if fp32_head and self.head.weight.dtype != torch.float32:
             weight = self.head.weight.detach().float()
             self.head = lambda h: F.linear(h.float(), weight)
         self.fused = [fused_weights(layer) for layer in self.lm.layers] if fuse else None
+        n_layers = len(self.lm.layers)
+        if any(not 0 <= i <= n_layers for i in features):
+            raise SpecalignError(f"{vlm.name}: feature layers {list(features)} outside 0..{n_layers} "
+                                 f"({n_layers} is the final normed state)")  # fmt: skip
+        self.feature_layers = tuple(features)
+        self.features: torch.Tensor | None = None  # [B, T, F] of the last forward, when feature_layers
+        self.context: torch.Tensor | None = None  # a head's per-prompt context (event tokens) [B, N, E]
         cfg = self.lm.config
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -113,19 +136,25 @@ class Engine:
         self.decode_step = torch.compile(self._step, dynamic=False, options=options) if compile else self._step
 
     # ---- one forward over T new tokens at slots [start, start + T) --------------------------------------------
-    def _forward(self, x: torch.Tensor, start, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, D] embeddings written to slots [start, start + T) -> last-layer hidden [B, T, D].
+    def _forward(self, x: torch.Tensor, start, positions: torch.Tensor | None = None,
+                 attend: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """x [B, T, D] embeddings written to slots [start, start + T) -> (last-layer hidden [B, T, D], the feature
+        layers [B, T, F] or None).
 
         start: an int, or a tensor [] inside CUDA graphs (so they replay at any offset). positions [B, T]: by
-        default each row's next ones (padding is not counted)."""
+        default each row's next ones (padding is not counted). attend bool [B, T, max_len]: which slots each new
+        token sees (a tree: the prefix and its ancestors); default causal."""
         B, T, _ = x.shape
         slots = start + torch.arange(T, device=x.device)  # [T]
         if positions is None:
             positions = self.count[:, None] + torch.arange(T, device=x.device)  # [B, T]
         cos, sin = self.lm.rotary_emb(x, positions)
-        # query t sees real slots up to its own: [B, 1, T, max_len]
-        mask = (self.slot[None, None, :] <= slots[None, :, None]) & self.valid[:, None, :]
+        if attend is None:  # query t sees real slots up to its own: [B, 1, T, max_len]
+            mask = (self.slot[None, None, :] <= slots[None, :, None]) & self.valid[:, None, :]
+        else:
+            mask = attend & self.valid[:, None, :]
         mask = mask[:, None]
+        kept = {}
         for i, layer in enumerate(self.lm.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = layer.input_layernorm(x)
@@ -147,60 +176,101 @@ class Engine:
             else:
                 gate, up = F.linear(h, *self.fused[i].gate_up).chunk(2, dim=-1)
                 x = x + mlp.down_proj(mlp.act_fn(gate) * up)
-        return self.lm.norm(x)
+            if i in self.feature_layers:
+                kept[i] = x
+        kept[len(self.lm.layers)] = x = self.lm.norm(x)
+        feats = torch.cat([kept[i] for i in self.feature_layers], dim=-1) if self.feature_layers else None
+        return x, feats
+
+    def embed(self, tokens: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] -> the first layer's input [B, T, D]: the token embeddings, or for a draft head its
+        `inputs` over its input features [B, T, F] (and the per-prompt context, e.g. event tokens)."""
+        if inputs is None:
+            return self.lm.embed_tokens(tokens)
+        return self.lm.inputs(inputs, tokens, self.context)
 
     def _attend(self, i: int, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Layer i's attention of q [B, H, T, D] over its cache, mask [B, 1, T, max_len] -> [B, H, T, D]."""
         return F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask,
                                               enable_gqa=self.n_kv != q.shape[1])  # fmt: skip
 
-    def _step(self, tokens: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        return self.head(self._forward(self.lm.embed_tokens(tokens), start)).float()
+    def _step(self, tokens: torch.Tensor, start, inputs: torch.Tensor | None = None,
+              positions: torch.Tensor | None = None, attend: torch.Tensor | None = None):  # fmt: skip
+        """-> (logits float32 [B, T, V], features [B, T, F] or None)."""
+        hidden, feats = self._forward(self.embed(tokens, inputs), start, positions, attend)
+        return self.head(hidden).float(), feats
 
     @torch.inference_mode()
-    def run(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append tokens long [B, k] after the current length -> logits float32 [B, k, V]."""
+    def run(self, tokens: torch.Tensor, inputs: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+            attend: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Append tokens long [B, k] after the current length -> logits float32 [B, k, V]; `self.features` holds
+        their feature layers. inputs [B, k, F]: a draft head's input features; positions long [B, k] and attend
+        bool [B, k, max_len]: a tree block (see `_forward`)."""
         B, T = tokens.shape
         if self.length + T > self.max_len:
             raise SpecalignError(f"{self.vlm.name}: {self.length + T} tokens exceed the engine's cache of "
                                  f"{self.max_len} slots (raise max_len)")  # fmt: skip
         self.valid[:, self.length : self.length + T] = True
-        step = self.decode_step if T == 1 else self._step
+        extra = (inputs, positions, attend)
+        plain = all(x is None for x in extra)
+        step = self.decode_step if T == 1 and plain else self._step
         if self.graphs is False:
             start = torch.tensor(self.length) if step is not self._step else self.length  # compiled: no recompiles
-            logits = step(tokens.to(self.device), start)
+            logits, feats = step(tokens.to(self.device), start, *extra)
         else:
+            key = (B, T) if plain else (B, T, *(x is not None for x in extra))
             with torch.cuda.device(self.device):  # a draft on a second GPU captures and replays on that GPU
-                g = self.graphs.get((B, T)) or self._capture(B, T)
+                g = self.graphs.get(key) or self._capture(key, B, T, extra)
                 g.tokens.copy_(tokens)
+                for buf, x in zip((g.inputs, g.positions, g.attend), extra, strict=True):
+                    if x is not None:
+                        buf.copy_(x)
                 g.start.fill_(self.length)  # a kernel argument, not a host-to-device copy: the host never waits
                 g.graph.replay()
-                logits = g.logits.clone()  # the next replay overwrites the graph's output buffer
+                logits = g.logits.clone()  # the next replay overwrites the graph's output buffers
+                feats = g.features.clone() if g.features is not None else None
+        self.features = feats
         self.length += T
         self.count += T
         return logits
 
-    def _capture(self, B: int, T: int) -> _Graph:
+    def _capture(self, key: tuple, B: int, T: int, extra: tuple) -> _Graph:
         tokens = torch.zeros(B, T, dtype=torch.long, device=self.device)
         start = torch.tensor(self.length, device=self.device)
-        step = self.decode_step if T == 1 else self._step
+        bufs = [None if x is None else torch.zeros_like(x, device=self.device) for x in extra]
+        if bufs[1] is not None:  # positions: the next ones, as a causal block would have
+            bufs[1].copy_(self.count[:, None] + torch.arange(T, device=self.device))
+        plain = all(x is None for x in extra)
+        step = self.decode_step if T == 1 and plain else self._step
         saved = [(k.clone(), v.clone()) for k, v in zip(self.k, self.v, strict=True)] if self.length else None
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):  # warm-up outside the graph (allocator, cuBLAS handles, compiling)
             for _ in range(2):
-                step(tokens, start)
+                step(tokens, start, *bufs)
         torch.cuda.current_stream(self.device).wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         # torch's default capture stream lives on the first device that captured: give each engine its own
         with torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device)):
-            logits = step(tokens, start)
+            logits, feats = step(tokens, start, *bufs)
         if saved:  # the warm-up and capture wrote zeros' K/V into the live slots: put the real ones back
             for (k, v), (ks, vs) in zip(zip(self.k, self.v, strict=True), saved, strict=True):
                 k.copy_(ks)
                 v.copy_(vs)
-        self.graphs[(B, T)] = _Graph(graph, tokens, start, logits)
-        return self.graphs[(B, T)]
+        self.graphs[key] = _Graph(graph, tokens, start, logits, feats, *bufs)
+        return self.graphs[key]
+
+    def keep(self, start: int, path: torch.Tensor) -> None:
+        """After a tree block written at slots [start, ...): move the slots start + path (long [n], ascending, the
+        accepted path) to start .. start + n - 1 and drop everything after (their keys and values stay exact:
+        a path token saw only its ancestors, which are the path before it)."""
+        n = path.numel()
+        src = start + path.to(self.device)
+        dst = start + torch.arange(n, device=self.device)
+        for k, v in zip(self.k, self.v, strict=True):
+            k.index_copy_(2, dst, k.index_select(2, src))
+            v.index_copy_(2, dst, v.index_select(2, src))
+        self.rollback(start + n)
 
     def rollback(self, length: int) -> None:
         """Keep the first `length` slots; later ones are masked and will be overwritten."""
@@ -235,7 +305,7 @@ def _fill(engine: Engine, embeds: torch.Tensor, real: torch.Tensor, offset: int)
     engine.reset()
     engine.valid[:, :T] = real
     positions = offset + (real.long().cumsum(dim=1) - 1).clamp(min=0)
-    hidden = engine._forward(embeds.to(engine.device, engine.dtype), 0, positions)
+    hidden, engine.features = engine._forward(embeds.to(engine.device, engine.dtype), 0, positions)
     engine.length = T
     engine.count.copy_(offset + real.sum(dim=1))  # in place: captured graphs read this tensor
     return engine.head(hidden[:, -1]).float()

@@ -104,9 +104,13 @@ class VLMDraft(DraftSource):
 
     def start(self, stats: Stats) -> None:
         with Clock(self.engine.device, stats.seconds, "draft", stats.sync):
-            self.logits = prefill(self.engine, self.embeds)  # [1, V]: after the last fed token
+            self.logits = self.next_logits(prefill(self.engine, self.embeds))  # [1, V]: after the last fed token
         self.prompt_len = self.engine.length
         self.fed: list[int] = []  # answer tokens in the draft's cache
+
+    def next_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits to draft from after a forward of the draft (its own [1, V]; a cascade maps its features)."""
+        return logits
 
     def predraft(self, k: int, stats: Stats) -> Proposal:
         """start() + k tokens drafted from the prompt alone (while the target prefills)."""
@@ -119,7 +123,7 @@ class VLMDraft(DraftSource):
         vocabulary lacks or gives another meaning) goes in as the draft's unknown token."""
         if tokens:
             ids = [t if t < self.limit else self.stand_in for t in tokens]
-            self.logits = verify(self.engine, torch.tensor([ids], device=self.engine.device))[:, -1]
+            self.logits = self.next_logits(verify(self.engine, torch.tensor([ids], device=self.engine.device))[:, -1])
             self.fed += tokens
 
     def draft(self, accepted: list[int], gamma: int, stats: Stats) -> tuple[list[int], list[torch.Tensor]]:
@@ -142,7 +146,7 @@ class VLMDraft(DraftSource):
                 if tokens and self.min_confidence > 0:  # adaptive gamma: the only user of the confidence
                     conf = q[tok[0]] if q is not None else torch.softmax(logits[0].float(), -1)[tok[0]]
                 if i < gamma - 1:  # queued before the token is read on the host (see target_generate)
-                    self.logits = verify(self.engine, tok.reshape(1, 1))[:, -1]
+                    self.logits = self.next_logits(verify(self.engine, tok.reshape(1, 1))[:, -1])
                     self.fed.append(int(tok[0]))
                 if conf is not None and float(conf) < self.min_confidence:
                     break  # the token may sit fed in the cache: the next round's resync keeps or drops it

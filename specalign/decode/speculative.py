@@ -11,6 +11,10 @@ distribution. Both models' caches roll back to the accepted prefix after every r
 Draft sources (`decode.sources.DraftSource`) share one small interface: `start()`, then `propose(accepted,
 gamma)` -> `Proposal` (tokens and, for sampling, the distributions they were drawn from); `predraft(k)` when the
 target's prefill is hidden.
+
+A proposal may be a tree (`Proposal.parents`: EAGLE-2's dynamic draft trees): the target verifies every node in one
+forward, each node seeing the prefix and its own ancestors (positions = prefix length + depth); the longest path
+whose tokens equal the target's argmax is accepted and only its keys and values are kept. Trees are greedy only.
 """
 
 from __future__ import annotations
@@ -32,8 +36,24 @@ if TYPE_CHECKING:
 
 @dataclass
 class Proposal:
-    tokens: list[int]  # gamma proposed token ids
+    tokens: list[int]  # gamma proposed token ids (a tree: its nodes, every parent before its children)
     q: torch.Tensor | None = None  # float32 [gamma, V]: the distribution each was drawn from (None: one-hot)
+    parents: list[int] | None = None  # a tree: each node's parent index in `tokens`, -1 for the root's children
+
+    @property
+    def depth(self) -> int:
+        """The most tokens one round can accept: the chain's length, or the tree's deepest path."""
+        if self.parents is None:
+            return len(self.tokens)
+        return max(tree_depths(self.parents), default=0)
+
+
+def tree_depths(parents: list[int]) -> list[int]:
+    """Each node's depth (1 for the root's children); parents come before their children."""
+    depths: list[int] = []
+    for p in parents:
+        depths.append(1 if p < 0 else depths[p] + 1)
+    return depths
 
 
 @dataclass
@@ -43,7 +63,8 @@ class Stats:
     rounds: int = 0  # target verify forwards
     first_accepted: int = 0  # rounds whose first proposal was accepted
     accepted_per_round: list[int] = field(default_factory=list)
-    drafted_per_round: list[int] = field(default_factory=list)
+    drafted_per_round: list[int] = field(default_factory=list)  # a tree's depth: the most it could accept
+    nodes_per_round: list[int] = field(default_factory=list)  # tokens verified besides the last accepted one
     seconds: dict = field(default_factory=lambda: {"prefill": 0.0, "draft": 0.0, "adapt": 0.0, "verify": 0.0})
     free_tokens: int = 0  # tokens accepted from drafts made while the target was still prefilling
     sync: bool = True  # False while the draft overlaps the target's prefill: clocks must not wait on the GPU
@@ -107,6 +128,42 @@ def accept_sampling(proposal: Proposal, logits: torch.Tensor, sampling: Sampling
             residual = p[i]
         return i, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
     return g, int(torch.multinomial(p[g], 1, generator=generator))
+
+
+def accept_tree(proposal: Proposal, logits: torch.Tensor) -> tuple[list[int], int]:
+    """logits [1 + nodes, V] of the target after the last accepted token (row 0) and after each node -> (the
+    accepted path as node indices, root first, and the target's token after it)."""
+    best = logits.argmax(dim=-1).tolist()
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(proposal.parents):
+        children.setdefault(p, []).append(i)
+    path, node = [], -1
+    while True:
+        nxt = best[node + 1]
+        child = next((c for c in children.get(node, ()) if proposal.tokens[c] == nxt), None)
+        if child is None:
+            return path, nxt
+        path.append(child)
+        node = child
+
+
+def verify_tree(target: Engine, last: int, proposal: Proposal) -> torch.Tensor:
+    """One forward over the last accepted token and every tree node -> logits [1 + nodes, V]. Node i (block row
+    i + 1) sees the prefix, the last token and its own ancestors, at position prefix + its depth."""
+    T = len(proposal.tokens) + 1
+    ancestors = torch.zeros(T, T, dtype=torch.bool)
+    ancestors[0, 0] = True
+    for i, p in enumerate(proposal.parents, start=1):
+        ancestors[i] = ancestors[p + 1]
+        ancestors[i, i] = True
+    depths = torch.tensor([0, *tree_depths(proposal.parents)])
+    start = target.length
+    attend = torch.zeros(1, T, target.max_len, dtype=torch.bool, device=target.device)
+    attend[0, :, :start] = True
+    attend[0, :, start : start + T] = ancestors.to(target.device)
+    positions = target.count[:, None] + depths.to(target.device)
+    block = torch.tensor([[last, *proposal.tokens]], device=target.device)
+    return target.run(block, positions=positions, attend=attend)[0]
 
 
 @torch.inference_mode()
@@ -217,23 +274,38 @@ def speculative_decode(target: Engine, embeds: torch.Tensor, draft: DraftSource,
                                  f"target's vocabulary of {vocab}")  # fmt: skip
         with Clock(target.device, stats.seconds, "verify"):
             # the cache holds prompt + out[:-1]: feed the last emitted token and the proposals together
-            block = torch.tensor([[out[-1], *proposal.tokens]], device=target.device)
-            logits = verify(target, block)[0]  # [g + 1, V]
-            if sampling.greedy:
-                n, nxt = accept_greedy(proposal.tokens, logits)
+            if proposal.parents is None:
+                block = torch.tensor([[out[-1], *proposal.tokens]], device=target.device)
+                logits = verify(target, block)[0]  # [g + 1, V]
+                if sampling.greedy:
+                    n, nxt = accept_greedy(proposal.tokens, logits)
+                else:
+                    n, nxt = accept_sampling(proposal, logits, sampling, generator)
+                accepted = proposal.tokens[:n]
+                target.rollback(prompt_len + len(out) + n)
             else:
-                n, nxt = accept_sampling(proposal, logits, sampling, generator)
-            target.rollback(prompt_len + len(out) + n)
+                if not sampling.greedy:
+                    raise SpecalignError("draft trees are greedy only: sampling needs the multi-draft rejection "
+                                         "rule; use a chain (no --tree) with --temperature > 0")  # fmt: skip
+                start = target.length
+                logits = verify_tree(target, out[-1], proposal)  # [1 + nodes, V]
+                path, nxt = accept_tree(proposal, logits)
+                n, accepted = len(path), [proposal.tokens[i] for i in path]
+                rows = torch.tensor([0, *(i + 1 for i in path)], device=target.device)
+                target.keep(start, rows)
+                if target.features is not None:  # a head reads the accepted rows in order, as after a chain
+                    target.features = target.features[:, rows]
         stats.rounds += 1
-        stats.drafted += len(proposal.tokens)
+        stats.drafted += proposal.depth
         stats.accepted += n
         stats.first_accepted += int(n > 0)
         stats.accepted_per_round.append(n)
-        stats.drafted_per_round.append(len(proposal.tokens))
+        stats.drafted_per_round.append(proposal.depth)
+        stats.nodes_per_round.append(len(proposal.tokens))
         if pre is not None and stats.rounds == 1 and pre.tokens[:1] == out:
             stats.free_tokens = n
         pre = None
-        new = proposal.tokens[:n] + [nxt]
+        new = accepted + [nxt]
         if eos in new:
             new = new[: new.index(eos) + 1]
         out += new

@@ -1,0 +1,152 @@
+"""Tree verification: every node of a draft tree gets, in one forward, the logits it would get on its own path;
+keeping the accepted path leaves the cache as if only that path had been fed; greedy SD with trees is
+token-identical to the target alone, right, wrong or half-right."""
+
+import random
+
+import pytest
+import torch
+
+from specalign.data import open_dataset
+from specalign.decode.engine import Engine, decode_one_token, prefill, prompt_embeds
+from specalign.decode.speculative import (
+    Proposal,
+    accept_tree,
+    speculative_decode,
+    target_generate,
+    tree_depths,
+    verify_tree,
+)
+from specalign.errors import SpecalignError
+from specalign.models.base import Sampling
+from specalign.models.registry import MiniSizes, new_model
+from specalign.world.build import WorldConfig, build_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    build_world(WorldConfig(out=str(out), train=0, test=3, clips_per_sequence=2, mp4=False), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def target(world):
+    """A random tiny Video-LLaVA in float64 (no near-ties between a one-token and a tree forward)."""
+    tiny = MiniSizes(image_size=28, patch_size=14, vision_hidden=32, vision_layers=1, vision_heads=2, lm_hidden=64,
+                     lm_layers=2, lm_heads=4, lm_intermediate=128)  # fmt: skip
+    vlm = new_model("target", world / "tokenizer.json", tiny, seed=3)
+    vlm.model.to(torch.float64).eval()
+    with torch.no_grad():
+        vlm.model.lm_head.weight.mul_(30)
+    return vlm
+
+
+@pytest.fixture(scope="module")
+def prompts(world, target):
+    ds = open_dataset(world / "my_egpt_dsec_seq_1s")
+    return [prompt_embeds(target, target.collate([target.prepare(ds[i], "Describe the road.")]))[0] for i in range(3)]
+
+
+def random_tree(rng: random.Random, nodes: int, vocab: int) -> Proposal:
+    parents = []
+    for i in range(nodes):
+        parents.append(rng.randrange(-1, i))
+    return Proposal([rng.randrange(vocab) for _ in range(nodes)], parents=parents)
+
+
+def test_tree_logits_equal_each_path_fed_alone(target, prompts):
+    engine = Engine(target, 400)
+    rng = random.Random(0)
+    tree = random_tree(rng, 12, target.vocab_size)
+    prefill(engine, prompts[0])
+    decode_one_token(engine, torch.tensor([5]))  # some answer already in the cache
+    start = engine.length
+    logits = verify_tree(engine, 7, tree)  # [13, V]
+    for i in range(len(tree.tokens)):
+        path, node = [], i
+        while node >= 0:
+            path.append(tree.tokens[node])
+            node = tree.parents[node]
+        engine.rollback(start)
+        alone = engine.run(torch.tensor([[7, *reversed(path)]]))[0, -1]
+        torch.testing.assert_close(logits[i + 1], alone, rtol=1e-9, atol=1e-9)
+
+
+def test_keep_leaves_the_cache_as_if_only_the_path_was_fed(target, prompts):
+    a, b = Engine(target, 400), Engine(target, 400)
+    tree = Proposal([11, 12, 13, 14, 15, 16], parents=[-1, -1, 0, 1, 3, 2])  # path: 12 -> 14 -> 15 (nodes 1, 3, 4)
+    for e in (a, b):
+        prefill(e, prompts[1])
+    start = a.length
+    verify_tree(a, 9, tree)
+    a.keep(start, torch.tensor([0, 2, 4, 5]))  # block rows: the root and nodes 1, 3, 4
+    b.run(torch.tensor([[9, 12, 14, 15]]))
+    assert a.length == b.length and torch.equal(a.count, b.count)
+    torch.testing.assert_close(decode_one_token(a, torch.tensor([3])), decode_one_token(b, torch.tensor([3])))
+
+
+def test_accept_tree_walks_the_target_argmax():
+    tree = Proposal([4, 5, 6, 7], parents=[-1, -1, 1, 1])
+    logits = torch.full((5, 10), -1.0)
+    for row, best in enumerate([5, 0, 7, 0, 0]):  # root wants 5 (node 1); node 1 wants 7 (node 3); node 3 wants 0
+        logits[row, best] = 1.0
+    assert accept_tree(tree, logits) == ([1, 3], 0)
+    assert tree_depths(tree.parents) == [1, 1, 2, 2] and tree.depth == 2
+
+
+class TreeOracle:
+    """Trees around the target's own answer: at each depth the right token and a wrong sibling, in shuffled order,
+    each wrong node with a wrong child (so paths fork and rejected branches have depth)."""
+
+    name = "tree-oracle"
+    device = torch.device("cpu")
+
+    def __init__(self, answer: list[int], vocab: int, depth: int, right: bool = True, seed: int = 0):
+        self.answer, self.vocab, self.depth, self.right = answer, vocab, depth, right
+        self.rng = random.Random(seed)
+
+    def start(self, stats):
+        pass
+
+    def predraft(self, k, stats):
+        return Proposal([])
+
+    def propose(self, accepted, gamma, stats):
+        tokens, parents, node = [], [], -1
+        for d in range(min(gamma, self.depth)):
+            n = len(accepted) + d
+            good = self.answer[n] if n < len(self.answer) and self.right else self.rng.randrange(self.vocab)
+            bad = (good + 1 + self.rng.randrange(self.vocab - 1)) % self.vocab
+            pair = [good, bad]
+            self.rng.shuffle(pair)
+            for t in pair:
+                tokens.append(t)
+                parents.append(node)
+            wrong = len(tokens) - 2 + pair.index(bad)
+            tokens.append((bad + 3) % self.vocab)
+            parents.append(wrong)
+            node = len(tokens) - 3 + pair.index(good)
+        return Proposal(tokens, parents=parents)
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_greedy_tree_sd_is_token_identical(target, prompts, right):
+    t_engine = Engine(target, 500)
+    eos = target.eos_token_id
+    for i, te in enumerate(prompts):
+        ref, _ = target_generate(t_engine, te, 40, eos)
+        out, stats = speculative_decode(t_engine, te, TreeOracle(ref, target.vocab_size, 5, right, seed=i), 5, 40, eos)
+        assert out == ref
+        assert stats.nodes_per_round and max(stats.nodes_per_round) == 15
+        if right:
+            assert stats.tau > 4, "a tree holding the answer's path is accepted to its depth"
+        else:
+            assert stats.accepted <= 2
+
+
+def test_trees_refuse_sampling(target, prompts):
+    t_engine = Engine(target, 500)
+    with pytest.raises(SpecalignError, match="greedy only"):
+        speculative_decode(t_engine, prompts[0], TreeOracle([1] * 40, target.vocab_size, 3), 3, 10,
+                           target.eos_token_id, Sampling(temperature=1.0, seed=0), torch.Generator())  # fmt: skip
