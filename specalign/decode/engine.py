@@ -218,7 +218,9 @@ class Engine:
             start = torch.tensor(self.length) if step is not self._step else self.length  # compiled: no recompiles
             logits, feats = step(tokens.to(self.device), start, *extra)
         else:
-            key = (B, T) if plain else (B, T, *(x is not None for x in extra))
+            # a head's input width differs between the target's features and its own outputs: part of the key
+            width = 0 if inputs is None else inputs.shape[-1]
+            key = (B, T) if plain else (B, T, *(x is not None for x in extra), width)
             with torch.cuda.device(self.device):  # a draft on a second GPU captures and replays on that GPU
                 g = self.graphs.get(key) or self._capture(key, B, T, extra)
                 g.tokens.copy_(tokens)

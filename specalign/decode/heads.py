@@ -70,6 +70,14 @@ class TreeShape:
         return (self.depth - 1) * self.topk
 
 
+def head_feature_layers(head, n_layers: int) -> tuple[int, ...]:
+    """The target layers a head reads (`Engine(features=...)`): the final normed state, or EAGLE-3's low, middle
+    and high decoder-layer outputs for a `fused` head (the layers `extract --hidden-layers` stored)."""
+    from specalign.align.features import fused_layers
+
+    return tuple(fused_layers(n_layers)) if head.head_config.fused else (n_layers,)
+
+
 def text_start(vlm, input_ids: torch.Tensor) -> int:
     """The first position after the target's visual block in a prompt's ids [T] (0 without one): where the head's
     sequence starts."""

@@ -79,6 +79,17 @@ class SpeculateConfig:
         None,
         help="draft from this n-gram table (`specalign ngram build`) instead of the draft VLM: a text-only baseline",
     )
+    draft_head: str | None = option(
+        None,
+        help="draft with this head on the target's features (`specalign train-head`: a best_model/ folder, a task "
+        "folder, or a folder of task folders): eagle and eagle+events heads, or a feature-adapter (the cascade "
+        "draft VLM -> adapter -> the target's LM head)",
+    )
+    tree: str | None = option(
+        None,
+        help="TOPK,DEPTH,NODES: an eagle head drafts a dynamic tree (EAGLE-2; e.g. 10,6,60) verified in one forward; "
+        "greedy only; DEPTH replaces --gamma",
+    )
     temperature: float = option(0.0, help="0 = greedy; > 0 samples (with --top-p and --seed)")
     top_p: float = option(1.0, help="nucleus sampling mass in (0, 1] (sampling only)")
     seed: int = option(0, help="random seed of the sampling")
@@ -119,6 +130,27 @@ class SpeculateConfig:
                                  f"got {self.min_confidence}")  # fmt: skip
         if self.token_adapter is not None and not str(self.token_adapter).strip():
             raise SpecalignError("--token-adapter: empty path")
+        if self.draft_head is not None:
+            if not str(self.draft_head).strip():
+                raise SpecalignError("--draft-head: empty path")
+            for flag, value in (("--token-adapter", self.token_adapter), ("--ngram", self.ngram)):
+                if value:
+                    raise SpecalignError(f"--draft-head: cannot be combined with {flag} (one draft source at a time)")
+            if self.min_confidence > 0:
+                raise SpecalignError("--draft-head: adaptive gamma (--min-confidence) is for the draft VLM")
+            if self.hide_prefill:
+                raise SpecalignError("--draft-head: --hide-prefill has nothing to hide (a head drafts from the "
+                                     "target's own features, which exist after its prefill)")  # fmt: skip
+        if self.tree is not None:
+            from specalign.decode.heads import TreeShape
+
+            shape = TreeShape.parse(self.tree)
+            if not self.draft_head:
+                raise SpecalignError("--tree: needs --draft-head (trees are drafted by a head)")
+            if not self.greedy:
+                raise SpecalignError("--tree: draft trees are greedy only (sampling needs the multi-draft rejection "
+                                     "rule); drop --tree or use --temperature 0")  # fmt: skip
+            self.gamma = shape.depth
         if self.ngram is not None:
             if not str(self.ngram).strip():
                 raise SpecalignError("--ngram: empty path")
@@ -166,6 +198,12 @@ class Inputs:
     paths: dict  # every resolved path: dataset, questions_file, draft, target, token_adapter, out
     settings: dict  # for runs.check_settings: the config minus NOT_SETTINGS, plus input identities
     ngram: object = None  # the loaded decode.ngram.NgramTable of --ngram
+    head_kind: str | None = None  # the --draft-head's kind (eagle, eagle+events, feature-adapter)
+
+    @property
+    def needs_draft_vlm(self) -> bool:
+        """The draft VLM runs for its own proposals, the adapters' and the event tokens of an eagle+events head."""
+        return self.ngram is None and self.head_kind != "eagle"
 
 
 def check_inputs(cfg: SpeculateConfig) -> Inputs:
@@ -189,7 +227,19 @@ def check_inputs(cfg: SpeculateConfig) -> Inputs:
     table = None
     if cfg.ngram:
         table = NgramTable.load(cfg.ngram)
+    head_path = head_kind = None
+    if cfg.draft_head:
+        from specalign.align.heads import read_head_config, resolve_head
+
+        head_path = resolve_head(cfg.draft_head).resolve()
+        head_kind = read_head_config(head_path).kind
+        if cfg.tree and head_kind == "feature-adapter":
+            raise fail(head_path, "a feature-adapter drafts through the draft VLM, one token at a time: no --tree")
     draft_info, target_info = check_model(cfg.draft, "--draft"), check_model(cfg.target, "--target")
+    if head_path is not None:
+        from specalign.align.heads import check_head
+
+        check_head(head_path, target_info, draft_info)  # a head trained for another target, before any load
     if table is not None and table.max_token_id() >= target_info["vocab_size"]:
         raise fail(cfg.ngram, f"holds token id {table.max_token_id()}, outside the target's vocabulary of "
                               f"{target_info['vocab_size']}: a table built for another target?")  # fmt: skip
@@ -202,6 +252,7 @@ def check_inputs(cfg: SpeculateConfig) -> Inputs:
         "target": target_info["path"],
         "token_adapter": str(adapter_path) if adapter_path else None,
         "ngram": str(Path(cfg.ngram).resolve()) if cfg.ngram else None,
+        "draft_head": str(head_path) if head_path else None,
         "out": str(Path(cfg.out).resolve()),
     }
     settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_SETTINGS}
@@ -214,8 +265,15 @@ def check_inputs(cfg: SpeculateConfig) -> Inputs:
         target_weights=weights_stamp(cfg.target),
         token_adapter=adapter_id,
         ngram=file_identity(cfg.ngram) if cfg.ngram else None,
+        draft_head=_head_identity(head_path) if head_path else None,
     )
-    return Inputs(dataset, questions, paths, settings, table)
+    return Inputs(dataset, questions, paths, settings, table, head_kind)
+
+
+def _head_identity(path: Path) -> dict:
+    from specalign.align.heads import WEIGHTS_NAME
+
+    return file_identity(path / WEIGHTS_NAME)
 
 
 @contextmanager
@@ -264,11 +322,17 @@ def run_speculate(cfg: SpeculateConfig, progress: bool = True) -> dict:
     inputs = check_inputs(cfg)
     with results_folder(cfg.out, inputs.settings, cfg.overwrite) as out:
         target = load_model(cfg.target, device=cfg.target_device or cfg.device, dtype=cfg.dtype)
-        draft = load_model(cfg.draft, device=cfg.draft_device or cfg.device, dtype=cfg.dtype)
-        draft.shared_vocab = shared_vocabulary(draft, target)  # ids the draft may propose
+        draft = None
+        if inputs.needs_draft_vlm:
+            draft = load_model(cfg.draft, device=cfg.draft_device or cfg.device, dtype=cfg.dtype)
+            draft.shared_vocab = shared_vocabulary(draft, target)  # ids the draft may propose
         adapter = None
         if inputs.paths["token_adapter"]:
             adapter = load_adapter(inputs.paths["token_adapter"]).to(draft.device).eval()
+        if inputs.paths["draft_head"]:
+            from specalign.align.heads import load_head
+
+            adapter = load_head(inputs.paths["draft_head"], target)  # the head, on the target's device
         rows, check = _decode_all(cfg, inputs, target, draft, adapter, progress)
         result = _summarise(cfg, inputs, rows, check, target, draft)
         _write(out, result)
@@ -276,21 +340,37 @@ def run_speculate(cfg: SpeculateConfig, progress: bool = True) -> dict:
 
 
 def _decode_all(cfg: SpeculateConfig, inputs: Inputs, target, draft, adapter, progress: bool):
-    """Every (sample, question): target alone and SD, `repeats` times each -> (rows, distribution check or None)."""
+    """Every (sample, question): target alone and SD, `repeats` times each -> (rows, distribution check or None).
+    adapter: the TokenAdapter, or the --draft-head's module."""
+    from specalign.decode.engine import language_model
+    from specalign.decode.heads import CascadeDraft, HeadDraft, TreeShape, head_feature_layers, text_start
+
     dataset, questions = inputs.dataset, inputs.questions
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed)
     gen = torch.Generator(device=target.device)
     # the draft samples on its own device (a generator serves one device)
-    d_gen = gen if draft.device == target.device else torch.Generator(device=draft.device)
+    d_gen = gen if draft is None or draft.device == target.device else torch.Generator(device=draft.device)
     eos = target.eos_token_id
     n = len(dataset) if cfg.max_samples is None else min(cfg.max_samples, len(dataset))
     jobs = [(i, q) for i in range(n) for q in questions]
-    t_engine = d_engine = None
+    t_engine = d_engine = h_engine = None
+    kind = inputs.head_kind
+    tree = TreeShape.parse(cfg.tree) if cfg.tree else None
+    t_features = ()
+    if kind in ("eagle", "eagle+events"):
+        t_features = head_feature_layers(adapter, len(language_model(target)[0].layers))
     rows, check = [], None
 
-    def source(de):  # a fresh draft source per answer
+    def source(de, extra: list[int] = ()):  # a fresh draft source per answer (extra: answer tokens in the prompt)
         if inputs.ngram is not None:  # text only: the target's prompt text (not its hundreds of visual placeholders)
-            return NgramDraft(inputs.ngram, target.tokenizer.encode(t_prompt.text), target.vocab_size, eos)
+            return NgramDraft(inputs.ngram, target.tokenizer.encode(t_prompt.text) + list(extra), target.vocab_size,
+                              eos)  # fmt: skip
+        if kind in ("eagle", "eagle+events"):
+            ids = t_prompt.input_ids.tolist() + list(extra)
+            return HeadDraft(h_engine, t_engine, ids, text_start(target, t_prompt.input_ids), context, tree,
+                             sampling, gen)  # fmt: skip
+        if kind == "feature-adapter":
+            return CascadeDraft(d_engine, de, adapter, sampling, d_gen)
         s = VLMDraft(d_engine, de, sampling, d_gen, cfg.min_confidence)
         return s if adapter is None else AdaptedDraft(s, adapter, sampling, d_gen, cfg.adapter_resync,
                                                       cfg.max_new_tokens)  # fmt: skip
@@ -303,18 +383,31 @@ def _decode_all(cfg: SpeculateConfig, inputs: Inputs, target, draft, adapter, pr
     for k, (i, q) in enumerate(tqdm(jobs, desc="speculate", unit="answer", disable=not progress)):
         sample = dataset[i]
         seconds = {}
-        t_prompt, d_prompt = target.prepare(sample, q), draft.prepare(sample, q)
-        with Clock(target.device, seconds, "vision"):  # vision encode + splice, both models
+        t_prompt = target.prepare(sample, q)
+        de = context = None
+        with Clock(target.device, seconds, "vision"):  # vision encode + splice, both models (the draft's if used)
             te, _ = prompt_embeds(target, target.collate([t_prompt]))
-            de, _ = prompt_embeds(draft, draft.collate([d_prompt]))
-        need_t, need_d = te.shape[1] + cfg.max_new_tokens + cfg.gamma + 2, de.shape[1] + cfg.max_new_tokens + 2
+            if draft is not None:
+                d_prompt = draft.prepare(sample, q)
+                de, _ = prompt_embeds(draft, draft.collate([d_prompt]))
+                if kind == "eagle+events":
+                    from specalign.align.features import event_tokens
+
+                    context = event_tokens(draft, d_prompt)[None]  # [1, N, E]
+        nodes = tree.nodes if tree else cfg.gamma
+        need_t = te.shape[1] + cfg.max_new_tokens + nodes + 2
         if t_engine is None or t_engine.max_len < need_t:
-            t_engine = Engine(target, need_t + 64, fp32_head=cfg.fp32_head)
-        if d_engine is None or d_engine.max_len < need_d + cfg.gamma:
-            d_engine = Engine(draft, need_d + cfg.gamma + 64)
+            t_engine = Engine(target, need_t + 64, fp32_head=cfg.fp32_head, features=t_features)
+        if de is not None and (d_engine is None or d_engine.max_len < de.shape[1] + cfg.max_new_tokens + 2 * cfg.gamma):
+            d_layers = (len(language_model(draft)[0].layers),) if kind == "feature-adapter" else ()
+            d_engine = Engine(draft, de.shape[1] + cfg.max_new_tokens + 2 * cfg.gamma + 64, features=d_layers)
+        if t_features:
+            need_h = te.shape[1] - text_start(target, t_prompt.input_ids) + cfg.max_new_tokens + nodes * cfg.gamma
+            if h_engine is None or h_engine.max_len < need_h:
+                h_engine = Engine(adapter, need_h + 64, features=(1,))
         if not rows and target.device.type == "cuda":  # warm-up: CUDA graphs are captured on first use
             target_generate(t_engine, te, 4, eos)
-            speculative_decode(t_engine, te, VLMDraft(d_engine, de), cfg.gamma, 4, eos)
+            speculative_decode(t_engine, te, source(de), cfg.gamma, 4, eos)
         alone_runs, sd_runs = [], []
         for r in range(cfg.repeats):  # alternating order: neither side always runs on a warmer machine
             for side in ("alone", "sd") if r % 2 == 0 else ("sd", "alone"):
@@ -346,6 +439,7 @@ def _decode_all(cfg: SpeculateConfig, inputs: Inputs, target, draft, adapter, pr
             "rounds": stats.rounds, "free_tokens": stats.free_tokens,
             "first_token_accepted": stats.first_accepted / max(stats.rounds, 1),
             "accepted_per_round": stats.accepted_per_round, "drafted_per_round": stats.drafted_per_round,
+            "nodes_per_round": stats.nodes_per_round,
             "seconds": {"vision": seconds["vision"], **stats.seconds, "sd_total": sd_s, "target_alone": target_s,
                         "target_alone_prefill": ref_seconds["prefill"], "hf_generate": hf_s,
                         "sd_runs": [x[0] for x in sd_runs], "target_alone_runs": [x[0] for x in alone_runs]},
@@ -374,17 +468,19 @@ def distribution_check(t_engine, d_engine, te, de, answer: list[int], make_sourc
     length = min(cfg.gamma + 1, cfg.max_new_tokens)
     if length < 2:
         return {"run": False, "why": "--max-new-tokens 1: the only token is the target's own sample"}
-    m, entropy = _uncertain_start(t_engine, te, answer, length, sampling, d_engine.vlm.vocab_size)
+    vocab = (d_engine or t_engine).vlm.vocab_size
+    m, entropy = _uncertain_start(t_engine, te, answer, length, sampling, vocab)
     if m:
         ids = torch.tensor([answer[:m]])
         te = torch.cat([te, t_engine.lm.embed_tokens(ids.to(t_engine.device)).to(te.dtype)], dim=1)
-        de = torch.cat([de, d_engine.lm.embed_tokens(ids.to(d_engine.device)).to(de.dtype)], dim=1)
+        if de is not None:
+            de = torch.cat([de, d_engine.lm.embed_tokens(ids.to(d_engine.device)).to(de.dtype)], dim=1)
     alone, sd = [], []
     for j in range(cfg.check_draws):
         reseed(-1, j)
         alone.append(target_generate(t_engine, te, length, eos, sampling, gen)[0])
         reseed(-2, j)
-        sd.append(speculative_decode(t_engine, te, make_source(de), cfg.gamma, length, eos, sampling, gen,
+        sd.append(speculative_decode(t_engine, te, make_source(de, answer[:m]), cfg.gamma, length, eos, sampling, gen,
                                      cfg.hide_prefill)[0])  # fmt: skip
     positions = []
     for p in range(1, length):
@@ -518,9 +614,9 @@ def _summarise(cfg: SpeculateConfig, inputs: Inputs, rows: list[dict], check: di
         "config": asdict(cfg),
         "paths": inputs.paths,
         "target": target.name,
-        "draft": draft.name,
+        "draft": draft.name if draft is not None else None,  # None: the source needs no draft VLM
         "device": str(target.device),
-        "draft_device": str(draft.device),
+        "draft_device": str(draft.device) if draft is not None else None,
         "gpu": torch.cuda.get_device_name(target.device) if target.device.type == "cuda" else None,
         "verdict": v,
         # greedy: the tokens are the target's (the claim); sampling: not a token claim (see verdict)
