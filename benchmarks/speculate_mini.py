@@ -6,8 +6,9 @@ TokenAdapter (over the draft's own answer, and over resynced proposals); with --
 (the baseline a draft that reads the scene must beat); with --head KIND=DIR the draft heads on the target's
 features (eagle and eagle+events as chains and as --tree trees, the feature-adapter cascade).
 Reports whether SD is token-identical to the target alone, alpha, tau, the speedup vs the target alone on the same
-engine (median and spread over answers, and overall) and vs HF generate. Each run's results.json (with its acceptance traces) is kept under --runs for
-benchmarks/decode_7b.py to replay at 7B shape. Writes benchmarks/results/speculate_mini.json.
+engine (median and spread over answers, and overall) and vs HF generate. Each run's results.json (with its
+acceptance traces) is kept under --runs for benchmarks/decode_7b.py to replay at 7B shape.
+Writes benchmarks/results/speculate_mini.json.
 
     python benchmarks/speculate_mini.py [--adapter TASK/best_model] [--ngram TABLE.json] [--head eagle=DIR ...]
         [--tree 10,6,60] [--sources 5,6,7] [--world DIR] [--samples 64] [--questions 1]
