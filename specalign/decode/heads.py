@@ -228,6 +228,7 @@ class CascadeDraft(VLMDraft):
         super().__init__(engine, embeds, sampling, generator)
         self.adapter = adapter
 
+    @torch.inference_mode()
     def next_logits(self, logits: torch.Tensor) -> torch.Tensor:
         feature = self.engine.features[:, -1].to(self.adapter.dtype)  # [1, Dd]
         return self.adapter.lm_head(self.adapter(feature)).float()
