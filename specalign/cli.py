@@ -104,6 +104,12 @@ def cmd_train(args) -> None:
     print("\n".join(result_lines(train_adapter(from_args(AdapterTrainConfig, args), progress=not args.quiet))))
 
 
+def cmd_train_head(args) -> None:
+    from specalign.align.train_head import HeadTrainConfig, result_lines, train_head
+
+    print("\n".join(result_lines(train_head(from_args(HeadTrainConfig, args), progress=not args.quiet))))
+
+
 def cmd_speculate(args) -> None:
     from specalign.decode.run import SpeculateConfig, report_lines, run_speculate
 
@@ -213,6 +219,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
              cmd_extract, "specalign.align.extract:ExtractConfig")  # fmt: skip
     _command(sub, "train", "train a TokenAdapter on token pairs (the reference recipe by default; resumable)",
              cmd_train, "specalign.align.train:AdapterTrainConfig")  # fmt: skip
+    _command(sub, "train-head", "train a draft head on the target's features (eagle, eagle+events, feature-adapter)",
+             cmd_train_head, "specalign.align.train_head:HeadTrainConfig")  # fmt: skip
     _command(sub, "speculate", "speculative decoding over a split: lossless check, alpha, tau, speedup",
              cmd_speculate, "specalign.decode.run:SpeculateConfig")  # fmt: skip
     _command(sub, "evaluate", "teacher-forced TokenAdapter metrics + the reference's AR comparison",

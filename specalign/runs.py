@@ -161,3 +161,25 @@ def require_positive(name: str, value, minimum=1) -> None:
         raise SpecalignError(f"--{name.replace('_', '-')}: expected a number, got {value!r}")
     if value < minimum:
         raise SpecalignError(f"--{name.replace('_', '-')}: must be at least {minimum}, got {value}")
+
+
+LATEST_NAME = "latest"  # a link beside task folders to the newest finished one
+BEST_NAME = "best_model"
+
+
+def resolve_best_model(path: str | Path, is_model, what: str) -> Path:
+    """The trained model a path means: a model folder (or file) as is (`is_model(path)`), a task folder's
+    best_model/, or, for a folder of task folders, its `latest` task's (else the newest task with a best_model/)."""
+    p = Path(path)
+    if is_model(p):
+        return p
+    if not p.is_dir():
+        raise fail(p, f"no such {what} (give a best_model/ folder, a task folder or a folder of task folders)")
+    if (p / BEST_NAME).is_dir():
+        return p / BEST_NAME
+    if (p / LATEST_NAME / BEST_NAME).is_dir():
+        return (p / LATEST_NAME).resolve() / BEST_NAME
+    tasks = sorted(p.glob(f"*/{BEST_NAME}"), key=lambda t: t.stat().st_mtime)
+    if not tasks:
+        raise fail(p, f"no task folder with a best_model/ here (train a {what} first, or give its best_model/ folder)")
+    return tasks[-1]

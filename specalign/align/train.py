@@ -32,14 +32,13 @@ from specalign.align.tokens import TokenPairs, pad_batch, pairs_identity, read_p
 from specalign.errors import SpecalignError, fail, one_line
 from specalign.fsutil import atomic_path, ensure_dir, write_bytes, write_json
 from specalign.options import option
-from specalign.runs import require_positive, shared_run_folder
+from specalign.runs import LATEST_NAME, require_positive, shared_run_folder
 
 STATE_NAME = "last_state.pt"
 REFERENCE_VOCAB = 32010  # the reference adapter's vocabulary (Llama's 32000 + specials): pairs that do not say theirs
 MAX_VOCAB = 1 << 20  # above every real tokenizer (the largest are ~256k); guards against a typo allocating terabytes
 # fields that change where things go, speed or resumability, never the trained weights
 COSMETIC = ("train", "test", "task_name", "out", "device", "resume", "checkpoint_every_s", "compile", "overwrite")
-LATEST_NAME = "latest"  # a link beside the task folders to the newest finished one
 PAD_ID = 0
 
 

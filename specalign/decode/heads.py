@@ -3,7 +3,7 @@ feature-adapter cascade.
 
     target = Engine(vlm, max_len, features=head.feature_layers)    # the target keeps the features a head reads
     head_engine = Engine(head, max_len=...)                          # the head: one Llama layer on the same engine
-    source = HeadDraft(head_engine, target, prompt_ids, text_start, tree=TreeShape(10, 6, 60))
+    source = HeadDraft(head_engine, target, prompt_ids, start, tree=TreeShape(10, 6, 60))  # start: visual_positions_end
 
 The head's sequence is the target's text after its visual block (HiViS: the target's features there already fused
 the image): pair i is (the target's feature at position i, the token at i + 1), and the head's output after it is
@@ -78,18 +78,6 @@ def head_feature_layers(head, n_layers: int) -> tuple[int, ...]:
     return tuple(fused_layers(n_layers)) if head.head_config.fused else (n_layers,)
 
 
-def text_start(vlm, input_ids: torch.Tensor) -> int:
-    """The first position after the target's visual block in a prompt's ids [T] (0 without one): where the head's
-    sequence starts."""
-    ids = set()
-    for name in ("video_token_index", "image_token_index", "image_token_id", "video_token_id"):
-        value = getattr(vlm.model.config, name, None)
-        if isinstance(value, int):
-            ids.add(value)
-    visual = torch.isin(input_ids, torch.tensor(sorted(ids), dtype=input_ids.dtype)).nonzero()
-    return int(visual[-1]) + 1 if len(visual) else 0
-
-
 class HeadDraft(DraftSource):
     """An EAGLE head drafting from the target's features: chains (any sampling) or dynamic trees (greedy)."""
 
@@ -100,8 +88,8 @@ class HeadDraft(DraftSource):
                  sampling: Sampling | None = None, generator=None):  # fmt: skip
         """head: an Engine over an `align.heads.DraftHead` with features=(1,) (its own output: the next feature);
         target: the target's Engine with the head's feature layers; prompt_ids: the target's prompt [T]; start: the
-        first position of the head's sequence (`text_start`); context: per-prompt context of an eagle+events head
-        (event tokens [1, N, E])."""
+        first position of the head's sequence (`align.features.visual_positions_end`); context: the per-prompt
+        context of an eagle+events head (event tokens [1, N, E])."""
         if not target.feature_layers:
             raise SpecalignError("HeadDraft: the target's engine keeps no features (Engine(..., features=...))")
         self.head, self.target, self.tree = head, target, tree

@@ -229,9 +229,10 @@ def check_inputs(cfg: SpeculateConfig) -> Inputs:
         table = NgramTable.load(cfg.ngram)
     head_path = head_kind = None
     if cfg.draft_head:
-        from specalign.align.heads import read_head_config, resolve_head
+        from specalign.align.heads import CONFIG_NAME, read_head_config
+        from specalign.runs import resolve_best_model
 
-        head_path = resolve_head(cfg.draft_head).resolve()
+        head_path = resolve_best_model(cfg.draft_head, lambda p: (p / CONFIG_NAME).is_file(), "draft head").resolve()
         head_kind = read_head_config(head_path).kind
         if cfg.tree and head_kind == "feature-adapter":
             raise fail(head_path, "a feature-adapter drafts through the draft VLM, one token at a time: no --tree")
@@ -239,7 +240,7 @@ def check_inputs(cfg: SpeculateConfig) -> Inputs:
     if head_path is not None:
         from specalign.align.heads import check_head
 
-        check_head(head_path, target_info, draft_info)  # a head trained for another target, before any load
+        check_head(head_path, target_info)  # a head trained for another target, before any model loads
     if table is not None and table.max_token_id() >= target_info["vocab_size"]:
         raise fail(cfg.ngram, f"holds token id {table.max_token_id()}, outside the target's vocabulary of "
                               f"{target_info['vocab_size']}: a table built for another target?")  # fmt: skip
@@ -332,7 +333,7 @@ def run_speculate(cfg: SpeculateConfig, progress: bool = True) -> dict:
         if inputs.paths["draft_head"]:
             from specalign.align.heads import load_head
 
-            adapter = load_head(inputs.paths["draft_head"], target)  # the head, on the target's device
+            adapter = load_head(inputs.paths["draft_head"], target).to(target.dtype)  # on the target's device
         rows, check = _decode_all(cfg, inputs, target, draft, adapter, progress)
         result = _summarise(cfg, inputs, rows, check, target, draft)
         _write(out, result)
@@ -342,8 +343,9 @@ def run_speculate(cfg: SpeculateConfig, progress: bool = True) -> dict:
 def _decode_all(cfg: SpeculateConfig, inputs: Inputs, target, draft, adapter, progress: bool):
     """Every (sample, question): target alone and SD, `repeats` times each -> (rows, distribution check or None).
     adapter: the TokenAdapter, or the --draft-head's module."""
+    from specalign.align.features import placeholder_ids, visual_positions_end
     from specalign.decode.engine import language_model
-    from specalign.decode.heads import CascadeDraft, HeadDraft, TreeShape, head_feature_layers, text_start
+    from specalign.decode.heads import CascadeDraft, HeadDraft, TreeShape, head_feature_layers
 
     dataset, questions = inputs.dataset, inputs.questions
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed)
@@ -367,8 +369,7 @@ def _decode_all(cfg: SpeculateConfig, inputs: Inputs, target, draft, adapter, pr
                               eos)  # fmt: skip
         if kind in ("eagle", "eagle+events"):
             ids = t_prompt.input_ids.tolist() + list(extra)
-            return HeadDraft(h_engine, t_engine, ids, text_start(target, t_prompt.input_ids), context, tree,
-                             sampling, gen)  # fmt: skip
+            return HeadDraft(h_engine, t_engine, ids, first_text, context, tree, sampling, gen)
         if kind == "feature-adapter":
             return CascadeDraft(d_engine, de, adapter, sampling, d_gen)
         s = VLMDraft(d_engine, de, sampling, d_gen, cfg.min_confidence)
@@ -390,10 +391,9 @@ def _decode_all(cfg: SpeculateConfig, inputs: Inputs, target, draft, adapter, pr
             if draft is not None:
                 d_prompt = draft.prepare(sample, q)
                 de, _ = prompt_embeds(draft, draft.collate([d_prompt]))
-                if kind == "eagle+events":
-                    from specalign.align.features import event_tokens
-
-                    context = event_tokens(draft, d_prompt)[None]  # [1, N, E]
+                if kind == "eagle+events":  # its event tokens as spliced into its prompt: [1, N, E]
+                    slots = torch.isin(d_prompt.input_ids, torch.tensor(placeholder_ids(draft)))
+                    context = de[:, slots.to(de.device)]
         nodes = tree.nodes if tree else cfg.gamma
         need_t = te.shape[1] + cfg.max_new_tokens + nodes + 2
         if t_engine is None or t_engine.max_len < need_t:
@@ -402,7 +402,8 @@ def _decode_all(cfg: SpeculateConfig, inputs: Inputs, target, draft, adapter, pr
             d_layers = (len(language_model(draft)[0].layers),) if kind == "feature-adapter" else ()
             d_engine = Engine(draft, de.shape[1] + cfg.max_new_tokens + 2 * cfg.gamma + 64, features=d_layers)
         if t_features:
-            need_h = te.shape[1] - text_start(target, t_prompt.input_ids) + cfg.max_new_tokens + nodes * cfg.gamma
+            first_text = int(visual_positions_end(target, t_prompt.input_ids))  # the head reads the text after it
+            need_h = te.shape[1] - first_text + cfg.max_new_tokens + nodes * cfg.gamma
             if h_engine is None or h_engine.max_len < need_h:
                 h_engine = Engine(adapter, need_h + 64, features=(1,))
         if not rows and target.device.type == "cuda":  # warm-up: CUDA graphs are captured on first use

@@ -59,21 +59,12 @@ def resolve_adapter(path: str | Path) -> Path:
     """The TokenAdapter a path means: a checkpoint file or best_model/ folder as is, a task folder's best_model/,
     or, for a folder of task folders, its `latest` task's (else the newest task with a best_model/)."""
     from specalign.align.token_adapter import CONFIG_NAME, WEIGHTS_NAME
-    from specalign.align.train import LATEST_NAME
+    from specalign.runs import resolve_best_model
 
-    p = Path(path)
-    if p.is_file() or (p / WEIGHTS_NAME).is_file() or (p / CONFIG_NAME).is_file():
-        return p
-    if not p.is_dir():
-        raise fail(p, "no such TokenAdapter (give a best_model/ folder, a task folder or a folder of task folders)")
-    if (p / "best_model").is_dir():
-        return p / "best_model"
-    if (p / LATEST_NAME / "best_model").is_dir():
-        return (p / LATEST_NAME).resolve() / "best_model"
-    tasks = sorted(p.glob("*/best_model"), key=lambda t: t.stat().st_mtime)
-    if not tasks:
-        raise fail(p, "no task folder with a best_model/ here (train one, or pass --token-adapter)")
-    return tasks[-1]
+    def is_adapter(p: Path) -> bool:
+        return p.is_file() or (p / WEIGHTS_NAME).is_file() or (p / CONFIG_NAME).is_file()
+
+    return resolve_best_model(path, is_adapter, "TokenAdapter")
 
 
 def latest_adapter(root: str | Path = "task") -> Path:

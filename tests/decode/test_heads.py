@@ -8,7 +8,8 @@ import torch
 from specalign.align.heads import DraftHead, FeatureAdapter, HeadConfig, attach_parts, attach_target
 from specalign.data import open_dataset
 from specalign.decode.engine import Engine, _fill, language_model, prompt_embeds
-from specalign.decode.heads import CascadeDraft, HeadDraft, TreeShape, head_feature_layers, text_start
+from specalign.align.features import visual_positions_end
+from specalign.decode.heads import CascadeDraft, HeadDraft, TreeShape, head_feature_layers
 from specalign.decode.speculative import Stats, speculative_decode, target_generate
 from specalign.errors import SpecalignError
 from specalign.models.registry import MiniSizes, new_model
@@ -81,7 +82,7 @@ def head_source(target, head, t_engine, h_engine, sample, tree=None, context=Non
     prompt = target.prepare(sample, "Describe the road.")
     te = prompt_embeds(target, target.collate([prompt]))[0]
     ids = prompt.input_ids
-    return te, lambda: HeadDraft(h_engine, t_engine, ids.tolist(), text_start(target, ids), context, tree)
+    return te, lambda: HeadDraft(h_engine, t_engine, ids.tolist(), int(visual_positions_end(target, ids)), context, tree)
 
 
 @pytest.mark.parametrize("variant", ["chain", "tree", "fused-tree", "events-tree"])
