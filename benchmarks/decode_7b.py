@@ -53,6 +53,11 @@ LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)  # fmt: skip
 
 
+# --smoke: tiny shapes on the CPU (every 7B-shape script's smoke run)
+SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=4)  # fmt: skip
+
+
 def llama_7b(vocab: int, name: str) -> VLM:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -226,8 +231,7 @@ def main() -> None:
     global DEVICE
     if args.smoke:
         DEVICE = "cpu"
-        LLAMA_7B.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=4)  # fmt: skip
+        LLAMA_7B.update(SMOKE_SHAPE)
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)"
     res = {"benchmark": "decode_7b", "machine": {"gpu": gpu, "torch": torch.__version__},
            "setup": {"weights": "random (timing only)", "dtype": "bf16", "batch": 1, "target_context": args.context,

@@ -66,8 +66,7 @@ def main() -> None:
     )
     if args.smoke:
         shape.DEVICE, hidden = "cpu", 64
-        shape.LLAMA_7B.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=4)  # fmt: skip
+        shape.LLAMA_7B.update(shape.SMOKE_SHAPE)
         clip_size = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     target = shape.llama_7b(32064, "video-llava-7b-shape")
     clip = CLIPVisionConfig(**clip_size, image_size=224, patch_size=14)

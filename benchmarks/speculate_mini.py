@@ -99,15 +99,7 @@ def main() -> None:
                               draft_device=args.draft_device, overwrite=True,
                               token_adapter=args.adapter if opts.pop("adapter", False) else None,
                               ngram=args.ngram if opts.pop("ngram", False) else None, **opts)  # fmt: skip
-        res = run_speculate(cfg, progress=False)
-        t = res["totals"]
-        rows.append({"source": name, "run": str(out), "token_identical": res["verdict"]["token_identical"],
-                     "gamma": res["config"]["gamma"], "tree": res["config"]["tree"],
-                     "mean_tree_nodes": _mean([n for r in res["samples"] for n in r["nodes_per_round"]]),
-                     "divergences": res["divergences"], **{k: t[k] for k in (
-            "answers", "tokens", "alpha", "tau", "first_token_acceptance", "mean_accepted_per_round",
-            "free_tokens_from_prefill_hiding", "sd_tokens_per_s", "target_tokens_per_s",
-            "speedup_vs_target_alone", "speedup_vs_hf_generate", "stage_seconds")}})  # fmt: skip
+        rows.append(speculate_row(name, cfg))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "stage_seconds"}), flush=True)
     write_json(args.result, {
         "benchmark": "speculate_mini",
@@ -124,6 +116,19 @@ def main() -> None:
                   "world": "minidsec test split, 2 clips per drive, seed 0"},
         "rows": rows,
     })  # fmt: skip
+
+
+def speculate_row(name: str, cfg: SpeculateConfig) -> dict:
+    """Run one source and keep the numbers a table needs."""
+    res = run_speculate(cfg, progress=False)
+    t = res["totals"]
+    return {"source": name, "run": cfg.out, "token_identical": res["verdict"]["token_identical"],
+            "gamma": res["config"]["gamma"], "tree": res["config"]["tree"],
+            "mean_tree_nodes": _mean([n for r in res["samples"] for n in r["nodes_per_round"]]),
+            "divergences": res["divergences"], **{k: t[k] for k in (
+                "answers", "tokens", "alpha", "tau", "first_token_acceptance", "mean_accepted_per_round",
+                "free_tokens_from_prefill_hiding", "sd_tokens_per_s", "target_tokens_per_s",
+                "speedup_vs_target_alone", "speedup_vs_hf_generate", "stage_seconds")}}  # fmt: skip
 
 
 def _mean(xs: list) -> float | None:
