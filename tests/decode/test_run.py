@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from specalign.align.heads import save_head
 from specalign.decode.run import SpeculateConfig, chi_square, report_lines, run_speculate, total_variation
 from specalign.errors import SpecalignError
 from specalign.world.build import WorldConfig, build_world
@@ -132,6 +133,13 @@ VALUES = [  # (config fields, the one-line message)
     ({"dtype": "fp8"}, "--dtype: unknown precision 'fp8'"),
     ({"device": "gpu"}, "--device: 'gpu' is not a device; use cuda, cuda:N or cpu"),
     ({"token_adapter": " "}, "--token-adapter: empty path"),
+    ({"draft_head": " "}, "--draft-head: empty path"),
+    ({"draft_head": "h", "ngram": "t.json"}, "--draft-head: cannot be combined with --ngram"),
+    ({"draft_head": "h", "hide_prefill": True}, "--draft-head: --hide-prefill has nothing to hide"),
+    ({"tree": "10,6,60"}, "--tree: needs --draft-head"),
+    ({"tree": "10,6"}, "--tree: expected TOPK,DEPTH,NODES"),
+    ({"tree": "2,2,40", "draft_head": "h"}, "--tree 2,2,40: top-k 2 and depth 2 make at most 6 candidates"),
+    ({"tree": "4,4,16", "draft_head": "h", "temperature": 1.0}, "--tree: draft trees are greedy only"),
 ]
 
 
@@ -149,6 +157,17 @@ def test_cuda_refused_without_a_gpu():
         SpeculateConfig(dataset="d", out="o", device="cuda")
 
 
+def head(kind: str, hidden: int):
+    """An untrained head for the mini target (hidden 256, vocab 780), or of another width."""
+    from specalign.align.heads import HeadConfig, build_head
+
+    torch.manual_seed(0)
+    cfg = HeadConfig(kind=kind, hidden_size=hidden, vocab_size=780, feature_size=hidden, num_attention_heads=4,
+                     num_key_value_heads=4, head_dim=hidden // 4, intermediate_size=64,
+                     draft_size=192 if kind == "feature-adapter" else None, target={"name": "mini-target"})  # fmt: skip
+    return build_head(cfg)
+
+
 def _inputs(split, tmp_path):
     """(case, config fields, the message's pattern) for bad inputs found before any model loads."""
     empty = tmp_path / "empty_split"
@@ -162,6 +181,16 @@ def _inputs(split, tmp_path):
     corrupt.mkdir(parents=True)
     (corrupt / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
     (corrupt / "config.json").write_text("{}")
+    wide, truncated, cascade = (
+        save_head(tmp_path / n, h)
+        for n, h in (
+            ("wide", head("eagle", 64)),
+            ("truncated", head("eagle", 256)),
+            ("cascade", head("feature-adapter", 256)),
+        )
+    )
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
     return [
         ("missing split", {"dataset": str(tmp_path / "nowhere")}, r"nowhere: dataset folder not found"),
         ("empty split", {"dataset": str(empty)}, r"empty_split: the split has no samples"),
@@ -170,6 +199,12 @@ def _inputs(split, tmp_path):
         ("missing adapter", {"token_adapter": str(tmp_path / "none")}, r"none: no such TokenAdapter"),
         ("folder without tasks", {"token_adapter": str(no_tasks)}, r"no_tasks: no task folder with a best_model/"),
         ("corrupt adapter", {"token_adapter": str(corrupt.parent)}, r"model.safetensors: not a readable safetensors"),
+        ("missing head", {"draft_head": str(tmp_path / "no_head")}, r"no_head: no such draft head"),
+        ("head for another target", {"draft_head": str(wide)}, r"a head trained for target .* \(hidden 64, vocab 780\) "
+         r"cannot draft for target .* \(hidden 256, vocab 780\)"),
+        ("truncated head", {"draft_head": str(truncated)}, r"model.safetensors: weights unreadable or truncated"),
+        ("tree on a feature adapter", {"draft_head": str(cascade), "tree": "2,2,4"},
+         r"a feature-adapter drafts through the draft VLM, one token at a time: no --tree"),
     ]  # fmt: skip
 
 
@@ -226,3 +261,15 @@ def test_out_that_is_a_file_or_holds_other_files_is_refused(split, tmp_path, mon
     with pytest.raises(SpecalignError, match=r"other: is not empty and holds no specalign run of this kind"):
         run_speculate(config(split, other), progress=False)
     assert [p.name for p in other.iterdir()] == ["notes.txt"]  # not even a lock file left
+
+
+@pytest.mark.parametrize("tree", [None, "3,3,8"])
+def test_an_untrained_head_drafts_losslessly(split, tmp_path, tree):
+    """The whole path of --draft-head: resolve, check, load onto the target, a chain or a tree."""
+    folder = save_head(tmp_path / "task" / "best_model", head("eagle", 256))
+    res = run_speculate(config(split, tmp_path / "out", draft_head=str(folder.parent), tree=tree, gamma=3),
+                        progress=False)  # fmt: skip
+    assert res["verdict"]["token_identical"] and res["draft"] is None, "an eagle head needs no draft VLM"
+    assert res["paths"]["draft_head"] == str(folder.resolve())
+    rounds = [n for r in res["samples"] for n in r["nodes_per_round"]]
+    assert rounds and (max(rounds) <= 8 if tree else set(rounds) <= {1, 2, 3})
