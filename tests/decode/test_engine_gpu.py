@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from specalign.data import open_dataset
-from specalign.decode.engine import Engine, prompt_embeds
+from specalign.decode.engine import Engine, prefill, prompt_embeds
 from specalign.decode.sources import VLMDraft
 from specalign.decode.speculative import speculative_decode, target_generate
 from specalign.models import load_model
@@ -85,3 +85,39 @@ def test_draft_on_a_second_gpu_is_lossless_and_hides_its_prefill(dataset, tmp_pa
                                         draft_device="cuda:1", target_device="cuda:0", hide_prefill=True,
                                         dtype="bf16", hf_baseline=False), progress=False)  # fmt: skip
     assert res["lossless"] and res["totals"]["answers"] == 2
+
+
+def test_head_chains_and_trees_replay_as_cuda_graphs_losslessly(dataset):
+    """A draft head on the engine: its feed, chain and tree-expansion steps and the target's tree verify run as
+    CUDA graphs (input widths and masks differ between captures) and give the target's greedy tokens; the tree
+    logits equal the eager ones."""
+    from specalign.align.features import visual_positions_end
+    from specalign.align.heads import DraftHead, HeadConfig, attach_target
+    from specalign.decode.heads import HeadDraft, TreeShape
+    from specalign.decode.speculative import Proposal, verify_tree
+
+    target = load_model("mini-target", device="cuda", dtype="fp32")
+    torch.manual_seed(0)
+    cfg = HeadConfig(kind="eagle", hidden_size=256, vocab_size=target.vocab_size, feature_size=256,
+                     num_attention_heads=4, num_key_value_heads=4, head_dim=64, intermediate_size=256)  # fmt: skip
+    head = DraftHead(cfg).cuda().eval()
+    attach_target(head, target)
+    t_engine, h_engine = Engine(target, 900, features=(4,)), Engine(head, 400, features=(1,))
+    eager = Engine(target, 900, features=(4,))
+    eager.graphs = False
+    for i in range(2):
+        prompt = target.prepare(dataset[i], "Describe the road.")
+        te = prompt_embeds(target, target.collate([prompt]))[0]
+        start = int(visual_positions_end(target, prompt.input_ids))
+        ref, _ = target_generate(t_engine, te, 40, target.eos_token_id)
+        for tree in (None, TreeShape(4, 4, 16)):
+            source = HeadDraft(h_engine, t_engine, prompt.input_ids.tolist(), start, None, tree)
+            out, _ = speculative_decode(t_engine, te, source, 4, 40, target.eos_token_id)
+            assert out == ref
+        tree = Proposal(list(range(10, 26)), parents=[-1, -1, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
+        logits = []
+        for e in (t_engine, eager):
+            prefill(e, te)
+            logits.append(verify_tree(e, ref[0], tree))
+        torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+    assert any(len(k) > 2 for k in h_engine.graphs) and any(len(k) > 2 for k in t_engine.graphs)
