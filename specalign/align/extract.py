@@ -7,14 +7,17 @@ Output folder (our token store, read by `align.tokens.read_pairs`):
     manifest.json                                settings, counts, vocab sizes, timing, peak memory
     run_settings.json                            what makes the pairs (dataset index hash, questions, weight
                                                  stamps, ...): a re-run with other settings is refused
-    hidden/<role>.rank<R>.<n>.safetensors        with --hidden-states: per finished batch, "<sample>_<question>"
-                                                 -> last-layer hidden states [n_tokens, D] (`load_hidden_states`)
+    features/                                    with --hidden-states: teacher-forced features of both models
+                                                 over the target's answers, safetensors per finished batch, an
+                                                 index and meta.json (`align.features`: layout and `FeatureStore`)
 
 Every finished batch is appended and flushed before the next starts, so a killed run loses at most the batch in
 flight; a re-run with the same settings skips what is on disk (a torn last line is ignored), so no pair is lost or
 duplicated; one with other settings stops on one line naming the first difference (`overwrite` starts over).
 One process writes a folder at a time (a lock); every input is checked before a model is loaded.
 `--mode sequential` loads one model at a time (peak memory about one model's); `--mode parallel` loads both.
+With --hidden-states the target goes first: it generates, then runs its feature pass over its own answers while it
+is loaded; then the draft generates and runs its feature pass over the target's answers.
 Under torchrun each rank takes every WORLD_SIZE-th job and writes its own files; rank 0 merges.
 """
 
@@ -29,10 +32,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from specalign.align.features import (
+    FEATURES_DIR,
+    FeatureWriter,
+    batch_tensors,
+    draft_features,
+    fused_layers,
+    model_info,
+    read_index,
+    target_features,
+    write_meta,
+)
 from specalign.data import open_dataset
 from specalign.decode.batch import generate_shared
 from specalign.errors import SpecalignError, fail
-from specalign.fsutil import atomic_path, ensure_dir, read_json, write_bytes, write_json
+from specalign.fsutil import read_json, write_bytes, write_json
 from specalign.models.base import Prompt
 from specalign.options import option
 from specalign.runs import OVERWRITE_HELP, require_positive, shared_run_folder
@@ -56,11 +70,14 @@ class ExtractConfig:
                        help="sequential: one model in memory at a time; parallel: both loaded")  # fmt: skip
     device: str | None = option(None, help="cuda | cpu (default: cuda when available)")
     dtype: str | None = option(None, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
-    hidden_states: bool = option(False, help="also store each token's last-layer hidden state of both models "
-                                 "(hidden/*.safetensors)")  # fmt: skip
+    hidden_states: bool = option(False, help="also store features for draft heads (features/): the target's final "
+                                 "state over its prompt text and answer, the draft's over its prompt and the "
+                                 "target's answer, the draft's event tokens")  # fmt: skip
+    hidden_layers: bool = option(False, help="with --hidden-states: also the target's low, middle and high decoder "
+                                 "layers (EAGLE-3)")  # fmt: skip
     engine: str = option("static", choices=("static", "hf"),
                          help="static: our static-cache engine, the visual prefix prefilled once per sample; "
-                         "hf: transformers generate (used anyway with --hidden-states)")  # fmt: skip
+                         "hf: transformers generate")  # fmt: skip
     overwrite: bool = option(False, help=OVERWRITE_HELP)
 
     def __post_init__(self):
@@ -69,9 +86,10 @@ class ExtractConfig:
         for name, allowed in (("mode", ("sequential", "parallel")), ("engine", ("static", "hf"))):
             if getattr(self, name) not in allowed:
                 raise SpecalignError(f"--{name}: unknown {name} {getattr(self, name)!r}: choose {' or '.join(allowed)}")
+        if self.hidden_layers and not self.hidden_states:
+            raise SpecalignError("--hidden-layers: needs --hidden-states (the layers are stored with the features)")
 
 
-HIDDEN_DIR = "hidden"
 DEFAULT_QUESTION = "What are the key elements in this scene?"  # a split without a world's questions.json
 # fields that change only speed, memory or where things go, never the pairs: a resume may change them
 COSMETIC = ("out", "device", "mode", "batch_size", "overwrite", "dataset", "questions_file")
@@ -116,6 +134,7 @@ class Plan:
     questions: list[str]
     samples: int
     settings: dict  # what makes the pairs: the folder refuses a resume with other settings
+    shared_vocab: int | None = None  # with --hidden-states: target ids the draft reads as they are (`shared_ids`)
 
 
 def plan(cfg: ExtractConfig) -> Plan:
@@ -127,13 +146,19 @@ def plan(cfg: ExtractConfig) -> Plan:
     if not len(dataset):
         raise fail(cfg.dataset, "the split has no samples")
     questions = load_questions(dataset, cfg.questions, cfg.questions_file)
-    check_model(cfg.draft, "--draft")
-    check_model(cfg.target, "--target")
+    draft = check_model(cfg.draft, "--draft")
+    target = check_model(cfg.target, "--target")
+    shared = None
+    if cfg.hidden_states:  # the draft's feature pass reads the target's answers: their ids must mean the same
+        from specalign.decode.sources import shared_ids
+
+        shared = shared_ids(draft["tokenizer"], target["tokenizer"], draft["vocab_size"], target["vocab_size"],
+                            cfg.draft, cfg.target)  # fmt: skip
     n = len(dataset) if cfg.max_samples is None else min(cfg.max_samples, len(dataset))
     settings = {k: v for k, v in asdict(cfg).items() if k not in COSMETIC}
     settings.update(dataset=dataset_identity(cfg.dataset), samples=n, questions=questions,
                     weights={r: weights_stamp(getattr(cfg, r)) for r in ROLES})  # fmt: skip
-    return Plan(dataset, questions, n, settings)
+    return Plan(dataset, questions, n, settings, shared)
 
 
 def _rank() -> tuple[int, int]:
@@ -173,35 +198,34 @@ def _generate_role(vlm, role: str, dataset, questions, jobs, shard: Path, cfg: E
     engines: dict = {}
     with open(shard, "a") as f:
         for chunk in _chunks(todo, cfg.batch_size, len(questions)):
-            prompts, visual = [], {}
-            for s_idx, q_idx in chunk:
-                if s_idx not in visual:  # the visual input is shared by all questions of a sample
-                    visual[s_idx] = vlm.visual_inputs(dataset[s_idx])
-                text = vlm.prompt_text(questions[q_idx])
-                prompts.append(Prompt(vlm.expand_prompt(text, visual[s_idx]), visual[s_idx], text))
-            hidden_file = None
-            if cfg.engine == "static" and not cfg.hidden_states:
+            prompts = _prompts(vlm, dataset, questions, chunk)
+            if cfg.engine == "static":
                 groups: dict[int, list] = {}
                 for (s_idx, _), p in zip(chunk, prompts, strict=True):
                     groups.setdefault(s_idx, []).append(p)
                 outs = [a for answers in generate_shared(vlm, list(groups.values()), cfg.max_new_tokens, engines)
                         for a in answers]  # fmt: skip
-            elif cfg.hidden_states:
-                outs, feats = vlm.generate(prompts, max_new_tokens=cfg.max_new_tokens, return_hidden=True)
-                # written (atomically) before the lines that point at it: a kill never leaves a dangling name
-                hidden_file = _write_hidden(shard.parent, shard.stem, chunk, feats)
             else:
                 outs = vlm.generate(prompts, max_new_tokens=cfg.max_new_tokens)
             for (s_idx, q_idx), ids in zip(chunk, outs, strict=True):
                 rec = {"sample_idx": s_idx, "question_idx": q_idx, "sample_id": dataset[s_idx].id,
                        "query": questions[q_idx], "tokens": ids, "text": vlm.decode(ids)}  # fmt: skip
-                if hidden_file:
-                    rec["hidden_file"] = hidden_file
                 f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(chunk))
     bar.close()
+
+
+def _prompts(vlm, dataset, questions, chunk) -> list[Prompt]:
+    """The model's prompts of a batch of (sample, question) jobs; the visual input is built once per sample."""
+    prompts, visual = [], {}
+    for s_idx, q_idx in chunk:
+        if s_idx not in visual:  # the visual input is shared by all questions of a sample
+            visual[s_idx] = vlm.visual_inputs(dataset[s_idx])
+        text = vlm.prompt_text(questions[q_idx])
+        prompts.append(Prompt(vlm.expand_prompt(text, visual[s_idx]), visual[s_idx], text))
+    return prompts
 
 
 def _chunks(todo: list[tuple[int, int]], batch_size: int, questions: int):
@@ -214,40 +238,6 @@ def _chunks(todo: list[tuple[int, int]], batch_size: int, questions: int):
     samples = list(by_sample.values())
     for b in range(0, len(samples), per):
         yield [job for jobs in samples[b : b + per] for job in jobs]
-
-
-def _write_hidden(out: Path, stem: str, chunk, feats) -> str:
-    """One safetensors file per finished batch: key "<sample_idx>_<question_idx>" -> [n_tokens, D]."""
-    from safetensors.torch import save_file
-
-    folder = ensure_dir(out / HIDDEN_DIR)
-    n = len(list(folder.glob(f"{stem}.*.safetensors")))
-    name = f"{HIDDEN_DIR}/{stem}.{n:06d}.safetensors"
-    tensors = {f"{s}_{q}": h.contiguous() for (s, q), h in zip(chunk, feats, strict=True)}
-    with atomic_path(out / name) as tmp:
-        save_file(tensors, str(tmp))
-    return name
-
-
-def load_hidden_states(out: str | Path, role: str) -> dict[tuple[int, int], torch.Tensor]:
-    """{(sample_idx, question_idx): last-layer hidden states [n_tokens, D]} of one role ("draft" or "target") of
-    an extraction run with --hidden-states; row i is the feature token i was predicted from."""
-    from safetensors import safe_open
-
-    if role not in ROLES:
-        raise SpecalignError(f"role must be one of {ROLES}, got {role!r}")
-    out = Path(out)
-    result = {}
-    for line in (out / "pairs.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        name = rec.get(f"{role}_hidden_file")
-        if name is None:
-            raise fail(out / "pairs.jsonl", "no hidden states in this run (extract with --hidden-states)")
-        with safe_open(str(out / name), framework="pt") as f:
-            result[(rec["sample_idx"], rec["question_idx"])] = f.get_tensor(
-                f"{rec['sample_idx']}_{rec['question_idx']}"
-            )
-    return result
 
 
 def _peak_memory_gb(device: str) -> float:
@@ -280,17 +270,26 @@ def _extract(cfg: ExtractConfig, p: Plan, out: Path, device: str, rank: int, wor
     every = [(s, q) for s in range(p.samples) for q in range(len(p.questions))]
     jobs = every[rank::world]
     previous = out / "manifest.json"
-    if previous.exists() and all(set(every) <= set(_done_role(out, r)) for r in ROLES):
+    if (
+        previous.exists()
+        and all(set(every) <= set(_done_role(out, r)) for r in ROLES)
+        and (not cfg.hidden_states or all(set(every) <= set(done) for done in read_index(out / FEATURES_DIR).values()))
+    ):
         return read_json(previous)  # the same run finished before: nothing to load
     t0 = time.time()
     names = {"draft": cfg.draft, "target": cfg.target}
-    vocab = {}
+    # the draft's feature pass reads the target's answers: the target goes first
+    order = ("target", "draft") if cfg.hidden_states else ROLES
+    vocab, info, feature_seconds = {}, {}, {}
     if cfg.mode == "parallel":
-        models = {r: load_model(names[r], device=device, dtype=cfg.dtype) for r in ROLES}
-    for role in ROLES:
+        models = {r: load_model(names[r], device=device, dtype=cfg.dtype) for r in order}
+    for role in order:
         vlm = models[role] if cfg.mode == "parallel" else load_model(names[role], device=device, dtype=cfg.dtype)
         vocab[role] = vlm.vocab_size
         _generate_role(vlm, role, p.dataset, p.questions, jobs, out / f"{role}.rank{rank}.jsonl", cfg, progress)
+        if cfg.hidden_states:
+            info[role] = model_info(vlm)
+            feature_seconds[role] = _feature_role(vlm, role, p, jobs, out, rank, cfg, progress)
         if cfg.mode == "sequential":
             del vlm
             if torch.cuda.is_available():
@@ -300,18 +299,50 @@ def _extract(cfg: ExtractConfig, p: Plan, out: Path, device: str, rank: int, wor
                 "questions": p.questions, "samples": p.samples, "world_size": world,
                 "vocab_size": max(vocab.values()), "vocab_sizes": vocab, "seconds_rank0": round(seconds, 1),
                 "peak_memory_gb": round(_peak_memory_gb(device), 3)}  # fmt: skip
+    if cfg.hidden_states:
+        manifest["feature_seconds_rank0"] = {r: round(t, 2) for r, t in feature_seconds.items()}
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
         manifest["pairs"] = merge(out)
+        if cfg.hidden_states:
+            layers = fused_layers(info["target"]["n_layers"]) if cfg.hidden_layers else None
+            meta = write_meta(out / FEATURES_DIR, info, layers, p.shared_vocab, p.samples, len(p.questions))
+            manifest["features"] = meta["records"]
         write_json(out / "manifest.json", manifest)
     return manifest
 
 
+def _feature_role(vlm, role: str, p: Plan, jobs, out: Path, rank: int, cfg: ExtractConfig, progress: bool) -> float:
+    """One role's teacher-forced feature pass over the target's answers of `jobs`, one safetensors file per
+    finished batch (resumable: what the index lists is skipped). Returns its seconds."""
+    writer = FeatureWriter(out / FEATURES_DIR, role, rank)
+    todo = [j for j in jobs if j not in writer.done]
+    answers = {k: r["tokens"] for k, r in _done_role(out, "target").items()}
+    layers = fused_layers(model_info(vlm)["n_layers"]) if role == "target" and cfg.hidden_layers else None
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"features {role}", unit="pair",
+               disable=not progress)  # fmt: skip
+    t0 = time.time()
+    for chunk in _chunks(todo, cfg.batch_size, len(p.questions)):
+        prompts = _prompts(vlm, p.dataset, p.questions, chunk)
+        a = [answers[j] for j in chunk]
+        if role == "target":
+            feats = target_features(vlm, prompts, a, layers)
+        else:
+            feats = draft_features(vlm, prompts, a, min(p.shared_vocab, vlm.vocab_size))
+        writer.write(*batch_tensors(role, chunk, feats, a))
+        bar.update(len(chunk))
+    bar.close()
+    return time.time() - t0
+
+
 def summary_line(m: dict, out: str | Path) -> str:
     """The console line of a finished extraction."""
-    return (f"{m['pairs']} pairs in {Path(out) / 'pairs.jsonl'}  ({m['samples']} samples x {len(m['questions'])} "
+    line = (f"{m['pairs']} pairs in {Path(out) / 'pairs.jsonl'}  ({m['samples']} samples x {len(m['questions'])} "
             f"questions, {m['seconds_rank0']} s, peak memory {m['peak_memory_gb']} GB)")  # fmt: skip
+    if "features" in m:
+        line += f"\nfeatures of {m['features']} answers in {Path(out) / FEATURES_DIR}"
+    return line
 
 
 def merge(out: Path) -> int:
@@ -323,8 +354,6 @@ def merge(out: Path) -> int:
         d, t = records["draft"][k], records["target"][k]
         lines.append(json.dumps({"sample_idx": k[0], "question_idx": k[1], "sample_id": d["sample_id"],
                                  "query": d["query"], "egpt_tokens": d["tokens"], "egpt_text": d["text"],
-                                 "vl_tokens": t["tokens"], "vl_text": t["text"],
-                                 **({"draft_hidden_file": d["hidden_file"], "target_hidden_file": t["hidden_file"]}
-                                    if "hidden_file" in d and "hidden_file" in t else {})}) + "\n")  # fmt: skip
+                                 "vl_tokens": t["tokens"], "vl_text": t["text"]}) + "\n")  # fmt: skip
     write_bytes(Path(out) / "pairs.jsonl", "".join(lines).encode())
     return len(keys)

@@ -3,8 +3,9 @@
 import json
 
 import pytest
+import torch
 
-from specalign.align.extract import ExtractConfig, extract
+from specalign.align.extract import ExtractConfig, extract, summary_line
 from specalign.cli import main
 from specalign.errors import SpecalignError
 from specalign.models.registry import BUNDLED
@@ -63,47 +64,127 @@ def test_bad_questions_file(split, tmp_path, capsys):
     assert err.count("\n") == 0 and str(bad) in err
 
 
-def test_hidden_states_are_the_features_each_token_was_predicted_from(split, tmp_path):
-    from specalign.align.extract import load_hidden_states
-    from specalign.models import load_model
+def store_tensors(out):
+    """{(role, key): tensor} of a run's FeatureStore (what two runs compare)."""
+    from specalign.align.features import FeatureStore, load_all
 
-    cfg = ExtractConfig(dataset=str(split), out=str(tmp_path / "h"), questions=2, max_new_tokens=10, batch_size=3,
+    got = {}
+    for r in load_all(FeatureStore(out)):
+        for name in ("ids", "target", "layers", "draft", "events"):
+            got[(name, r.sample_idx, r.question_idx)] = getattr(r, name)
+    return got
+
+
+def assert_same_features(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k] is None:
+            assert b[k] is None, k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=str(k))
+
+
+def index_lines(out):
+    return [json.loads(line) for line in (out / "features" / "index.jsonl").read_text().splitlines()]
+
+
+def test_hidden_states_run_its_settings_and_a_resume(split, tmp_path, capsys):
+    from specalign.align.features import FeatureStore
+
+    cfg = ExtractConfig(dataset=str(split), out=str(tmp_path / "h"), questions=2, max_new_tokens=10, batch_size=2,
                         device="cpu", hidden_states=True)  # fmt: skip
+    m = extract(cfg, progress=False)
+    assert m["features"] == 4 and set(m["feature_seconds_rank0"]) == {"target", "draft"}
+    assert summary_line(m, tmp_path / "h").endswith(f"features of 4 answers in {tmp_path / 'h' / 'features'}")
+    store = FeatureStore(tmp_path / "h")
+    assert len(store) == 4 and store.meta["layer_indices"] is None and store[0].layers is None
+    assert [(p["sample_idx"], p["question_idx"]) for p in pairs(tmp_path / "h")] == store.keys()
+    reference = store_tensors(tmp_path / "h")
+    # killed in the draft's feature pass, between a batch's file and its index lines, the last line torn
+    features = tmp_path / "h" / "features"
+    (tmp_path / "h" / "manifest.json").unlink()
+    lines = (features / "index.jsonl").read_text().splitlines()
+    assert [r["role"] for r in map(json.loads, lines)] == ["target"] * 4 + ["draft"] * 4, "target first"
+    (features / "index.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][:17])
     extract(cfg, progress=False)
-    recs = pairs(tmp_path / "h")
-    for role, key, name in (("draft", "egpt_tokens", "mini-draft"), ("target", "vl_tokens", "mini-target")):
-        hidden = load_hidden_states(tmp_path / "h", role)
-        head = load_model(name).model.lm_head
-        for p in recs:
-            h = hidden[(p["sample_idx"], p["question_idx"])]
-            assert h.shape == (len(p[key]), head.in_features)
-            # greedy: the LM head on the stored feature gives back the stored token
-            assert head(h.float()).argmax(-1).tolist() == p[key]
-    # the same folder asked for again with other settings is another run: refused on one line, or started over
-    with pytest.raises(SpecalignError, match="hidden_states: true then, false now"):
-        extract(ExtractConfig(**{**cfg.__dict__, "hidden_states": False}), progress=False)
-    assert len(load_hidden_states(tmp_path / "h", "draft")) == 4, "the refused run changed nothing"
+    index = index_lines(tmp_path / "h")
+    keys = [(r["role"], r["sample_idx"], r["question_idx"]) for r in index]
+    assert len(keys) == len(set(keys)) == 8, "every answer indexed once per role"
+    named = {r["file"] for r in index}
+    assert named == {f.name for f in features.glob("*.safetensors")}, "no file without a line, no line without a file"
+    assert_same_features(store_tensors(tmp_path / "h"), reference)
+    # the same folder asked for with other feature settings is another run: refused on one line
+    for change, then_now in (({"hidden_layers": True}, "hidden_layers: false then, true now"),
+                             ({"hidden_states": False}, "hidden_states: true then, false now")):  # fmt: skip
+        with pytest.raises(SpecalignError, match=then_now) as e:
+            extract(ExtractConfig(**{**cfg.__dict__, **change}), progress=False)
+        assert "\n" not in str(e.value)
+    assert len(FeatureStore(tmp_path / "h")) == 4, "the refused runs changed nothing"
     plain = extract(ExtractConfig(**{**cfg.__dict__, "hidden_states": False, "overwrite": True}), progress=False)
-    assert plain["settings"]["hidden_states"] is False and plain["pairs"] == 4
-    with pytest.raises(SpecalignError, match="hidden states"):
-        load_hidden_states(tmp_path / "h", "draft")
+    assert plain["pairs"] == 4 and "features" not in plain
+    with pytest.raises(SpecalignError, match="no features in this run"):
+        FeatureStore(tmp_path / "h")
+    # --hidden-layers alone is refused on one line, before anything runs
+    assert main(["extract", "--dataset", str(split), "--out", str(tmp_path / "l"), "--hidden-layers", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--hidden-layers: needs --hidden-states" in err and not (tmp_path / "l").exists()
 
 
-def test_two_ranks_under_torchrun_give_the_same_pairs(split, tmp_path):
+def test_killed_feature_extraction_resumes_with_no_duplicate_and_no_dangling_line(split, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from specalign.fsutil import TEMP_NAME
+
+    settings = dict(dataset=str(split), questions=2, max_new_tokens=8, batch_size=2, device="cpu",
+                    hidden_states=True, hidden_layers=True)  # fmt: skip
+    extract(ExtractConfig(out=str(tmp_path / "ref"), **settings), progress=False)
+    out = tmp_path / "x"
+    args = [sys.executable, "-m", "specalign", "extract", "--quiet", "--out", str(out), "--hidden-states",
+            "--hidden-layers", *[a for k, v in settings.items() if not k.startswith("hidden")
+                                 for a in (f"--{k.replace('_', '-')}", str(v))]]  # fmt: skip
+    proc = subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.DEVNULL)
+    index = out / "features" / "index.jsonl"
+    deadline = time.time() + 120
+    # killed once the target's first feature batch is indexed: in its second, or in the draft's generation or
+    # features (a torn line and a file without its lines: test_hidden_states_run_its_settings_and_a_resume)
+    while proc.poll() is None and time.time() < deadline:
+        if index.exists() and index.read_bytes().count(b"\n") >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill point"
+    extract(ExtractConfig(out=str(out), **settings), progress=False)
+    lines = index_lines(out)
+    keys = [(r["role"], r["sample_idx"], r["question_idx"]) for r in lines]
+    assert len(keys) == len(set(keys)) == 8, "every answer indexed once per role"
+    assert {r["file"] for r in lines} == {f.name for f in (out / "features").glob("*.safetensors")}
+    assert not [p for p in out.rglob(".*") if TEMP_NAME.fullmatch(p.name)]
+    assert_same_features(store_tensors(out), store_tensors(tmp_path / "ref"))
+    assert (out / "pairs.jsonl").read_bytes() == (tmp_path / "ref" / "pairs.jsonl").read_bytes()
+
+
+def test_two_ranks_under_torchrun_give_the_same_pairs_and_features(split, tmp_path):
     import os
     import subprocess
     import sys
 
     args = ["extract", "--dataset", str(split), "--questions", "2", "--max-new-tokens", "8", "--device", "cpu",
-            "--quiet"]  # fmt: skip
+            "--hidden-states", "--quiet"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            "29518", "-m", "specalign", *args, "--out", str(tmp_path / "two")],
                           capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "two" / "draft.rank1.jsonl").is_file(), "rank 1 wrote its own shard"
+    assert (tmp_path / "two" / "features" / "index.rank1.jsonl").is_file(), "and its own features index"
     main([*args, "--out", str(tmp_path / "one")])
     assert pairs(tmp_path / "two") == pairs(tmp_path / "one")
+    assert_same_features(store_tensors(tmp_path / "two"), store_tensors(tmp_path / "one"))
 
 
 def test_static_engine_and_hf_generate_extract_the_same_pairs(split, tmp_path):
