@@ -124,9 +124,10 @@ class Engine:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.device, self.dtype = vlm.device, vlm.dtype
         self.max_len = max_len
-        shape = (batch, self.n_kv, max_len, self.head_dim)
-        self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.lm.layers]
-        self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.lm.layers]
+        # one tensor [layers, 2, B, H_kv, max_len, D]: `keep` moves a path's slots in every layer with two kernels
+        self.kv = torch.zeros(n_layers, 2, batch, self.n_kv, max_len, self.head_dim, device=self.device,
+                              dtype=self.dtype)  # fmt: skip
+        self.k, self.v = list(self.kv[:, 0]), list(self.kv[:, 1])
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)  # real (non-pad) slots
         self.length = 0  # slots in use (same for every row)
         self.count = torch.zeros(batch, dtype=torch.long, device=self.device)  # real tokens per row = next position
@@ -244,7 +245,7 @@ class Engine:
             bufs[1].copy_(self.count[:, None] + torch.arange(T, device=self.device))
         plain = all(x is None for x in extra)
         step = self.decode_step if T == 1 and plain else self._step
-        saved = [(k.clone(), v.clone()) for k, v in zip(self.k, self.v, strict=True)] if self.length else None
+        saved = self.kv.clone() if self.length else None
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):  # warm-up outside the graph (allocator, cuBLAS handles, compiling)
@@ -255,10 +256,8 @@ class Engine:
         # torch's default capture stream lives on the first device that captured: give each engine its own
         with torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device)):
             logits, feats = step(tokens, start, *bufs)
-        if saved:  # the warm-up and capture wrote zeros' K/V into the live slots: put the real ones back
-            for (k, v), (ks, vs) in zip(zip(self.k, self.v, strict=True), saved, strict=True):
-                k.copy_(ks)
-                v.copy_(vs)
+        if saved is not None:  # the warm-up and capture wrote zeros' K/V into the live slots: put the real ones back
+            self.kv.copy_(saved)
         self.graphs[key] = _Graph(graph, tokens, start, logits, feats, *bufs)
         return self.graphs[key]
 
@@ -269,9 +268,7 @@ class Engine:
         n = path.numel()
         src = start + path.to(self.device)
         dst = start + torch.arange(n, device=self.device)
-        for k, v in zip(self.k, self.v, strict=True):
-            k.index_copy_(2, dst, k.index_select(2, src))
-            v.index_copy_(2, dst, v.index_select(2, src))
+        self.kv.index_copy_(4, dst, self.kv.index_select(4, src))
         self.rollback(start + n)
 
     def rollback(self, length: int) -> None:

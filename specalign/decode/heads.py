@@ -161,7 +161,7 @@ class HeadDraft(DraftSource):
         logp = torch.log_softmax(self.logits[0].float(), dim=-1)
         score, token = logp.topk(k)  # depth-1 candidates, [k]
         scores, tokens = [score], [token]
-        parents = [torch.full((k,), -1, device=dev)]
+        parents = [torch.full((k,), -1, dtype=torch.long, device=dev)]
         depths = [torch.ones(k, dtype=torch.long, device=dev)]
         frontier = torch.arange(k, device=dev)  # candidate indices expanded next
         front_score, front_token = score, token
@@ -194,8 +194,7 @@ class HeadDraft(DraftSource):
         # a child never outscores its parent; the depth penalty breaks exact ties (probability 1) toward the parent
         keep = (scores - 1e-6 * depths).topk(min(self.tree.nodes, len(scores))).indices
         keep = keep[torch.argsort(depths[keep] * len(scores) + torch.arange(len(keep), device=dev), stable=True)]
-        keep_l, tokens_l = keep.tolist(), tokens[keep].tolist()
-        parents_l = parents[keep].tolist()
+        keep_l, tokens_l, parents_l = torch.stack([keep, tokens[keep], parents[keep]]).tolist()  # one host read
         index = {c: i for i, c in enumerate(keep_l)}
         return Proposal(tokens_l, parents=[-1 if p < 0 else index[p] for p in parents_l])
 
