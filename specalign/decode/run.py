@@ -81,9 +81,9 @@ class SpeculateConfig:
     )
     draft_head: str | None = option(
         None,
-        help="draft with this head on the target's features (`specalign train-head`: a best_model/ folder, a task "
-        "folder, or a folder of task folders): eagle and eagle+events heads, or a feature-adapter (the cascade "
-        "draft VLM -> adapter -> the target's LM head)",
+        help="draft with this head on the target's features: `mini-head` (bundled, for mini-target), or a "
+        "`specalign train-head` best_model/ folder, task folder or folder of task folders: eagle and eagle+events "
+        "heads, or a feature-adapter (the cascade draft VLM -> adapter -> the target's LM head)",
     )
     tree: str | None = option(
         None,
@@ -230,9 +230,11 @@ def check_inputs(cfg: SpeculateConfig) -> Inputs:
     head_path = head_kind = None
     if cfg.draft_head:
         from specalign.align.heads import CONFIG_NAME, read_head_config
+        from specalign.models.registry import BUNDLED_HEADS
         from specalign.runs import resolve_best_model
 
-        head_path = resolve_best_model(cfg.draft_head, lambda p: (p / CONFIG_NAME).is_file(), "draft head").resolve()
+        name = BUNDLED_HEADS.get(cfg.draft_head, cfg.draft_head)
+        head_path = resolve_best_model(name, lambda p: (p / CONFIG_NAME).is_file(), "draft head").resolve()
         head_kind = read_head_config(head_path).kind
         if cfg.tree and head_kind == "feature-adapter":
             raise fail(head_path, "a feature-adapter drafts through the draft VLM, one token at a time: no --tree")

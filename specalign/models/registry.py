@@ -15,6 +15,7 @@ from specalign.errors import SpecalignError
 # SPECALIGN_ASSETS points at another assets folder (the GPU machine trains into /tmp)
 ASSETS = Path(os.environ.get("SPECALIGN_ASSETS") or Path(__file__).resolve().parents[2] / "assets")
 BUNDLED = {"mini-target": ASSETS / "mini-target", "mini-draft": ASSETS / "mini-draft"}
+BUNDLED_HEADS = {"mini-head": ASSETS / "mini-head"}  # an eagle draft head for mini-target (`speculate --draft-head`)
 ROLES = ("target", "draft")
 
 
