@@ -134,7 +134,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sets = result["sets"]
-    fig, axes = plt.subplots(1, len(sets), figsize=(6.5 * len(sets), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(sets), figsize=(8 * len(sets), 4.4), squeeze=False)
     for ax, (name, s) in zip(axes[0], sets.items(), strict=True):
         labels = [r["source"] for r in s["rows"]]
         taus = [r["tau"] for r in s["rows"]]
@@ -149,7 +149,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"{name}: {s['rows'][0]['answers']} test answers")
         ax.legend(fontsize=8, loc="lower right")
         ax.set_xlim(0, max(taus) * 1.15)
-    fig.suptitle("Feature-level drafting on minidsec: heads on the target's features vs a text-only n-gram draft")
+    fig.suptitle("Feature-level drafting on minidsec:\nheads on the target's features vs a text-only n-gram draft")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
