@@ -73,21 +73,32 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, ax = plt.subplots(figsize=(8, 4.6))
     chains: dict[str, list] = {}
     for r in res["rows"]:
         if r["tree"] is None:
             chains.setdefault(r["source"].split(",")[0], []).append((r["gamma"], r["tau"]))
+    colours = {}
     for name, pts in chains.items():
         pts.sort()
-        ax.plot(*zip(*pts, strict=True), marker="o", ls="--" if name == "ngram" else "-",
-                color="tab:grey" if name == "ngram" else None, label=f"{name}, chain")  # fmt: skip
+        (line,) = ax.plot(*zip(*pts, strict=True), marker="o", ls="--" if name == "ngram" else "-",
+                          color="tab:grey" if name == "ngram" else None, label=f"{name}, chain")  # fmt: skip
+        colours[name] = line.get_color()
+    kinds = [k for k in chains if k != "ngram"]
     for r in res["rows"]:
         if r["tree"] is not None:
-            ax.scatter([r["gamma"]], [r["tau"]], marker="*", s=140, zorder=3,
+            kind = r["source"].split(",")[0]
+            side = kinds.index(kind) - (len(kinds) - 1) / 2 if kind in kinds else 0
+            x = r["gamma"] + 0.15 * side
+            ax.scatter([x], [r["tau"]], marker="*", s=160, zorder=3, color=colours.get(kind),
                        label=f"{r['source']} ({r['mean_tree_nodes']:.0f} nodes)")  # fmt: skip
+            ax.annotate(f"{r['tau']:.2f}", (x, r["tau"]), textcoords="offset points", fontsize=7,
+                        xytext=(-30 if side < 0 else 8, -3))  # fmt: skip
     depths = sorted({r["gamma"] for r in res["rows"]})
-    ax.plot(depths, [d + 1 for d in depths], color="k", lw=0.8, ls=":", label="the most a round can give (depth + 1)")
+    ax.plot(depths, [d + 1 for d in depths], color="k", lw=0.8, ls=":", marker="_", markersize=25,
+            label="the most a round can give (depth + 1)")  # fmt: skip
+    ax.set_xlim(min(depths) - 1, max(depths) + 1)
+    ax.set_xticks(depths)
     ax.set_xlabel("depth (chain gamma, or tree depth)")
     ax.set_ylabel("tau (tokens per target forward)")
     ax.set_title(f"tau by envelope, {res['setup']['answers']} test answers ({res['setup']['questions']}q), greedy")
