@@ -56,6 +56,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ttt-steps", type=int, default=3)
+    p.add_argument(
+        "--feature-loss",
+        type=float,
+        default=0.0,
+        help="smooth-L1 weight on the next feature (the committed runs: 0, EAGLE-3's choice)",
+    )
     p.add_argument("--tree", default="10,6,60", help="TOPK,DEPTH,NODES of the tree rows; chains use gamma = DEPTH")
     p.add_argument("--samples", type=int, default=64, help="test samples decoded per question set")
     p.add_argument("--repeats", type=int, default=1, help="timings per answer and side (the median is kept)")
@@ -91,6 +97,7 @@ def main() -> None:
             res = train_head(HeadTrainConfig(features=str(feats["train"]), eval_features=str(feats["test"]), kind=kind,
                                              out=str(runs / name / "heads"), epochs=args.epochs,
                                              batch_size=args.batch_size, lr=args.lr, ttt_steps=args.ttt_steps,
+                                             feature_loss=args.feature_loss,
                                              device=args.device), progress=False)  # fmt: skip
             heads[kind] = str(Path(res["task_dir"]) / "best_model")
             training[kind] = {"seconds": round(time.time() - t0, 1), "train_seconds": res["seconds"],
@@ -118,7 +125,8 @@ def main() -> None:
                     else f"cpu {platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__},
         "setup": {"target": "mini-target", "draft": "mini-draft", "world": f"minidsec, {args.train} train clips, "
                   "64 test clips, seed 0", "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                  "ttt_steps": args.ttt_steps, "tree": args.tree, "chain_gamma": depth, "greedy": True,
+                  "ttt_steps": args.ttt_steps, "feature_loss": args.feature_loss, "tree": args.tree,
+                  "chain_gamma": depth, "greedy": True,
                   "max_new_tokens": 50, "repeats": args.repeats, "test_answers_per_set": args.samples},
         "sets": sets,
     }  # fmt: skip
