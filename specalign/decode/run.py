@@ -665,6 +665,10 @@ def _markdown(res: dict) -> str:
     src = "draft VLM (resynced on the accepted prefix)"
     if c.get("ngram"):
         src = f"n-gram table `{res['paths']['ngram']}` (text only: prompt lookup or the table, whichever matched more)"
+    if c.get("draft_head"):
+        src = f"draft head `{res['paths']['draft_head']}` on the target's features" + (
+            f", tree {c['tree']} (top-k, depth, nodes)" if c.get("tree") else ", a chain"
+        )
     if c["token_adapter"]:
         src = f"TokenAdapter `{res['paths']['token_adapter']}` over " + (
             "the resynced draft's proposals" if c["adapter_resync"] else "the draft's own answer"
@@ -772,7 +776,8 @@ def _plots(out: Path, res: dict) -> None:
     ax.hist(per_round, bins=[x - 0.5 for x in range(g + 2)], rwidth=0.85)
     ax.set_xlabel("draft tokens accepted in a round")
     ax.set_ylabel("rounds")
-    ax.set_title(f"Acceptance per round (gamma {g}, alpha {res['totals']['alpha']:.2f})")
+    shape = f"tree {res['config']['tree']}" if res["config"].get("tree") else f"gamma {g}"
+    ax.set_title(f"Acceptance per round ({shape}, alpha {res['totals']['alpha']:.2f})")
     save(fig, "acceptance_histogram.png")
 
     per = [r["speedup"] for r in res["samples"]]
