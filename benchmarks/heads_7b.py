@@ -59,7 +59,7 @@ from specalign.decode.speculative import (  # noqa: E402
     verify_tree,
 )
 from specalign.errors import SpecalignError, fail, one_line  # noqa: E402
-from specalign.fsutil import atomic_path, ensure_dir, write_json  # noqa: E402
+from specalign.fsutil import ensure_dir, save_png, write_json  # noqa: E402
 
 VOCAB = 32064  # Video-LLaVA-7B's language model
 VISUAL_TOKENS = 8 * 257  # its 8 frames before the prompt text: the head's sequence starts after them (HiViS)
@@ -523,9 +523,7 @@ def plot(rows: list[dict], path: Path, machine: str, graphs: bool) -> None:
               frameon=False)  # fmt: skip
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 # ---------------------------------------------------------------- --smoke

@@ -34,7 +34,7 @@ from specalign.align.extract import ExtractConfig, extract  # noqa: E402
 from specalign.align.train_head import HeadTrainConfig, train_head  # noqa: E402
 from specalign.decode.ngram import NgramBuildConfig, build_ngram  # noqa: E402
 from specalign.decode.run import SpeculateConfig  # noqa: E402
-from specalign.fsutil import atomic_path, write_json  # noqa: E402
+from specalign.fsutil import save_png, write_json  # noqa: E402
 from specalign.world.build import WorldConfig, build_world  # noqa: E402
 
 KINDS = ("eagle", "eagle+events", "feature-adapter")
@@ -159,9 +159,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlim(0, max(taus) * 1.15)
     fig.suptitle("Feature-level drafting on minidsec:\nheads on the target's features vs a text-only n-gram draft")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 if __name__ == "__main__":

@@ -52,8 +52,13 @@ def main() -> None:
     p.add_argument("--world", default="/tmp/speculate_world", help="built here (test split only) when missing")
     p.add_argument("--adapter", default=None, help="a TokenAdapter best_model/ for the adapter sources")
     p.add_argument("--ngram", default=None, help="an n-gram table (`specalign ngram build`): runs the ngram row")
-    p.add_argument("--head", action="append", default=[], metavar="KIND=DIR",
-                   help="a trained head per kind (eagle, eagle+events, feature-adapter): runs its rows")
+    p.add_argument(
+        "--head",
+        action="append",
+        default=[],
+        metavar="KIND=DIR",
+        help="a trained head per kind (eagle, eagle+events, feature-adapter): runs its rows",
+    )
     p.add_argument("--tree", default="10,6,60", help="TOPK,DEPTH,NODES of the tree rows")
     p.add_argument("--questions", type=int, default=1, help="the first N questions of the world's list")
     p.add_argument("--samples", type=int, default=64)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speculate_mini import speculate_row  # noqa: E402
 
 from specalign.decode.run import SpeculateConfig  # noqa: E402
-from specalign.fsutil import atomic_path, write_json  # noqa: E402
+from specalign.fsutil import save_png, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -104,9 +104,7 @@ def plot(res: dict, path: Path) -> None:
     ax.set_title(f"tau by envelope, {res['setup']['answers']} test answers ({res['setup']['questions']}q), greedy")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 if __name__ == "__main__":

@@ -92,3 +92,13 @@ def png_bytes(image) -> bytes:
 def write_png(path: str | Path, image) -> None:
     """Write an HxWx3 (or HxW) uint8 array as PNG, atomically."""
     write_bytes(path, png_bytes(image))
+
+
+def save_png(fig, path: str | Path, dpi: int = 100) -> Path:
+    """A matplotlib figure written atomically as a PNG (a reader never sees half an image), then closed."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return Path(path)

@@ -30,7 +30,7 @@ from specalign.align.token_adapter import (
 )
 from specalign.align.tokens import TokenPairs, pad_batch, pairs_identity, read_pairs
 from specalign.errors import SpecalignError, fail, one_line
-from specalign.fsutil import atomic_path, ensure_dir, write_bytes, write_json
+from specalign.fsutil import atomic_path, ensure_dir, save_png, write_bytes, write_json
 from specalign.options import option
 from specalign.runs import LATEST_NAME, require_positive, shared_run_folder
 
@@ -260,23 +260,19 @@ def _init_distributed(cfg: AdapterTrainConfig) -> tuple[int, int]:
 # ---------------------------------------------------------------- outputs
 
 
-def _task_dir(cfg: AdapterTrainConfig) -> Path:
-    if cfg.resume:
-        path = Path(cfg.resume)
+def task_dir(out: str | Path, name: str, resume: str | None = None) -> Path:
+    """A new task folder `<out>/<name>_<timestamp>/`, or the `resume` one (which must hold a resume point)."""
+    if resume:
+        path = Path(resume)
         if not (path / STATE_NAME).is_file():
             raise fail(path, f"cannot resume: no {STATE_NAME} in this directory")
         return path
     stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
-    root = ensure_dir(cfg.out)
-    path, n = root / f"{cfg.task_name}_{stamp}", 1
+    root = ensure_dir(out)
+    path, n = root / f"{name}_{stamp}", 1
     while path.exists():  # two runs in the same second
-        path, n = root / f"{cfg.task_name}_{stamp}_{n}", n + 1
+        path, n = root / f"{name}_{stamp}_{n}", n + 1
     return ensure_dir(path)
-
-
-def _save_fig(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
 
 
 def _plots(task: Path, history: list[dict]) -> None:
@@ -304,13 +300,13 @@ def _plots(task: Path, history: list[dict]) -> None:
     loss(axes[0])
     acc(axes[1])
     fig.tight_layout()
-    _save_fig(fig, task / "training_curves.png")
+    save_png(fig, task / "training_curves.png")
     plt.close(fig)
     for name, draw in (("loss_curve.png", loss), ("accuracy_curve.png", acc)):
         fig, ax = plt.subplots(figsize=(6, 4))
         draw(ax)
         fig.tight_layout()
-        _save_fig(fig, task / name)
+        save_png(fig, task / name)
         plt.close(fig)
 
 
@@ -454,7 +450,7 @@ def train_adapter(cfg: AdapterTrainConfig, progress: bool = True) -> dict:
     cfg = dataclasses.replace(cfg, device=cfg.device or _default_device())
     rank, world = _init_distributed(cfg)
     data = load_data(cfg)
-    task = _task_dir(cfg) if rank == 0 else None
+    task = task_dir(cfg.out, cfg.task_name, cfg.resume) if rank == 0 else None
     with shared_run_folder(task, data.settings, cfg.overwrite, rank, world) as task:  # rank 0 names it
         return _train(cfg, data, task, rank, world, progress)
 

@@ -36,7 +36,6 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -52,13 +51,12 @@ from specalign.align.heads import (
     save_head,
     target_text_config,
 )
-from specalign.align.train import _autocast, _lr_lambda, _save_fig, link_latest, require_finite
+from specalign.align.train import STATE_NAME, _autocast, _lr_lambda, link_latest, require_finite, task_dir
 from specalign.errors import SpecalignError, fail, one_line
-from specalign.fsutil import atomic_path, ensure_dir, write_bytes, write_json
+from specalign.fsutil import atomic_path, save_png, write_bytes, write_json
 from specalign.options import option
 from specalign.runs import OVERWRITE_HELP, require_positive, shared_run_folder
 
-STATE_NAME = "last_state.pt"
 BETAS = (0.9, 0.95)  # EAGLE's AdamW betas
 STEP_DECAY = 0.8  # EAGLE-3: the loss of training-time-test step j weighs 0.8^j
 IGNORE = -100
@@ -386,20 +384,6 @@ def evaluate(head, rows: list[Rows], depth: int, batch_size: int, device, bf16: 
 # ---------------------------------------------------------------- outputs
 
 
-def _task_dir(cfg: HeadTrainConfig) -> Path:
-    if cfg.resume:
-        path = Path(cfg.resume)
-        if not (path / STATE_NAME).is_file():
-            raise fail(path, f"cannot resume: no {STATE_NAME} in this directory")
-        return path
-    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
-    root = ensure_dir(cfg.out)
-    path, n = root / f"{cfg.kind}_{stamp}", 1
-    while path.exists():
-        path, n = root / f"{cfg.kind}_{stamp}_{n}", n + 1
-    return ensure_dir(path)
-
-
 def _plots(task: Path, history: list[dict], kind: str) -> None:
     import matplotlib
 
@@ -425,7 +409,7 @@ def _plots(task: Path, history: list[dict], kind: str) -> None:
         ax.legend()
     fig.suptitle(f"{kind} head")
     fig.tight_layout()
-    _save_fig(fig, task / "training_curves.png")
+    save_png(fig, task / "training_curves.png")
     plt.close(fig)
 
 
@@ -537,7 +521,7 @@ def run_training(cfg: HeadTrainConfig, store, eval_store=None, progress: bool = 
     settings.update(features=store_identity(store, cfg.features),
                     eval_features=None if eval_store is None else store_identity(eval_store, cfg.eval_features),
                     head=dataclasses.asdict(hc))  # fmt: skip
-    task = _task_dir(cfg)
+    task = task_dir(cfg.out, cfg.kind, cfg.resume)
     with shared_run_folder(task, settings, cfg.overwrite) as task:
         return _train(cfg, hc, embed, lm_head, train_rows, eval_rows, task, progress)
 

@@ -31,7 +31,7 @@ from specalign.decode.ngram import NgramDraft, NgramTable
 from specalign.decode.sources import AdaptedDraft, VLMDraft, shared_ids, shared_vocabulary
 from specalign.decode.speculative import Clock, divergence, speculative_decode, target_generate
 from specalign.errors import SpecalignError, fail, one_line
-from specalign.fsutil import atomic_path, write_bytes, write_json
+from specalign.fsutil import save_png, write_bytes, write_json
 from specalign.models.base import Sampling
 from specalign.options import option
 from specalign.runs import (
@@ -743,9 +743,7 @@ def _plots(out: Path, res: dict) -> None:
 
     def save(fig, name):
         fig.tight_layout()
-        with atomic_path(out / name) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
+        save_png(fig, out / name)
 
     stages = res["totals"]["stage_seconds"]
     colours = {"vision": "tab:blue", "prefill": "tab:orange", "draft": "tab:green", "adapt": "tab:red",

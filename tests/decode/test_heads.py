@@ -4,43 +4,25 @@ or a tree, plain, fused or with event tokens, and through the feature-adapter ca
 
 import pytest
 import torch
+from random_models import random_vlm
 
+from specalign.align.features import visual_positions_end
 from specalign.align.heads import DraftHead, FeatureAdapter, HeadConfig, attach_parts, attach_target
 from specalign.data import open_dataset
 from specalign.decode.engine import Engine, _fill, language_model, prompt_embeds
-from specalign.align.features import visual_positions_end
 from specalign.decode.heads import CascadeDraft, HeadDraft, TreeShape, head_feature_layers
 from specalign.decode.speculative import Stats, speculative_decode, target_generate
 from specalign.errors import SpecalignError
-from specalign.models.registry import MiniSizes, new_model
-from specalign.world.build import WorldConfig, build_world
-
-TINY = MiniSizes(image_size=28, patch_size=14, vision_hidden=32, vision_layers=1, vision_heads=2, lm_hidden=64,
-                 lm_layers=2, lm_heads=4, lm_intermediate=128)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    build_world(WorldConfig(out=str(out), train=0, test=3, clips_per_sequence=2, mp4=False), progress=False)
-    return out
+def pair(small_world):
+    return random_vlm("target", small_world, 5), random_vlm("draft", small_world, 6)
 
 
 @pytest.fixture(scope="module")
-def pair(world):
-    """A random float64 target and draft (no near-ties between one-token and block forwards)."""
-    target = new_model("target", world / "tokenizer.json", TINY, seed=5)
-    draft = new_model("draft", world / "tokenizer.json", TINY, seed=6)
-    for vlm in (target, draft):
-        vlm.model.to(torch.float64).eval()
-        with torch.no_grad():
-            vlm.model.lm_head.weight.mul_(30)
-    return target, draft
-
-
-@pytest.fixture(scope="module")
-def dataset(world):
-    return open_dataset(world / "my_egpt_dsec_seq_1s")
+def dataset(small_world):
+    return open_dataset(small_world / "my_egpt_dsec_seq_1s")
 
 
 def make_head(target, kind="eagle", fused=False, events_size=None, draft_size=None, seed=0):
@@ -82,7 +64,8 @@ def head_source(target, head, t_engine, h_engine, sample, tree=None, context=Non
     prompt = target.prepare(sample, "Describe the road.")
     te = prompt_embeds(target, target.collate([prompt]))[0]
     ids = prompt.input_ids
-    return te, lambda: HeadDraft(h_engine, t_engine, ids.tolist(), int(visual_positions_end(target, ids)), context, tree)
+    start = int(visual_positions_end(target, ids))
+    return te, lambda: HeadDraft(h_engine, t_engine, ids.tolist(), start, context, tree)
 
 
 @pytest.mark.parametrize("variant", ["chain", "tree", "fused-tree", "events-tree"])

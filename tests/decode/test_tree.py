@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from random_models import random_vlm
 
 from specalign.data import open_dataset
 from specalign.decode.engine import Engine, decode_one_token, prefill, prompt_embeds
@@ -19,32 +20,16 @@ from specalign.decode.speculative import (
 )
 from specalign.errors import SpecalignError
 from specalign.models.base import Sampling
-from specalign.models.registry import MiniSizes, new_model
-from specalign.world.build import WorldConfig, build_world
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    build_world(WorldConfig(out=str(out), train=0, test=3, clips_per_sequence=2, mp4=False), progress=False)
-    return out
+def target(small_world):
+    return random_vlm("target", small_world, 3)
 
 
 @pytest.fixture(scope="module")
-def target(world):
-    """A random tiny Video-LLaVA in float64 (no near-ties between a one-token and a tree forward)."""
-    tiny = MiniSizes(image_size=28, patch_size=14, vision_hidden=32, vision_layers=1, vision_heads=2, lm_hidden=64,
-                     lm_layers=2, lm_heads=4, lm_intermediate=128)  # fmt: skip
-    vlm = new_model("target", world / "tokenizer.json", tiny, seed=3)
-    vlm.model.to(torch.float64).eval()
-    with torch.no_grad():
-        vlm.model.lm_head.weight.mul_(30)
-    return vlm
-
-
-@pytest.fixture(scope="module")
-def prompts(world, target):
-    ds = open_dataset(world / "my_egpt_dsec_seq_1s")
+def prompts(small_world, target):
+    ds = open_dataset(small_world / "my_egpt_dsec_seq_1s")
     return [prompt_embeds(target, target.collate([target.prepare(ds[i], "Describe the road.")]))[0] for i in range(3)]
 
 
