@@ -105,8 +105,9 @@ class HeadDraft(DraftSource):
         return self.head.device
 
     def start(self, stats: Stats) -> None:
-        """Right after the target's prefill: its features over the prompt wait for the first token."""
-        self.pending = self.target.features[:, self.first :].clone()  # [1, r, F]
+        """Once the target's prefill is queued: its features over the prompt wait for the first token (a view, no
+        kernel: the target's next forward makes a new features tensor, so this one stays as it is)."""
+        self.pending = self.target.features[:, self.first :]  # [1, r, F]
         self.seen = 0
         if self.context is not None:
             if self.head.context is None or self.head.context.shape != self.context.shape:
@@ -119,13 +120,13 @@ class HeadDraft(DraftSource):
         run the head over the pairs: self.logits [1, V] and self.hidden [1, F] after the last."""
         new = accepted[self.seen :]
         dev = self.head.device
-        if self.seen == 0:  # the prompt's pairs, then the first answer token: a prefill
-            tokens = torch.tensor([self.prompt_next + new[:1]], device=dev)
-            x = self.head.embed(tokens, self.pending.to(dev, self.head.dtype))
+        if self.seen == 0:  # the prompt's pairs and the first answer token, then any verified round's: a prefill
+            feats = self.pending
+            if len(new) > 1:  # a first round drafted by another source (the hybrid): the verify's accepted rows
+                feats = torch.cat([feats, self.target.features[:, : len(new) - 1]], dim=1)
+            tokens = torch.tensor([self.prompt_next + new], device=dev)
+            x = self.head.embed(tokens, feats.to(dev, self.head.dtype))
             self.logits = _fill(self.head, x, torch.ones_like(tokens, dtype=torch.bool), 0)
-            rest = new[1:]
-            if rest:  # several tokens before the first proposal (a prefill-hidden first round): their features
-                raise SpecalignError("HeadDraft: the first proposal must follow the target's first token")
         else:
             self.head.rollback(self.context_len)  # drop the last round's drafted nodes
             rows = self.target.features[:, : len(new)].to(dev, self.head.dtype)
@@ -197,6 +198,35 @@ class HeadDraft(DraftSource):
         keep_l, tokens_l, parents_l = torch.stack([keep, tokens[keep], parents[keep]]).tolist()  # one host read
         index = {c: i for i, c in enumerate(keep_l)}
         return Proposal(tokens_l, parents=[-1 if p < 0 else index[p] for p in parents_l])
+
+
+class HybridDraft(DraftSource):
+    """The study's hybrid schedule: the event draft drafts while the target encodes and prefills (its tokens are
+    verified in the first round, for free when they are right), and a head on the target's features drafts every
+    round after. Without prefill hiding the event draft simply drafts the first round."""
+
+    name = "hybrid: draft-vlm, then eagle-head"
+
+    def __init__(self, first: VLMDraft, then: HeadDraft):
+        self.first, self.then = first, then
+
+    @property
+    def device(self) -> torch.device:
+        return self.first.device
+
+    def start(self, stats: Stats) -> None:
+        self.first.start(stats)
+        self.then.start(stats)
+
+    def predraft(self, k: int, stats: Stats) -> Proposal:
+        proposal = self.first.predraft(k, stats)
+        self.then.start(stats)  # the target's prefill is queued before this: its features tensor exists
+        return proposal
+
+    def propose(self, accepted: list[int], gamma: int, stats: Stats) -> Proposal:
+        if len(accepted) == 1:  # the first round: only the target's prefill token is known
+            return self.first.propose(accepted, gamma, stats)
+        return self.then.propose(accepted, gamma, stats)
 
 
 class CascadeDraft(VLMDraft):

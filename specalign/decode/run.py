@@ -102,7 +102,11 @@ class SpeculateConfig:
     device: str | None = option(None, help="cuda | cpu (default: cuda when available)")
     draft_device: str | None = option(None, help="e.g. cuda:1: the draft on its own GPU (default: --device)")
     target_device: str | None = option(None, help="e.g. cuda:0 (default: --device)")
-    hide_prefill: bool = option(False, help="the draft drafts while the target prefills")
+    hide_prefill: bool = option(
+        False,
+        help="the draft VLM drafts while the target prefills; with an eagle --draft-head, the hybrid: the draft VLM "
+        "drafts the first round during the prefill and the head every round after",
+    )
     dtype: str | None = option(None, help="bf16 | fp16 | fp32 (default: bf16 on a GPU, fp32 on the CPU)")
     hf_baseline: bool = option(True, help="also time HF generate (the reference's path)")
     # bf16 ties broke greedy SD apart on the H200: a tie may break differently in a verify than in a decode step
@@ -138,9 +142,6 @@ class SpeculateConfig:
                     raise SpecalignError(f"--draft-head: cannot be combined with {flag} (one draft source at a time)")
             if self.min_confidence > 0:
                 raise SpecalignError("--draft-head: adaptive gamma (--min-confidence) is for the draft VLM")
-            if self.hide_prefill:
-                raise SpecalignError("--draft-head: --hide-prefill has nothing to hide (a head drafts from the "
-                                     "target's own features, which exist after its prefill)")  # fmt: skip
         if self.tree is not None:
             from specalign.decode.heads import TreeShape
 
@@ -200,10 +201,13 @@ class Inputs:
     ngram: object = None  # the loaded decode.ngram.NgramTable of --ngram
     head_kind: str | None = None  # the --draft-head's kind (eagle, eagle+events, feature-adapter)
 
+    hybrid: bool = False  # --hide-prefill with an eagle head: the draft VLM drafts the first round
+
     @property
     def needs_draft_vlm(self) -> bool:
-        """The draft VLM runs for its own proposals, the adapters' and the event tokens of an eagle+events head."""
-        return self.ngram is None and self.head_kind != "eagle"
+        """The draft VLM runs for its own proposals, the adapters', the event tokens of an eagle+events head and the
+        hybrid's first round."""
+        return self.ngram is None and (self.head_kind != "eagle" or self.hybrid)
 
 
 def check_inputs(cfg: SpeculateConfig) -> Inputs:
@@ -270,7 +274,8 @@ def check_inputs(cfg: SpeculateConfig) -> Inputs:
         ngram=file_identity(cfg.ngram) if cfg.ngram else None,
         draft_head=_head_identity(head_path) if head_path else None,
     )
-    return Inputs(dataset, questions, paths, settings, table, head_kind)
+    hybrid = bool(cfg.hide_prefill and head_kind in ("eagle", "eagle+events"))
+    return Inputs(dataset, questions, paths, settings, table, head_kind, hybrid)
 
 
 def _head_identity(path: Path) -> dict:
@@ -347,7 +352,7 @@ def _decode_all(cfg: SpeculateConfig, inputs: Inputs, target, draft, adapter, pr
     adapter: the TokenAdapter, or the --draft-head's module."""
     from specalign.align.features import placeholder_ids, visual_positions_end
     from specalign.decode.engine import language_model
-    from specalign.decode.heads import CascadeDraft, HeadDraft, TreeShape, head_feature_layers
+    from specalign.decode.heads import CascadeDraft, HeadDraft, HybridDraft, TreeShape, head_feature_layers
 
     dataset, questions = inputs.dataset, inputs.questions
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed)
@@ -371,7 +376,8 @@ def _decode_all(cfg: SpeculateConfig, inputs: Inputs, target, draft, adapter, pr
                               eos)  # fmt: skip
         if kind in ("eagle", "eagle+events"):
             ids = t_prompt.input_ids.tolist() + list(extra)
-            return HeadDraft(h_engine, t_engine, ids, first_text, context, tree, sampling, gen)
+            head = HeadDraft(h_engine, t_engine, ids, first_text, context, tree, sampling, gen)
+            return HybridDraft(VLMDraft(d_engine, de, sampling, d_gen), head) if inputs.hybrid else head
         if kind == "feature-adapter":
             return CascadeDraft(d_engine, de, adapter, sampling, d_gen)
         s = VLMDraft(d_engine, de, sampling, d_gen, cfg.min_confidence)
@@ -669,6 +675,8 @@ def _markdown(res: dict) -> str:
         src = f"draft head `{res['paths']['draft_head']}` on the target's features" + (
             f", tree {c['tree']} (top-k, depth, nodes)" if c.get("tree") else ", a chain"
         )
+        if c["hide_prefill"] and res["draft"]:
+            src = f"hybrid: the draft VLM drafts the first round during the target's prefill, then the {src}"
     if c["token_adapter"]:
         src = f"TokenAdapter `{res['paths']['token_adapter']}` over " + (
             "the resynced draft's proposals" if c["adapter_resync"] else "the draft's own answer"

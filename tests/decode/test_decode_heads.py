@@ -10,7 +10,8 @@ from specalign.align.features import visual_positions_end
 from specalign.align.heads import DraftHead, FeatureAdapter, HeadConfig, attach_parts, attach_target
 from specalign.data import open_dataset
 from specalign.decode.engine import Engine, _fill, language_model, prompt_embeds
-from specalign.decode.heads import CascadeDraft, HeadDraft, TreeShape, head_feature_layers
+from specalign.decode.heads import CascadeDraft, HeadDraft, HybridDraft, TreeShape, head_feature_layers
+from specalign.decode.sources import FixedDraft, VLMDraft
 from specalign.decode.speculative import Stats, speculative_decode, target_generate
 from specalign.errors import SpecalignError
 
@@ -150,3 +151,27 @@ def test_a_head_needs_a_target_engine_with_features(pair):
     attach_parts(head, None, None)
     with pytest.raises(SpecalignError, match="no target attached"):
         head.inputs(torch.zeros(1, 1, 64, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("hide", [False, True])
+def test_hybrid_first_round_from_the_event_draft_then_the_head(pair, dataset, hide):
+    """The hybrid: round 1 comes from the first source (drafted during the target's prefill with hide), later
+    rounds from the head, which catches up on the prompt and round 1's verified features. An always-right first
+    source shows both: round 1 accepts all gamma tokens (for free when hidden), and the output stays the
+    target's, with a real draft VLM first as well."""
+    target, draft = pair
+    head = make_head(target)
+    t_engine, h_engine = Engine(target, 500, features=(2,)), Engine(head, 300, features=(1,))
+    d_engine = Engine(draft, 400)
+    eos = target.eos_token_id
+    for i in range(len(dataset)):
+        te, source = head_source(target, head, t_engine, h_engine, dataset[i], TreeShape(3, 4, 10))
+        de = prompt_embeds(draft, draft.collate([draft.prepare(dataset[i], "Describe the road.")]))[0]
+        ref, _ = target_generate(t_engine, te, 30, eos)
+        right = HybridDraft(FixedDraft(ref), source())
+        out, stats = speculative_decode(t_engine, te, right, 4, 30, eos, hide_prefill=hide)
+        assert out == ref and stats.accepted_per_round[0] == min(4, len(ref) - 1)
+        assert stats.free_tokens == (stats.accepted_per_round[0] if hide else 0)
+        out, _ = speculative_decode(t_engine, te, HybridDraft(VLMDraft(d_engine, de), source()), 4, 30, eos,
+                                    hide_prefill=hide)  # fmt: skip
+        assert out == ref

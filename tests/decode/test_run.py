@@ -135,7 +135,6 @@ VALUES = [  # (config fields, the one-line message)
     ({"token_adapter": " "}, "--token-adapter: empty path"),
     ({"draft_head": " "}, "--draft-head: empty path"),
     ({"draft_head": "h", "ngram": "t.json"}, "--draft-head: cannot be combined with --ngram"),
-    ({"draft_head": "h", "hide_prefill": True}, "--draft-head: --hide-prefill has nothing to hide"),
     ({"tree": "10,6,60"}, "--tree: needs --draft-head"),
     ({"tree": "10,6"}, "--tree: expected TOPK,DEPTH,NODES"),
     ({"tree": "2,2,40", "draft_head": "h"}, "--tree 2,2,40: top-k 2 and depth 2 make at most 6 candidates"),
@@ -282,3 +281,12 @@ def test_the_bundled_head_drafts_most_of_the_answer(split, tmp_path):
                         progress=False)  # fmt: skip
     assert res["verdict"]["token_identical"]
     assert res["totals"]["tau"] > 3.5, res["totals"]
+
+
+def test_hide_prefill_with_a_head_is_the_hybrid(split, tmp_path):
+    """--hide-prefill with an eagle head: the draft VLM is loaded for the first round, drafted during the target's
+    prefill; the head drafts every round after; the report names the schedule."""
+    out = tmp_path / "out"
+    res = run_speculate(config(split, out, draft_head="mini-head", hide_prefill=True, gamma=4), progress=False)
+    assert res["verdict"]["token_identical"] and res["draft"] is not None
+    assert "hybrid: the draft VLM drafts the first round" in (out / "BENCHMARK_RESULTS.md").read_text()
