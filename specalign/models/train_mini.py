@@ -68,6 +68,10 @@ class TrainConfig:
                                 "rendered on the fly")  # fmt: skip
     fresh_buffer: int = option(8192, help="clips held for training at once with --fresh-scenes")
     fresh_workers: int | None = option(None, help="processes rendering fresh scenes (default: all cores but two)")
+    teacher_pairs: str | None = option(None, help="draft only: learn the target's own greedy answers (the vl_tokens "
+                                       "of this extraction of the same train split) instead of the draft-voice "
+                                       "references: sequence-level distillation, a draft in the target's "
+                                       "voice")  # fmt: skip
     device: str | None = option(None, help="cuda | cpu (default: cuda when available)")
     sizes: MiniSizes | None = option(None, cli=False)  # the architecture from scratch (default SIZES[role])
 
@@ -96,6 +100,8 @@ class TrainConfig:
                 raise SpecalignError("--add-vision-layers/--add-lm-layers deepen a model continued with --init")
             if self.role != "target":
                 raise SpecalignError("--add-vision-layers/--add-lm-layers: only the target can be deepened")
+        if self.teacher_pairs is not None and self.role != "draft":
+            raise SpecalignError("--teacher-pairs: only the draft learns the target's answers")
         if self.fresh_scenes and self.role != "target":
             raise SpecalignError("--fresh-scenes: only the target's clips can be rendered on the fly (the draft "
                                  "needs the event camera: build a bigger world for it)")  # fmt: skip
@@ -150,6 +156,39 @@ def _pairs(dataset, role: str, max_clips: int | None):
             raise SpecalignError(f"{dataset.root}: sample {i} has no ground truth (train-mini needs a minidsec world)")
         clips.append([(qa["question"], qa[role]) for qa in truth["qa"]])
     return clips
+
+
+def teacher_answers(path: str | Path, split: Path, max_clips: int | None) -> list[list[tuple[str, torch.Tensor]]]:
+    """Per clip of the train split: [(question, the target's greedy answer ids)] from an extraction of that split
+    (its pairs.jsonl vl_tokens), in question order. Refuses an extraction of another split, or one that misses a
+    clip."""
+    from specalign.align.tokens import read_pairs
+
+    path = Path(path)
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        raise fail(path, "not a finished extraction (no manifest.json): run `specalign extract` on the train split")
+    info = read_json(manifest)
+    if info.get("dataset") != dataset_identity(split):
+        raise fail(path, f"extracted from another split than {split} (or the split changed since)")
+    from tokenizers import Tokenizer
+
+    from specalign.models import inspect_model
+
+    target = info.get("settings", {}).get("target")
+    theirs = inspect_model(target)["tokenizer"].get_vocab() if target else None
+    if theirs != Tokenizer.from_file(str(split.parent / "tokenizer.json")).get_vocab():
+        raise fail(path, f"its target {target} does not use this world's tokenizer: its answer ids would mean "
+                         "other words to the draft")  # fmt: skip
+    pairs = read_pairs(path)
+    by_clip: dict[int, list] = {}
+    for s, q, query, ids in zip(pairs.sample_idx, pairs.question_idx, pairs.query, pairs.target, strict=True):
+        by_clip.setdefault(int(s), []).append((int(q), query, torch.tensor(ids, dtype=torch.long)))
+    n = len(by_clip) if max_clips is None else min(max_clips, len(by_clip))
+    missing = next((i for i in range(n) if i not in by_clip), None)
+    if missing is not None:
+        raise fail(path, f"has no answers for train clip {missing}")
+    return [[(query, ids) for _, query, ids in sorted(by_clip[i], key=lambda x: x[0])] for i in range(n)]
 
 
 def _encode_batch(vlm, prompts_answers):
@@ -231,22 +270,27 @@ def train_mini(cfg: TrainConfig, progress: bool = True) -> dict:
         "init_weights": weights_stamp(cfg.init) if cfg.init else None,
         "fresh_world": asdict(fresh_world) if fresh_world else None,
     }
+    teacher = None
+    if cfg.teacher_pairs:
+        teacher = teacher_answers(cfg.teacher_pairs, splits["train"], cfg.max_train_clips)
+        settings["teacher_pairs"] = file_identity(Path(cfg.teacher_pairs) / "pairs.jsonl")
     vlm = _init_from(cfg, tokenizer_file) if cfg.init else new_model(cfg.role, tokenizer_file, cfg.sizes, cfg.seed)
     with exclusive(cfg.out) as out:
         new = check_settings(out, settings, cfg.overwrite)
         if not new and (out / "manifest.json").is_file() and not (out / "train_state.pt").exists():
             print(f"[train-mini {cfg.role}] {out} already holds this run, finished")
             return read_json(out / "manifest.json")
-        return _train(cfg, vlm, world, train, test, fresh_world, out, progress)
+        return _train(cfg, vlm, world, train, test, fresh_world, out, progress, teacher)
 
 
-def _train(cfg: TrainConfig, vlm, world: Path, train, test, fresh_world, out: Path, progress: bool) -> dict:
+def _train(cfg: TrainConfig, vlm, world: Path, train, test, fresh_world, out: Path, progress: bool,
+           teacher: list | None = None) -> dict:  # fmt: skip
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = torch.device(cfg.device)
     vlm.model.to(device)
 
-    qa = _pairs(train, cfg.role, cfg.max_train_clips)
+    qa = teacher or _pairs(train, cfg.role, cfg.max_train_clips)
     n_clips = len(qa)
     print(f"[train-mini {cfg.role}] {n_clips} clips x {len(qa[0])} questions; preparing visual inputs", flush=True)
     visual = [{k: t.to(device) for k, t in v.items()} for v in _visual_inputs(vlm, train, n_clips, progress)]
@@ -312,7 +356,7 @@ def _train(cfg: TrainConfig, vlm, world: Path, train, test, fresh_world, out: Pa
         clips = rng.choice(len(qa), size=min(cfg.clips_per_batch, len(qa)), replace=False)
         items, vis = [], []
         for c in clips:
-            for k in rng.choice(len(qa[c]), size=cfg.questions_per_clip, replace=False):
+            for k in rng.choice(len(qa[c]), size=min(cfg.questions_per_clip, len(qa[c])), replace=False):
                 q, a = qa[c][k]
                 items.append((prompt_ids[q], answer_tokens(a)))
                 vis.append(visual[c])
@@ -360,7 +404,8 @@ def _train(cfg: TrainConfig, vlm, world: Path, train, test, fresh_world, out: Pa
     vlm.model.to(torch.bfloat16)
     vlm.save(out)
     vlm.model.to(torch.float32)
-    metrics = evaluate_quality(vlm, test, cfg.role, cfg.eval_clips, progress=progress)
+    voice = "target" if cfg.teacher_pairs else cfg.role  # a distilled draft speaks the target's voice
+    metrics = evaluate_quality(vlm, test, voice, cfg.eval_clips, progress=progress)
     world_meta = json.loads((world / "world.json").read_text()) if (world / "world.json").exists() else {}
     manifest = {
         "name": f"mini-{cfg.role}",

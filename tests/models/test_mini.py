@@ -1,6 +1,7 @@
 """Mini-model training (a few CPU steps on a tiny world), the bundled models, and the loader's errors."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -273,3 +274,43 @@ def test_deepened_target_computes_the_same_and_trains_on(world, tmp_path, capsys
     assert "--init" in capsys.readouterr().err
     assert main([*args[:-1], "-1", "--init", str(out)]) == 2
     assert "--add-lm-layers" in capsys.readouterr().err
+
+
+def test_a_draft_learns_the_targets_answers_from_an_extraction(world, tmp_path):
+    """--teacher-pairs: the draft's labels are the target's greedy answers to the same clips (sequence-level
+    distillation); an extraction of another split is refused before training."""
+    from specalign.align.extract import ExtractConfig, extract
+    from specalign.models.train_mini import teacher_answers
+
+    split = world / "my_egpt_dsec_train_500ms"
+    models = {}
+    for role in ("target", "draft"):  # tiny models on this world's tokenizer (the bundled ones use another)
+        models[role] = str(tmp_path / role)
+        train_mini(TrainConfig(role=role, world=str(world), out=models[role], duration="500ms", steps=1,
+                               clips_per_batch=1, questions_per_clip=1, warmup=0, eval_clips=1, device="cpu",
+                               sizes=TINY), progress=False)  # fmt: skip
+    pairs = tmp_path / "pairs"
+    extract(ExtractConfig(dataset=str(split), out=str(pairs), questions=2, max_new_tokens=6, device="cpu",
+                          **models), progress=False)  # fmt: skip
+    answers = teacher_answers(pairs, split, None)
+    lines = [json.loads(x) for x in (pairs / "pairs.jsonl").read_text().splitlines()]
+    assert len(answers) == 4 and [len(a) for a in answers] == [2] * 4
+    first = next(x for x in lines if x["sample_idx"] == 0 and x["question_idx"] == 1)
+    assert answers[0][1][0] == first["query"] and answers[0][1][1].tolist() == first["vl_tokens"]
+    out = tmp_path / "distilled"
+    cfg = TrainConfig(role="draft", world=str(world), out=str(out), duration="500ms", steps=2, clips_per_batch=2,
+                      questions_per_clip=4, warmup=1, eval_clips=1, device="cpu", sizes=TINY,
+                      teacher_pairs=str(pairs))  # fmt: skip
+    manifest = train_mini(cfg, progress=False)
+    assert manifest["train_config"]["teacher_pairs"] == str(pairs)
+    other = tmp_path / "other"
+    extract(ExtractConfig(dataset=str(world / "my_egpt_dsec_seq_500ms"), out=str(other), max_new_tokens=4,
+                          device="cpu", **models), progress=False)  # fmt: skip
+    with pytest.raises(SpecalignError, match="other: extracted from another split"):
+        train_mini(replace(cfg, out=str(tmp_path / "d2"), teacher_pairs=str(other)), progress=False)
+    bundled = tmp_path / "bundled"  # the bundled target speaks another tokenizer than this world's
+    extract(ExtractConfig(dataset=str(split), out=str(bundled), max_new_tokens=4, device="cpu"), progress=False)
+    with pytest.raises(SpecalignError, match="bundled: its target mini-target does not use this world's tokenizer"):
+        train_mini(replace(cfg, out=str(tmp_path / "d3"), teacher_pairs=str(bundled)), progress=False)
+    with pytest.raises(SpecalignError, match="--teacher-pairs: only the draft"):
+        TrainConfig(role="target", world="w", out="o", teacher_pairs=str(pairs))
