@@ -334,22 +334,22 @@ def run_speculate(cfg: SpeculateConfig, progress: bool = True) -> dict:
         if inputs.needs_draft_vlm:
             draft = load_model(cfg.draft, device=cfg.draft_device or cfg.device, dtype=cfg.dtype)
             draft.shared_vocab = shared_vocabulary(draft, target)  # ids the draft may propose
-        adapter = None
+        adapter = head = None
         if inputs.paths["token_adapter"]:
             adapter = load_adapter(inputs.paths["token_adapter"]).to(draft.device).eval()
         if inputs.paths["draft_head"]:
             from specalign.align.heads import load_head
 
-            adapter = load_head(inputs.paths["draft_head"], target).to(target.dtype)  # on the target's device
-        rows, check = _decode_all(cfg, inputs, target, draft, adapter, progress)
+            head = load_head(inputs.paths["draft_head"], target).to(target.dtype)  # on the target's device
+        rows, check = _decode_all(cfg, inputs, target, draft, adapter, head, progress)
         result = _summarise(cfg, inputs, rows, check, target, draft)
         _write(out, result)
     return result
 
 
-def _decode_all(cfg: SpeculateConfig, inputs: Inputs, target, draft, adapter, progress: bool):
+def _decode_all(cfg: SpeculateConfig, inputs: Inputs, target, draft, adapter, head, progress: bool):
     """Every (sample, question): target alone and SD, `repeats` times each -> (rows, distribution check or None).
-    adapter: the TokenAdapter, or the --draft-head's module."""
+    adapter: the TokenAdapter or None; head: the --draft-head's module or None."""
     from specalign.align.features import placeholder_ids, visual_positions_end
     from specalign.decode.engine import language_model
     from specalign.decode.heads import CascadeDraft, HeadDraft, HybridDraft, TreeShape, head_feature_layers
@@ -367,7 +367,7 @@ def _decode_all(cfg: SpeculateConfig, inputs: Inputs, target, draft, adapter, pr
     tree = TreeShape.parse(cfg.tree) if cfg.tree else None
     t_features = ()
     if kind in ("eagle", "eagle+events"):
-        t_features = head_feature_layers(adapter, len(language_model(target)[0].layers))
+        t_features = head_feature_layers(head, len(language_model(target)[0].layers))
     rows, check = [], None
 
     def source(de, extra: list[int] = ()):  # a fresh draft source per answer (extra: answer tokens in the prompt)
@@ -379,7 +379,7 @@ def _decode_all(cfg: SpeculateConfig, inputs: Inputs, target, draft, adapter, pr
             head = HeadDraft(h_engine, t_engine, ids, first_text, context, tree, sampling, gen)
             return HybridDraft(VLMDraft(d_engine, de, sampling, d_gen), head) if inputs.hybrid else head
         if kind == "feature-adapter":
-            return CascadeDraft(d_engine, de, adapter, sampling, d_gen)
+            return CascadeDraft(d_engine, de, head, sampling, d_gen)
         s = VLMDraft(d_engine, de, sampling, d_gen, cfg.min_confidence)
         return s if adapter is None else AdaptedDraft(s, adapter, sampling, d_gen, cfg.adapter_resync,
                                                       cfg.max_new_tokens)  # fmt: skip
@@ -413,7 +413,7 @@ def _decode_all(cfg: SpeculateConfig, inputs: Inputs, target, draft, adapter, pr
             first_text = int(visual_positions_end(target, t_prompt.input_ids))  # the head reads the text after it
             need_h = te.shape[1] - first_text + cfg.max_new_tokens + nodes * cfg.gamma
             if h_engine is None or h_engine.max_len < need_h:
-                h_engine = Engine(adapter, need_h + 64, features=(1,))
+                h_engine = Engine(head, need_h + 64, features=(1,))
         if not rows and target.device.type == "cuda":  # warm-up: CUDA graphs are captured on first use
             target_generate(t_engine, te, 4, eos)
             speculative_decode(t_engine, te, source(de), cfg.gamma, 4, eos)

@@ -229,34 +229,25 @@ class VLM:
         state.length = length
 
     @torch.inference_mode()
-    def generate(self, prompts: list[Prompt], max_new_tokens: int = 50, sampling: Sampling | None = None,
-                 return_hidden: bool = False):  # fmt: skip
-        """Plain autoregressive decoding; stops a row at EOS. Returns the new tokens of each prompt; with
-        return_hidden, also per prompt the last-layer hidden states [n, D] on the CPU, where row i is the
-        feature the i-th new token was predicted from (the prompt's last position for i = 0)."""
+    def generate(self, prompts: list[Prompt], max_new_tokens: int = 50, sampling: Sampling | None = None):
+        """Plain autoregressive decoding; stops a row at EOS. Returns the new tokens of each prompt."""
         sampling = sampling or Sampling()
         gen = None
         if sampling.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(sampling.seed)
-        state, step = self.prefill(self.collate(prompts), return_hidden=return_hidden)
+        state, step = self.prefill(self.collate(prompts))
         out = [[] for _ in prompts]
-        hidden = [[] for _ in prompts]
         done = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
         for i in range(max_new_tokens):
             token = sample_token(step.logits[:, -1], sampling, gen)
             token = torch.where(done, torch.full_like(token, self.pad_token_id), token)
-            feats = step.hidden[:, -1].cpu() if return_hidden else None
             for r in range(len(prompts)):
                 if not done[r]:
                     out[r].append(int(token[r]))
-                    if feats is not None:
-                        hidden[r].append(feats[r])
             done |= token == self.eos_token_id
             if bool(done.all()) or i == max_new_tokens - 1:
                 break
-            step = self.forward(token[:, None], state, return_hidden=return_hidden)
-        if return_hidden:
-            return out, [torch.stack(h) for h in hidden]
+            step = self.forward(token[:, None], state)
         return out
 
     def decode(self, ids: list[int]) -> str:
