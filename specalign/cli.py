@@ -110,6 +110,12 @@ def cmd_train_head(args) -> None:
     print("\n".join(result_lines(train_head(from_args(HeadTrainConfig, args), progress=not args.quiet))))
 
 
+def cmd_distill(args) -> None:
+    from specalign.align.distill import DistillConfig, distill, result_lines
+
+    print("\n".join(result_lines(distill(from_args(DistillConfig, args), progress=not args.quiet))))
+
+
 def cmd_speculate(args) -> None:
     from specalign.decode.run import SpeculateConfig, report_lines, run_speculate
 
@@ -221,6 +227,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
              cmd_train, "specalign.align.train:AdapterTrainConfig")  # fmt: skip
     _command(sub, "train-head", "train a draft head on the target's features (eagle, eagle+events, feature-adapter)",
              cmd_train_head, "specalign.align.train_head:HeadTrainConfig")  # fmt: skip
+    _command(sub, "distill", "LoRA-distil a draft VLM on the target's answers of an extraction (resumable)",
+             cmd_distill, "specalign.align.distill:DistillConfig")  # fmt: skip
     _command(sub, "speculate", "speculative decoding over a split: lossless check, alpha, tau, speedup",
              cmd_speculate, "specalign.decode.run:SpeculateConfig")  # fmt: skip
     _command(sub, "evaluate", "teacher-forced TokenAdapter metrics + the reference's AR comparison",

@@ -158,6 +158,24 @@ def _pairs(dataset, role: str, max_clips: int | None):
     return clips
 
 
+def finished_extraction(path: str | Path, split: str | Path | None = None) -> dict:
+    """The manifest of a finished `specalign extract` folder made of `split` (None: of the split its manifest
+    names, unchanged since); one-line errors for an unfinished extraction or another (or changed) split."""
+    path = Path(path)
+    if not (path / "manifest.json").is_file():
+        raise fail(path, "not a finished extraction (no manifest.json): run (or finish) `specalign extract`")
+    info = read_json(path / "manifest.json")
+    own = (info.get("dataset") or {}).get("path", "?")
+    try:
+        same = info.get("dataset") == dataset_identity(own if split is None else split)
+    except SpecalignError:
+        same = False
+    if not same:
+        raise fail(path, f"extracted from another split than {split} (or the split changed since)" if split else
+                         f"its split {own} is gone or changed since the extraction")  # fmt: skip
+    return info
+
+
 def teacher_answers(path: str | Path, split: Path, max_clips: int | None) -> list[list[tuple[str, torch.Tensor]]]:
     """Per clip of the train split: [(question, the target's greedy answer ids)] from an extraction of that split
     (its pairs.jsonl vl_tokens), in question order. Refuses an extraction of another split, or one that misses a
@@ -165,12 +183,7 @@ def teacher_answers(path: str | Path, split: Path, max_clips: int | None) -> lis
     from specalign.align.tokens import read_pairs
 
     path = Path(path)
-    manifest = path / "manifest.json"
-    if not manifest.is_file():
-        raise fail(path, "not a finished extraction (no manifest.json): run `specalign extract` on the train split")
-    info = read_json(manifest)
-    if info.get("dataset") != dataset_identity(split):
-        raise fail(path, f"extracted from another split than {split} (or the split changed since)")
+    info = finished_extraction(path, split)
     from tokenizers import Tokenizer
 
     from specalign.models import inspect_model
@@ -191,7 +204,7 @@ def teacher_answers(path: str | Path, split: Path, max_clips: int | None) -> lis
     return [[(query, ids) for _, query, ids in sorted(by_clip[i], key=lambda x: x[0])] for i in range(n)]
 
 
-def _encode_batch(vlm, prompts_answers):
+def encode_batch(vlm, prompts_answers):
     """[(prompt ids [T], answer ids [A])] -> right-padded input_ids, attention_mask, labels (prompt = -100)."""
     seqs = [torch.cat([p, a]) for p, a in prompts_answers]
     width = max(len(s) for s in seqs)
@@ -216,7 +229,7 @@ class _VisualInputs(torch.utils.data.Dataset):
         return self.vlm.visual_inputs(self.dataset[i])
 
 
-def _visual_inputs(vlm, dataset, n: int, progress: bool) -> list[dict]:
+def load_visual_inputs(vlm, dataset, n: int, progress: bool) -> list[dict]:
     """The first n samples' visual inputs, decoded and preprocessed by worker processes (PNG decoding and the
     image processor are the slow part of a large world's start-up)."""
     workers = min(16, max(0, (os.cpu_count() or 1) - 1)) if n > 64 else 0
@@ -227,6 +240,11 @@ def _visual_inputs(vlm, dataset, n: int, progress: bool) -> list[dict]:
 def encode_answer(vlm, text: str, eos: int) -> torch.Tensor:
     """An answer as the training labels see it: long [A], its own tokens then EOS."""
     return torch.tensor(vlm.tokenizer(" " + text, add_special_tokens=False)["input_ids"] + [eos], dtype=torch.long)
+
+
+def command_line() -> str | None:
+    """The `specalign ...` command this process runs (None under pytest or the Python API)."""
+    return " ".join(["specalign", *sys.argv[1:]]) if sys.argv and "specalign" in sys.argv[0] else None
 
 
 def git_commit() -> str:
@@ -293,7 +311,7 @@ def _train(cfg: TrainConfig, vlm, world: Path, train, test, fresh_world, out: Pa
     qa = teacher or _pairs(train, cfg.role, cfg.max_train_clips)
     n_clips = len(qa)
     print(f"[train-mini {cfg.role}] {n_clips} clips x {len(qa[0])} questions; preparing visual inputs", flush=True)
-    visual = [{k: t.to(device) for k, t in v.items()} for v in _visual_inputs(vlm, train, n_clips, progress)]
+    visual = [{k: t.to(device) for k, t in v.items()} for v in load_visual_inputs(vlm, train, n_clips, progress)]
     eos = vlm.eos_token_id
     prompt_ids = {q: vlm.expand_prompt(vlm.prompt_text(q), visual[0]) for q, _ in qa[0]}
     answer_ids = {}
@@ -360,7 +378,7 @@ def _train(cfg: TrainConfig, vlm, world: Path, train, test, fresh_world, out: Pa
                 q, a = qa[c][k]
                 items.append((prompt_ids[q], answer_tokens(a)))
                 vis.append(visual[c])
-        ids, mask, labels = _encode_batch(vlm, items)
+        ids, mask, labels = encode_batch(vlm, items)
         batch_visual = {k: torch.cat([v[k] for v in vis]) for k in vis[0]}
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -410,7 +428,7 @@ def _train(cfg: TrainConfig, vlm, world: Path, train, test, fresh_world, out: Pa
     manifest = {
         "name": f"mini-{cfg.role}",
         "role": cfg.role,
-        "command": " ".join(["specalign", *sys.argv[1:]]) if sys.argv and "specalign" in sys.argv[0] else None,
+        "command": command_line(),
         "train_config": {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite")},
         "world": {
             "path": str(world),
