@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from speculate_mini import speculate_row  # noqa: E402
 
+from specalign.data import open_dataset  # noqa: E402
 from specalign.decode.ngram import NgramBuildConfig, build_ngram  # noqa: E402
 from specalign.decode.run import SpeculateConfig  # noqa: E402
 from specalign.fsutil import read_json, write_json  # noqa: E402
@@ -53,6 +54,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--gamma", type=int, default=4, help="the draft VLM's rows without a head")
     p.add_argument("--tree", default="6,10,64", help="TOPK,DEPTH,NODES of the head and hybrid rows")
+    p.add_argument("--prefill-draft", type=int, default=6, help="the last hybrid row's draft-VLM tokens during the "
+                   "prefill (its first-token guess included): what fits under the target's prefill at 7B")  # fmt: skip
     p.add_argument("--device", default=None)
     p.add_argument("--result", default=str(RESULTS / "target_voice.json"))
     args = p.parse_args()
@@ -82,6 +85,9 @@ def main() -> None:
                                                                      "tree": args.tree, "hide_prefill": True},
         f"hybrid: distilled draft, then the head's tree {args.tree}": {"draft": voice, "draft_head": "mini-head",
                                                                        "tree": args.tree, "hide_prefill": True},
+        f"hybrid: distilled draft ({args.prefill_draft} in the prefill's shadow), then the head's tree {args.tree}": {
+            "draft": voice, "draft_head": "mini-head", "tree": args.tree, "hide_prefill": True,
+            "prefill_draft": args.prefill_draft},
     }  # fmt: skip
     rows = []
     result = {
@@ -89,6 +95,8 @@ def main() -> None:
         "machine": {"device": torch.cuda.get_device_name() if torch.cuda.is_available()
                     else f"cpu {platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__},
         "setup": {"target": "mini-target", "head": "mini-head", "world": str(world), "teacher": args.teacher,
+                  "world_clips": {split: len(open_dataset(world / f"my_egpt_dsec_{name}_1s"))
+                                  for split, name in (("train", "train"), ("test", "seq"))},
                   "questions": args.questions, "answers": args.answers, "gamma": args.gamma, "tree": args.tree,
                   "greedy": True, "max_new_tokens": 50},
         "distilled_draft": distill,
@@ -100,6 +108,7 @@ def main() -> None:
                               max_samples=max(1, args.answers // args.questions), repeats=1, hf_baseline=False,
                               overwrite=True, device=args.device, **opts)  # fmt: skip
         row = {k: v for k, v in speculate_row(label, cfg).items() if k != "stage_seconds"}
+        row["prefill_draft"] = cfg.prefill_draft or (cfg.gamma + 1 if cfg.hide_prefill else 0)
         samples = read_json(Path(cfg.out) / "results.json")["samples"]
         with_rounds = [s for s in samples if s["accepted_per_round"]]
         # the study's bar: the answer's first drafted token is the target's (round 1, its first proposal)
@@ -108,7 +117,7 @@ def main() -> None:
         row["answers_with_free_tokens"] = sum(s["free_tokens"] > 0 for s in samples)
         row["traces"] = [{"tokens": len(s["target_tokens"]), "accepted": s["accepted_per_round"],
                           "drafted": s.get("nodes_per_round") or s["drafted_per_round"],
-                          "free": s["free_tokens"]} for s in samples]  # fmt: skip
+                          "free": s["free_tokens"], "prefill_hit": s["prefill_hit"]} for s in samples]  # fmt: skip
         rows.append(row)
         write_json(args.result, result)  # a killed run keeps its finished rows
         log(

@@ -203,12 +203,14 @@ class HeadDraft(DraftSource):
 class HybridDraft(DraftSource):
     """The study's hybrid schedule: the event draft drafts while the target encodes and prefills (its tokens are
     verified in the first round, for free when they are right), and a head on the target's features drafts every
-    round after. Without prefill hiding the event draft simply drafts the first round."""
+    round after; when the target's first token is not the one the event draft guessed, the head drafts round 1 too.
+    Without prefill hiding the event draft simply drafts the first round."""
 
     name = "hybrid: draft-vlm, then eagle-head"
 
     def __init__(self, first: VLMDraft, then: HeadDraft):
         self.first, self.then = first, then
+        self.predrafted = False
 
     @property
     def device(self) -> torch.device:
@@ -221,10 +223,14 @@ class HybridDraft(DraftSource):
     def predraft(self, k: int, stats: Stats) -> Proposal:
         proposal = self.first.predraft(k, stats)
         self.then.start(stats)  # the target's prefill is queued before this: its features tensor exists
+        self.predrafted = True
         return proposal
 
     def propose(self, accepted: list[int], gamma: int, stats: Stats) -> Proposal:
-        if len(accepted) == 1:  # the first round: only the target's prefill token is known
+        # the first round (only the target's prefill token known) is the event draft's, unless it already had its
+        # chance in the prefill's shadow and missed the first token: drafting again would cost a draft-VLM step per
+        # token where the head costs a few percent of one
+        if len(accepted) == 1 and not self.predrafted:
             return self.first.propose(accepted, gamma, stats)
         return self.then.propose(accepted, gamma, stats)
 

@@ -107,6 +107,10 @@ class SpeculateConfig:
         help="the draft VLM drafts while the target prefills; with an eagle --draft-head, the hybrid: the draft VLM "
         "drafts the first round during the prefill and the head every round after",
     )
+    prefill_draft: int | None = option(None, help="with --hide-prefill: tokens the draft VLM drafts while the "
+                                       "target prefills, its guess of the target's first token included "
+                                       "(default: gamma + 1); fewer fit a draft whose steps would outlast the "
+                                       "prefill")  # fmt: skip
     dtype: str | None = option(None, help="bf16 | fp16 | fp32 (default: bf16 on a GPU, fp32 on the CPU)")
     hf_baseline: bool = option(True, help="also time HF generate (the reference's path)")
     # bf16 ties broke greedy SD apart on the H200: a tie may break differently in a verify than in a decode step
@@ -123,6 +127,10 @@ class SpeculateConfig:
         for name in ("max_new_tokens", "gamma", "questions", "max_samples", "repeats"):
             require_positive(name, getattr(self, name))
         require_positive("check_draws", self.check_draws, 0)
+        if self.prefill_draft is not None:
+            require_positive("prefill_draft", self.prefill_draft, 2)  # its first token is only a guess
+            if not self.hide_prefill:
+                raise SpecalignError("--prefill-draft: sets what the draft drafts under --hide-prefill; add it")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise SpecalignError(f"--seed: must be an integer in [0, 2^32), got {self.seed!r}")
         if not self.temperature >= 0 or math.isinf(self.temperature):  # also refuses NaN
@@ -428,7 +436,7 @@ def _decode_all(cfg: SpeculateConfig, inputs: Inputs, target, draft, adapter, he
                     alone_runs.append((time.perf_counter() - t0, ref, ref_seconds))
                 else:
                     out, stats = speculative_decode(t_engine, te, source(de), cfg.gamma, cfg.max_new_tokens, eos,
-                                                    sampling, gen, cfg.hide_prefill)  # fmt: skip
+                                                    sampling, gen, cfg.hide_prefill, cfg.prefill_draft)  # fmt: skip
                     _sync(target.device)
                     sd_runs.append((time.perf_counter() - t0, out, stats))
         target_s, ref, ref_seconds = _median_run(alone_runs)
@@ -445,7 +453,7 @@ def _decode_all(cfg: SpeculateConfig, inputs: Inputs, target, draft, adapter, he
             "sample": i, "question": q, "sd_tokens": out, "target_tokens": ref, "same": out == ref,
             "divergence": divergence(t_engine, te, ref, out) if out != ref and sampling.greedy else None,
             "alpha": stats.alpha, "tau": stats.tau, "drafted": stats.drafted, "accepted": stats.accepted,
-            "rounds": stats.rounds, "free_tokens": stats.free_tokens,
+            "rounds": stats.rounds, "free_tokens": stats.free_tokens, "prefill_hit": stats.prefill_hit,
             "first_token_accepted": stats.first_accepted / max(stats.rounds, 1),
             "accepted_per_round": stats.accepted_per_round, "drafted_per_round": stats.drafted_per_round,
             "nodes_per_round": stats.nodes_per_round,
@@ -490,7 +498,7 @@ def distribution_check(t_engine, d_engine, te, de, answer: list[int], make_sourc
         alone.append(target_generate(t_engine, te, length, eos, sampling, gen)[0])
         reseed(-2, j)
         sd.append(speculative_decode(t_engine, te, make_source(de, answer[:m]), cfg.gamma, length, eos, sampling, gen,
-                                     cfg.hide_prefill)[0])  # fmt: skip
+                                     cfg.hide_prefill, cfg.prefill_draft)[0])  # fmt: skip
     positions = []
     for p in range(1, length):
         a = [x[p] if p < len(x) else -1 for x in alone]  # -1: the answer ended (EOS) before p

@@ -67,6 +67,7 @@ class Stats:
     nodes_per_round: list[int] = field(default_factory=list)  # tokens verified besides the last accepted one
     seconds: dict = field(default_factory=lambda: {"prefill": 0.0, "draft": 0.0, "adapt": 0.0, "verify": 0.0})
     free_tokens: int = 0  # tokens accepted from drafts made while the target was still prefilling
+    prefill_hit: bool = False  # the draft's guess of the target's first token was right: round 1 was pre-drafted
     sync: bool = True  # False while the draft overlaps the target's prefill: clocks must not wait on the GPU
 
     @property
@@ -241,20 +242,21 @@ def prefill_hidden(target: Engine, embeds: torch.Tensor, draft: DraftSource, k: 
 
 @torch.inference_mode()
 def speculative_decode(target: Engine, embeds: torch.Tensor, draft: DraftSource, gamma: int, max_new_tokens: int,
-                       eos: int, sampling: Sampling | None = None, generator=None,
-                       hide_prefill: bool = False) -> tuple[list[int], Stats]:  # fmt: skip
+                       eos: int, sampling: Sampling | None = None, generator=None, hide_prefill: bool = False,
+                       prefill_draft: int | None = None) -> tuple[list[int], Stats]:  # fmt: skip
     """Generate up to max_new_tokens for one prompt (embeds [1, T, D]) with the target verifying `draft`'s
     proposals. Returns (tokens, Stats). The first token comes from the target's prefill.
 
-    hide_prefill: the draft drafts gamma + 1 tokens while the target prefills; when the target's first token
-    equals the first of them, the other gamma are verified at once: tokens for free, in the prefill's shadow."""
+    hide_prefill: the draft drafts `prefill_draft` tokens (default gamma + 1) while the target prefills; when the
+    target's first token equals the first of them, the others (up to gamma) are verified at once: tokens for free,
+    in the prefill's shadow. Fewer than gamma + 1 fit a draft whose steps would outlast the prefill."""
     if gamma < 1:
         raise SpecalignError(f"gamma must be at least 1, got {gamma}")
     sampling = sampling or Sampling()
     stats = Stats()
     pre = None
     if hide_prefill:
-        logits, pre = prefill_hidden(target, embeds, draft, gamma + 1, stats)
+        logits, pre = prefill_hidden(target, embeds, draft, prefill_draft or gamma + 1, stats)
     else:
         with Clock(target.device, stats.seconds, "prefill"):
             logits = prefill(target, embeds)
@@ -303,7 +305,7 @@ def speculative_decode(target: Engine, embeds: torch.Tensor, draft: DraftSource,
         stats.drafted_per_round.append(proposal.depth)
         stats.nodes_per_round.append(len(proposal.tokens))
         if pre is not None and stats.rounds == 1 and pre.tokens[:1] == out:
-            stats.free_tokens = n
+            stats.free_tokens, stats.prefill_hit = n, True
         pre = None
         new = accepted + [nxt]
         if eos in new:

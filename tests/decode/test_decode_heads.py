@@ -171,7 +171,26 @@ def test_hybrid_first_round_from_the_event_draft_then_the_head(pair, dataset, hi
         right = HybridDraft(FixedDraft(ref), source())
         out, stats = speculative_decode(t_engine, te, right, 4, 30, eos, hide_prefill=hide)
         assert out == ref and stats.accepted_per_round[0] == min(4, len(ref) - 1)
-        assert stats.free_tokens == (stats.accepted_per_round[0] if hide else 0)
+        assert stats.free_tokens == (stats.accepted_per_round[0] if hide else 0) and stats.prefill_hit == hide
         out, _ = speculative_decode(t_engine, te, HybridDraft(VLMDraft(d_engine, de), source()), 4, 30, eos,
                                     hide_prefill=hide)  # fmt: skip
         assert out == ref
+        if hide:  # a shorter draft in the prefill's shadow: round 1 verifies what it drafted beyond the first
+            out, stats = speculative_decode(t_engine, te, HybridDraft(FixedDraft(ref), source()), 4, 30, eos,
+                                            hide_prefill=True, prefill_draft=3)  # fmt: skip
+            assert out == ref and stats.drafted_per_round[0] == min(2, len(ref) - 1) == stats.free_tokens
+
+
+def test_hybrid_hands_round_one_to_the_head_when_the_event_draft_missed(pair, dataset):
+    """A first-token guess the target does not share: round 1 is the head's tree, not a second draft-VLM round."""
+    target, _ = pair
+    head = make_head(target)
+    t_engine, h_engine = Engine(target, 500, features=(2,)), Engine(head, 300, features=(1,))
+    eos = target.eos_token_id
+    te, source = head_source(target, head, t_engine, h_engine, dataset[0], TreeShape(3, 4, 10))
+    ref, _ = target_generate(t_engine, te, 30, eos)
+    wrong = [(ref[0] + 1) % target.vocab_size] + ref[1:]  # right after the first token, never asked again
+    first = FixedDraft(wrong)
+    out, stats = speculative_decode(t_engine, te, HybridDraft(first, source()), 4, 30, eos, hide_prefill=True)
+    assert out == ref and stats.free_tokens == 0 and not stats.prefill_hit
+    assert stats.nodes_per_round[0] == 10  # the head's tree of 10 nodes, not the first source's chain of 4

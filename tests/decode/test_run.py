@@ -129,6 +129,8 @@ VALUES = [  # (config fields, the one-line message)
     ({"max_samples": 0}, "--max-samples: must be at least 1, got 0"),
     ({"questions": 0}, "--questions: must be at least 1, got 0"),
     ({"check_draws": -1}, "--check-draws: must be at least 0, got -1"),
+    ({"prefill_draft": 1, "hide_prefill": True}, "--prefill-draft: must be at least 2, got 1"),
+    ({"prefill_draft": 4}, "--prefill-draft: sets what the draft drafts under --hide-prefill; add it"),
     ({"seed": -1}, "--seed: must be an integer in [0, 2^32), got -1"),
     ({"dtype": "fp8"}, "--dtype: unknown precision 'fp8'"),
     ({"device": "gpu"}, "--device: 'gpu' is not a device; use cuda, cuda:N or cpu"),
