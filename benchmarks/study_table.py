@@ -66,6 +66,8 @@ def main() -> None:
     p.add_argument("--extract-batch", type=int, default=500, help="prompts per extraction batch")
     p.add_argument("--answers", type=int, default=100, help="test answers decoded per speculate row")
     p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--compile", action="store_true", help="the reference recipe's training step compiled (the "
+                   "same recipe, faster)")  # fmt: skip
     p.add_argument("--stop-after", type=float, default=None, help="seconds: start no new stage after this")
     p.add_argument("--result", default=str(RESULTS / "study_table.json"))
     args = p.parse_args()
@@ -115,10 +117,12 @@ def main() -> None:
                 break
             t0 = time.time()
             s = run_workflow(WorkflowConfig(name=name, train=str(train_split), test=str(test_split), out=str(runs),
-                                            batch_size=args.extract_batch), progress=False)  # fmt: skip
+                                            batch_size=args.extract_batch, compile=args.compile),
+                             progress=False)  # fmt: skip
             row["reference"] = _recipe_row(Path(s["task"]), run, s["seconds"], time.time() - t0)
             row["reference"]["command"] = (f"specalign workflow {name} --train {train_split} --test {test_split} "
-                                           f"--out {runs} --batch-size {args.extract_batch}")  # fmt: skip
+                                           f"--out {runs} --batch-size {args.extract_batch}"
+                                           + (" --compile" if args.compile else ""))  # fmt: skip
             save()
             log(f"{name} reference: {row['reference']}")
         if "fast" in args.recipes and "fast" not in row:

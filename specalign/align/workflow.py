@@ -41,6 +41,7 @@ class WorkflowConfig:
     num_layers: int = option(4, help="adapter transformer layers")
     num_heads: int = option(8, help="adapter attention heads")
     lr: float = option(1e-4, help="adapter learning rate")
+    compile: bool = option(False, help="torch.compile the adapter's training step (GPU): the same recipe, faster")
     device: str | None = option(None, help="cuda | cpu (default: cuda when available)")
     overwrite: bool = option(False, help=OVERWRITE_HELP)
 
@@ -53,7 +54,7 @@ class WorkflowConfig:
 
 
 # fields that change only speed or where things go: a re-run may change them and still resume
-COSMETIC = ("out", "device", "batch_size", "overwrite", "train", "test")
+COSMETIC = ("out", "device", "batch_size", "overwrite", "train", "test", "compile")
 
 
 @contextmanager
@@ -94,7 +95,7 @@ def run_workflow(cfg: WorkflowConfig, progress: bool = True) -> dict:
     train_cfg = AdapterTrainConfig(train=str(run / "extract_train"), test=str(run / "extract_test"),
                                    task_name=cfg.name, out=str(task_root), epochs=cfg.epochs, embed_dim=cfg.embed_dim,
                                    num_layers=cfg.num_layers, num_heads=cfg.num_heads, lr=cfg.lr,
-                                   device=cfg.device)  # fmt: skip
+                                   compile=cfg.compile, device=cfg.device)  # fmt: skip
     settings = {k: v for k, v in asdict(cfg).items() if k not in COSMETIC}
     settings.update({split: p.settings["dataset"] for split, p in plans.items()},
                     weights=plans["train"].settings["weights"])  # fmt: skip
