@@ -110,6 +110,14 @@ def cmd_train_head(args) -> None:
     print("\n".join(result_lines(train_head(from_args(HeadTrainConfig, args), progress=not args.quiet))))
 
 
+def cmd_export_head(args) -> None:
+    from specalign.align.export_head import ExportConfig, export_head
+
+    r = export_head(from_args(ExportConfig, args))
+    print(f"EAGLE-1 checkpoint for {r['engine']} in {r['out']}: {r['tensors']} tensors, {r['parameters']:,} "
+          f"parameters, {r['dtype']}")  # fmt: skip
+
+
 def cmd_distill(args) -> None:
     from specalign.align.distill import DistillConfig, distill, result_lines
 
@@ -227,6 +235,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
              cmd_train, "specalign.align.train:AdapterTrainConfig")  # fmt: skip
     _command(sub, "train-head", "train a draft head on the target's features (eagle, eagle+events, feature-adapter)",
              cmd_train_head, "specalign.align.train_head:HeadTrainConfig")  # fmt: skip
+    _command(sub, "export-head", "write an eagle-1 head in the public EAGLE-1 layout that vLLM and SGLang load",
+             cmd_export_head, "specalign.align.export_head:ExportConfig")  # fmt: skip
     _command(sub, "distill", "LoRA-distil a draft VLM on the target's answers of an extraction (resumable)",
              cmd_distill, "specalign.align.distill:DistillConfig")  # fmt: skip
     _command(sub, "speculate", "speculative decoding over a split: lossless check, alpha, tau, speedup",

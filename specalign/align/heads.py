@@ -40,6 +40,10 @@ from specalign.errors import SpecalignError, fail, one_line
 from specalign.fsutil import atomic_path, ensure_dir, write_json
 
 KINDS = ("eagle", "eagle+events", "feature-adapter")
+# specalign: an RMSNorm before the layer and after it, fc with a bias over [feature ; embedding]. eagle-1: EAGLE-1's
+# head exactly as vLLM and SGLang run it (fc without bias over [embedding ; feature], no norm before the layer or
+# after it: the layer's output is both the logits' input and the next feature), so `export-head` can write it.
+LAYOUTS = ("specalign", "eagle-1")
 FORMAT = "specalign-draft-head"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -71,6 +75,7 @@ class HeadConfig:
     max_position_embeddings: int = 4096
     events_size: int | None = None
     draft_size: int | None = None
+    layout: str = "specalign"
     target: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -92,10 +97,12 @@ class HeadConfig:
             raise SpecalignError("head config: eagle+events needs events_size (the draft's event token width)")
         if self.kind == "feature-adapter" and not self.draft_size:
             raise SpecalignError("head config: feature-adapter needs draft_size (the draft VLM's hidden width)")
+        check_layout(self.layout, self.kind, self.fused)
 
     @classmethod
     def for_target(cls, kind: str, text_config: dict, fused: bool = False, events_size: int | None = None,
-                   draft_size: int | None = None, target: dict | None = None) -> HeadConfig:  # fmt: skip
+                   draft_size: int | None = None, target: dict | None = None,
+                   layout: str = "specalign") -> HeadConfig:  # fmt: skip
         """A head shaped like one layer of the target's language model (EAGLE: the head's layer is the target's).
         text_config: `target_text_config`'s dict."""
         D = text_config["hidden_size"]
@@ -105,7 +112,7 @@ class HeadConfig:
                    num_key_value_heads=text_config["num_key_value_heads"], head_dim=text_config["head_dim"],
                    intermediate_size=text_config["intermediate_size"], rms_norm_eps=text_config["rms_norm_eps"],
                    rope_theta=text_config["rope_theta"], events_size=events_size, draft_size=draft_size,
-                   target=dict(target or {}))  # fmt: skip
+                   layout=layout, target=dict(target or {}))  # fmt: skip
 
     def llama_config(self):
         """The transformers LlamaConfig of the head's one decoder layer."""
@@ -121,6 +128,15 @@ class HeadConfig:
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+
+
+def check_layout(layout: str, kind: str, fused: bool) -> None:
+    """A head layout the kind can take (eagle-1: a plain eagle head on the target's last layer)."""
+    if layout not in LAYOUTS:
+        raise SpecalignError(f"--layout: unknown head layout {layout!r}: choose {', '.join(LAYOUTS)}")
+    if layout == "eagle-1" and (kind != "eagle" or fused):
+        raise SpecalignError("--layout eagle-1: EAGLE-1's head reads the target's last layer alone: --kind eagle "
+                             "without --fused")  # fmt: skip
 
 
 def target_text_config(config: dict) -> dict:
@@ -207,8 +223,9 @@ class EventAttention(nn.Module):
 
 class DraftHead(_TargetParts, nn.Module):
     """EAGLE's draft head: fc([feature_t ; embed(token_t+1)]) -> one Llama decoder layer -> norm -> the target's LM
-    head. Attribute names are a one-layer Llama's (`layers`, `norm`, `rotary_emb`, `config`, `embed_tokens`,
-    `lm_head`) so the decode engine can run the layer with its own KV cache after calling `inputs`."""
+    head (layout eagle-1: fc([embed ; feature]) -> the layer without its input norm -> the LM head). Attribute
+    names are a one-layer Llama's (`layers`, `norm`, `rotary_emb`, `config`, `embed_tokens`, `lm_head`) so the
+    decode engine can run the layer with its own KV cache after calling `inputs`."""
 
     def __init__(self, config: HeadConfig):
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
@@ -223,9 +240,12 @@ class DraftHead(_TargetParts, nn.Module):
         # fused low/mid/high features (3D) first become one D-wide feature, so the head's own outputs (D) can
         # stand in for it on later drafting steps (EAGLE-3's fc)
         self.fuse = nn.Linear(config.feature_size, D, bias=False) if config.fused else None
-        self.fc = nn.Linear(2 * D, D)
+        eagle1 = config.layout == "eagle-1"
+        self.fc = nn.Linear(2 * D, D, bias=not eagle1)
         self.layers = nn.ModuleList([LlamaDecoderLayer(self.config, 0)])
-        self.norm = LlamaRMSNorm(D, eps=config.rms_norm_eps)
+        self.norm = nn.Identity() if eagle1 else LlamaRMSNorm(D, eps=config.rms_norm_eps)
+        if eagle1:
+            self.layers[0].input_layernorm = nn.Identity()
         self.rotary_emb = LlamaRotaryEmbedding(self.config)
         if config.kind == "eagle+events":
             self.events_proj = nn.Linear(config.events_size, D)
@@ -247,7 +267,8 @@ class DraftHead(_TargetParts, nn.Module):
             raise SpecalignError(f"{self.name}: features of width {features.shape[-1]}, expected "
                                  f"{self.head_config.feature_size}")  # fmt: skip
         embeds = self.embed_tokens(tokens.to(self.embed_tokens.weight.device)).to(features.device, features.dtype)
-        x = self.fc(torch.cat([features, embeds], dim=-1))
+        pair = [embeds, features] if self.head_config.layout == "eagle-1" else [features, embeds]
+        x = self.fc(torch.cat(pair, dim=-1))
         if self.head_config.kind == "eagle+events":
             if events is None:
                 raise SpecalignError(f"{self.name}: this head reads the draft's event tokens; none were given")

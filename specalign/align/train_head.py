@@ -43,10 +43,12 @@ import torch.nn.functional as F
 
 from specalign.align.heads import (
     KINDS,
+    LAYOUTS,
     FeatureAdapter,
     HeadConfig,
     attach_parts,
     build_head,
+    check_layout,
     count_parameters,
     save_head,
     target_text_config,
@@ -102,6 +104,9 @@ class HeadTrainConfig:
     depth: int = option(6, help="chain depth of the offline acceptance metric")
     fused: bool = option(False, help="read the target's fused low/mid/high-layer features instead of its last "
                          "layer (EAGLE-3; the features run must hold them)")  # fmt: skip
+    layout: str = option("specalign", choices=LAYOUTS, help="specalign: norms before and after the layer; eagle-1: "
+                         "EAGLE-1's head exactly (no norms, fc without bias), which `export-head` writes for vLLM and "
+                         "SGLang (plain eagle heads only)")  # fmt: skip
     intermediate_size: int | None = option(None, help="the head's MLP width (default: the target layer's; the "
                                            "feature adapter's: 2 x the target's hidden size)")  # fmt: skip
     seed: int = option(0, help="initial weights, noise and sequence order")
@@ -122,6 +127,7 @@ class HeadTrainConfig:
             raise SpecalignError(f"--holdout: must be below 1, got {self.holdout}")
         if self.fused and self.kind == "feature-adapter":
             raise SpecalignError("--fused: the feature adapter reads the draft's states, not the target's layers")
+        check_layout(self.layout, self.kind, self.fused)
 
 
 # ---------------------------------------------------------------- data
@@ -493,7 +499,7 @@ def _head_config(cfg: HeadTrainConfig, meta: dict, text: dict, embed, lm_head, r
     events = rows[0].events.shape[-1] if cfg.kind == "eagle+events" else None
     draft = width if cfg.kind == "feature-adapter" else None
     hc = HeadConfig.for_target(cfg.kind, {**text, "hidden_size": D, "vocab_size": V}, fused=cfg.fused,
-                               events_size=events, draft_size=draft, target=target)  # fmt: skip
+                               events_size=events, draft_size=draft, target=target, layout=cfg.layout)  # fmt: skip
     if cfg.intermediate_size:
         hc.intermediate_size = cfg.intermediate_size
     elif cfg.kind == "feature-adapter":

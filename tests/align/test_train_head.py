@@ -105,12 +105,14 @@ def test_chain_accepted_counts_leading_hits():
     assert chain_accepted([hit] * 3, torch.zeros(1, T, dtype=torch.bool)).sum() == 0
 
 
-@pytest.mark.parametrize("kind", ["eagle", "feature-adapter"])
-def test_synthetic_task_is_learned(tmp_path, kind):
+@pytest.mark.parametrize("kind,layout", [("eagle", "specalign"), ("feature-adapter", "specalign"),
+                                         ("eagle", "eagle-1")])  # fmt: skip
+def test_synthetic_task_is_learned(tmp_path, kind, layout):
     """A few hundred steps drive eval top-1 from chance to near 1, and the chains get long (eagle: the head
-    must learn to run on its own outputs, as training-time test teaches it)."""
+    must learn to run on its own outputs, as training-time test teaches it; eagle-1: without its norms too)."""
     cfg = HeadTrainConfig(features="synthetic", kind=kind, out=str(tmp_path), epochs=12, batch_size=4,
-                          warmup_steps=10, device="cpu", intermediate_size=128, ttt_steps=3)  # fmt: skip
+                          warmup_steps=10, device="cpu", intermediate_size=128, ttt_steps=3,
+                          layout=layout)  # fmt: skip
     res = run_training(cfg, synthetic(96, seed=0), synthetic(16, seed=1), progress=False)
     first, best = res["history"][0], res["best"]
     assert len(res["history"]) == 12 and res["train_sequences"] == 96 and res["eval_sequences"] == 16

@@ -26,12 +26,12 @@ def dataset(small_world):
     return open_dataset(small_world / "my_egpt_dsec_seq_1s")
 
 
-def make_head(target, kind="eagle", fused=False, events_size=None, draft_size=None, seed=0):
+def make_head(target, kind="eagle", fused=False, events_size=None, draft_size=None, seed=0, layout="specalign"):
     torch.manual_seed(seed)
     D = target.model.lm_head.in_features
     cfg = HeadConfig(kind=kind, hidden_size=D, vocab_size=target.vocab_size, feature_size=3 * D if fused else D,
                      fused=fused, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
-                     events_size=events_size, draft_size=draft_size)  # fmt: skip
+                     events_size=events_size, draft_size=draft_size, layout=layout)  # fmt: skip
     head = (FeatureAdapter if kind == "feature-adapter" else DraftHead)(cfg).to(torch.float64).eval()
     attach_target(head, target)
     if kind == "eagle+events":
@@ -40,9 +40,10 @@ def make_head(target, kind="eagle", fused=False, events_size=None, draft_size=No
     return head
 
 
-def test_head_on_the_engine_computes_its_training_forward(pair):
+@pytest.mark.parametrize("layout", ["specalign", "eagle-1"])
+def test_head_on_the_engine_computes_its_training_forward(pair, layout):
     target, _ = pair
-    head = make_head(target)
+    head = make_head(target, layout=layout)
     engine = Engine(head, 64, features=(1,))
     T = 9
     feats = torch.randn(1, T + 1, 64, dtype=torch.float64)
@@ -69,11 +70,12 @@ def head_source(target, head, t_engine, h_engine, sample, tree=None, context=Non
     return te, lambda: HeadDraft(h_engine, t_engine, ids.tolist(), start, context, tree)
 
 
-@pytest.mark.parametrize("variant", ["chain", "tree", "fused-tree", "events-tree"])
+@pytest.mark.parametrize("variant", ["chain", "tree", "fused-tree", "events-tree", "eagle-1-tree"])
 def test_greedy_sd_with_a_head_is_token_identical(pair, dataset, variant):
     target, draft = pair
     kind = "eagle+events" if variant.startswith("events") else "eagle"
-    head = make_head(target, kind, fused=variant.startswith("fused"), events_size=32 if kind != "eagle" else None)
+    head = make_head(target, kind, fused=variant.startswith("fused"), events_size=32 if kind != "eagle" else None,
+                     layout="eagle-1" if variant.startswith("eagle-1") else "specalign")  # fmt: skip
     n_layers = len(language_model(target)[0].layers)
     t_engine = Engine(target, 500, features=head_feature_layers(head, n_layers))
     h_engine = Engine(head, 300, features=(1,))
