@@ -1,4 +1,4 @@
-"""Killing a running build the hard way, for the kill tests: SIGKILL at a point, then look for its workers."""
+"""Killing a running job, for the kill tests: SIGKILL at a point and look for its workers, or interrupt a call."""
 
 import contextlib
 import os
@@ -37,3 +37,18 @@ def kill_after(proc: subprocess.Popen, out: Path, n_files: int, group: bool) -> 
         os.killpg(proc.pid, signal.SIGKILL) if group else os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     return workers
+
+
+def interrupt_at_call(monkeypatch, owner, name: str, n: int):
+    """The n-th call of owner.name raises KeyboardInterrupt instead of running (a kill at that point); returns
+    the real function, to put back for the resumed run."""
+    real, calls = getattr(owner, name), []
+
+    def interrupted(*args, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(owner, name, interrupted)
+    return real

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))  # the tiny checkpoint writers
 
+from processes import interrupt_at_call  # noqa: E402
 from tiny_eventgpt import write_tiny_eventgpt  # noqa: E402
 from tiny_video_llava import write_tiny_video_llava  # noqa: E402
 
@@ -165,15 +166,7 @@ def test_a_killed_run_resumes_to_the_unbroken_runs_weights(config, finished, tmp
     from safetensors.torch import load_file
 
     cfg = replace(config, out=str(tmp_path / "killed"), checkpoint_every=5)
-    real_step, calls = torch.optim.AdamW.step, []
-
-    def step_then_die(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 13:
-            raise KeyboardInterrupt  # killed during the 13th step
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_die)
+    real_step = interrupt_at_call(monkeypatch, torch.optim.AdamW, "step", 13)  # killed during the 13th step
     with pytest.raises(KeyboardInterrupt):
         distill(cfg, progress=False)
     state = Path(cfg.out) / "train_state.pt"

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from processes import interrupt_at_call
 
 from specalign.align.features import FeatureRecord
 from specalign.align.heads import load_head
@@ -177,15 +178,8 @@ def test_resume_after_a_kill_repeats_the_uninterrupted_run(tmp_path, monkeypatch
     cfg = HeadTrainConfig(features="synthetic", kind="eagle", out=str(tmp_path / "a"), epochs=3, batch_size=8,
                           device="cpu", intermediate_size=64, ttt_steps=2)  # fmt: skip
     whole = run_training(cfg, synthetic(24, seed=0), synthetic(8, seed=1), progress=False)
-    real, calls = th.evaluate, []
-
-    def killed_in_epoch_2(*args, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # the process dies after epoch 2's training steps, before its state is saved
-        return real(*args, **kw)
-
-    monkeypatch.setattr(th, "evaluate", killed_in_epoch_2)
+    # the process dies after epoch 2's training steps, before its state is saved
+    real = interrupt_at_call(monkeypatch, th, "evaluate", 2)
     cfg_b = HeadTrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "b")})
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg_b, synthetic(24, seed=0), synthetic(8, seed=1), progress=False)

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from processes import interrupt_at_call
 
 from specalign.cli import main
 from specalign.data import open_dataset
@@ -47,15 +48,7 @@ def test_killed_training_resumes_only_with_its_own_settings(world, tmp_path, mon
     out = tmp_path / "resume"
     cfg = dict(role="draft", world=str(world), out=str(out), duration="500ms", steps=6, clips_per_batch=2,
                questions_per_clip=2, warmup=1, eval_clips=1, checkpoint_every=2, device="cpu", sizes=TINY)  # fmt: skip
-    real_step, calls = torch.optim.AdamW.step, []
-
-    def step_then_die(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt  # killed during the 5th step
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_die)
+    real_step = interrupt_at_call(monkeypatch, torch.optim.AdamW, "step", 5)  # killed during the 5th step
     with pytest.raises(KeyboardInterrupt):
         train_mini(TrainConfig(**cfg), progress=False)
     state = out / "train_state.pt"
