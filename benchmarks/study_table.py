@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from speculate_mini import speculate_row  # noqa: E402
 
+from specalign.align.extract import ExtractConfig, extract  # noqa: E402
 from specalign.align.token_adapter import load_adapter  # noqa: E402
 from specalign.align.train import AdapterTrainConfig, train_adapter  # noqa: E402
 from specalign.align.workflow import WORKFLOWS, WorkflowConfig, run_workflow  # noqa: E402
@@ -62,7 +63,8 @@ def main() -> None:
     p.add_argument("--train-clips", type=int, default=5208, help="train clips of a world built here")
     p.add_argument("--test-clips", type=int, default=1100, help="test clips of a world built here")
     p.add_argument("--workflows", default="1q,10q,50q")
-    p.add_argument("--recipes", default="reference,fast", help="adapter recipes per workflow (reference, fast)")
+    p.add_argument("--recipes", default="reference,fast", help="adapter recipes per workflow (reference, fast); "
+                   "without reference the pairs are extracted on their own, with no workflow")  # fmt: skip
     p.add_argument("--extract-batch", type=int, default=500, help="prompts per extraction batch")
     p.add_argument("--answers", type=int, default=100, help="test answers decoded per speculate row")
     p.add_argument("--gamma", type=int, default=4)
@@ -111,7 +113,21 @@ def main() -> None:
         if name not in WORKFLOWS:
             p.error(f"--workflows: unknown workflow {name!r}")
         row = result["rows"].setdefault(name, {})
-        run = runs / name
+        run = pairs = runs / name  # the workflow's folder holds the pairs both recipes train on
+        if "reference" not in args.recipes:  # no workflow: the pairs are extracted on their own, beside it
+            pairs = runs / f"{name}_pairs"
+            if "extract" not in row:
+                if out_of_time():
+                    break
+                row["extract"] = {}
+                for split, folder in (("train", train_split), ("test", test_split)):
+                    t0 = time.time()
+                    m = extract(ExtractConfig(dataset=str(folder), out=str(pairs / f"extract_{split}"),
+                                              questions=WORKFLOWS[name], batch_size=args.extract_batch),
+                                progress=False)  # fmt: skip
+                    row["extract"][split] = {"pairs": m["pairs"], "seconds": round(time.time() - t0, 1)}
+                save()
+                log(f"{name} extract: {row['extract']}")
         if "reference" in args.recipes and "reference" not in row:
             if out_of_time():
                 break
@@ -129,20 +145,21 @@ def main() -> None:
             if out_of_time():
                 break
             t0 = time.time()
-            res = train_adapter(AdapterTrainConfig(train=str(run / "extract_train"), test=str(run / "extract_test"),
-                                                   task_name=f"{name}_fast", out=str(run / "task_fast"),
-                                                   **FAST), progress=False)  # fmt: skip
-            row["fast"] = _recipe_row(Path(res["task_dir"]), run, None, time.time() - t0)
-            row["fast"]["command"] = (f"specalign train --train {run}/extract_train --test {run}/extract_test "
+            res = train_adapter(AdapterTrainConfig(train=str(pairs / "extract_train"),
+                                                   test=str(pairs / "extract_test"), task_name=f"{name}_fast",
+                                                   out=str(pairs / "task_fast"), **FAST), progress=False)  # fmt: skip
+            row["fast"] = _recipe_row(Path(res["task_dir"]), pairs, None, time.time() - t0)
+            row["fast"]["command"] = (f"specalign train --train {pairs}/extract_train --test {pairs}/extract_test "
                                       f"--batch-size {FAST['batch_size']} --lr {FAST['lr']} --compile")  # fmt: skip
             save()
             log(f"{name} fast: {row['fast']}")
-        if "speculate" not in row and "reference" in row:
+        recipe = next((r for r in ("reference", "fast") if r in row), None)
+        if "speculate" not in row and recipe:
             if out_of_time():
                 break
             q = WORKFLOWS[name]
             rows = []
-            for label, adapter in (("draft VLM", None), ("draft VLM + reference adapter", row["reference"]["task"])):
+            for label, adapter in (("draft VLM", None), (f"draft VLM + {recipe} adapter", row[recipe]["task"])):
                 cfg = SpeculateConfig(dataset=str(test_split), out=str(run / f"speculate_{len(rows)}"), questions=q,
                                       max_samples=max(1, args.answers // q), gamma=args.gamma, token_adapter=adapter,
                                       repeats=1, hf_baseline=False, overwrite=True)  # fmt: skip
