@@ -344,7 +344,60 @@ def main() -> None:
             write_json(partial, res)
     write_json(args.result, res)
     partial.unlink(missing_ok=True)
+    plot_profile(res, Path(args.result).with_name("decode_7b_profile.png"))
+
+
+def plot_profile(res: dict, path: Path) -> Path | None:
+    """Where one decode step's GPU time goes, by kernel family, for each profiled step (the kernel_profile_* entries
+    of a decode_7b result), beside its measured ms/token and the memory floor. None when nothing was profiled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from specalign.fsutil import save_png
+
+    names = [k for k in res if k.startswith("kernel_profile_")]
+    if not names:
+        return None
+    families = sorted({f for k in names for f in res[k]["by_family_ms"]},
+                      key=lambda f: -max(res[k]["by_family_ms"].get(f, 0) for k in names))  # fmt: skip
+    colours = dict(zip(families, ("#8da0cb", "#fc8d62", "#66c2a5", "#e78ac3", "#a6d854"), strict=False))
+    measured = res.get("decode_ms_per_token", {})
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(names) + 1.8))
+    for y, k in enumerate(names):
+        left = 0.0
+        for f in families:
+            v = res[k]["by_family_ms"].get(f, 0.0)
+            ax.barh(y, v, left=left, color=colours.get(f, "grey"), label=f if y == 0 else None)
+            left += v
+        variant = k.removeprefix("kernel_profile_")
+        wall = measured.get("engine_eager" if variant == "eager" else f"engine_{variant}_cuda_graphs")
+        text = f"kernels {left:.2f} ms" + (f"; measured {wall:.2f} ms/token" if wall else "")
+        if wall and variant != "eager" and left > wall:  # the ungraphed profile of a tuned step: not its real time
+            text += "\n(the ungraphed profile: not the graphed step)"
+        ax.text(left + 0.1, y, text, va="center", fontsize=9)
+    floor = res.get("floor_ms_per_token", 3.7)
+    ax.axvline(floor, color="black", linestyle=":", linewidth=1)
+    ax.text(floor, len(names) - 0.4, f" memory floor ≈ {floor} ms", fontsize=9)
+    ax.set_yticks(range(len(names)), [k.removeprefix("kernel_profile_").replace("_", " ") for k in names])
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(sum(res[k]["by_family_ms"].values()) for k in names) * 1.75)
+    ax.set_xlabel("GPU time of one decode step by kernel family (ms; the profiler runs the step without CUDA graphs)")
+    ax.set_title(f"Target decode step at Video-LLaVA-7B shape, {res['setup']['target_context']}-token context, "
+                 f"{res['machine']['gpu']}", fontsize=10)  # fmt: skip
+    ax.legend(loc="upper right", fontsize=9)
+    fig.tight_layout()
+    save_png(fig, path)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--plot-only"]:  # redraw the profile plot of a result file: --plot-only RESULT.json
+        from specalign.fsutil import read_json
+
+        result = Path(sys.argv[2] if len(sys.argv) > 2 else Path(__file__).parent / "results" / "decode_7b.json")
+        print(plot_profile(read_json(result), result.with_name("decode_7b_profile.png")))
+    else:
+        main()
