@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -198,7 +199,9 @@ def _train(cfg, vlm, rows, eval_rows, visual, held_visual, shared, out: Path, pr
     torch.manual_seed(cfg.seed)
     lora_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                              target_modules=LORA_TARGETS)  # fmt: skip
-    model = get_peft_model(vlm.model, lora_config)
+    with warnings.catch_warnings():  # transformers' deprecation notice for a call inside peft: not the user's to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        model = get_peft_model(vlm.model, lora_config)
     lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(lora.values(), lr=cfg.lr, weight_decay=0.0)
     schedule = _lr_lambda(cfg.warmup, cfg.steps)
