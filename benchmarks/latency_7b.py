@@ -148,7 +148,8 @@ def main() -> None:
         if not r["source"].startswith("hybrid"):
             continue
         pre = r.get("prefill_draft") or depth + 1
-        voice_of = "its own voice" if "bundled" in r["source"] else "the target's voice"
+        voice_of = ("its own voice" if "bundled" in r["source"] else
+                    "the target's voice (LoRA)" if "LoRA" in r["source"] else "the target's voice")  # fmt: skip
         for overlap in (True, False):
             where = "2nd GPU" if overlap else "same GPU, serial"
             rows.append(price(f"hybrid: draft in {voice_of}, {pre} tokens in the shadow, {where}", r["traces"], c,

@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from speculate_mini import speculate_row  # noqa: E402
 
+from specalign.align.distill import DistillConfig  # noqa: E402
+from specalign.align.distill import distill as run_distill  # noqa: E402
 from specalign.data import open_dataset  # noqa: E402
 from specalign.decode.ngram import NgramBuildConfig, build_ngram  # noqa: E402
 from specalign.decode.run import SpeculateConfig  # noqa: E402
@@ -56,6 +58,8 @@ def main() -> None:
     p.add_argument("--tree", default="6,10,64", help="TOPK,DEPTH,NODES of the head and hybrid rows")
     p.add_argument("--prefill-draft", type=int, default=6, help="the last hybrid row's draft-VLM tokens during the "
                    "prefill (its first-token guess included): what fits under the target's prefill at 7B")  # fmt: skip
+    p.add_argument("--lora-steps", type=int, default=0, help="also distil with LoRA (`specalign distill`, the 7B "
+                   "draft's path) for this many steps, and decode with that draft too (0: no)")  # fmt: skip
     p.add_argument("--device", default=None)
     p.add_argument("--result", default=str(RESULTS / "target_voice.json"))
     args = p.parse_args()
@@ -76,6 +80,18 @@ def main() -> None:
     table = runs / "ngram.json"  # the text-only baseline, from the same teacher answers
     build_ngram(NgramBuildConfig(pairs=args.teacher, out=str(table)))
     test = world / "my_egpt_dsec_seq_1s"
+    lora = {}
+    if args.lora_steps:
+        t0 = time.time()
+        train = str(world / "my_egpt_dsec_train_1s")
+        m = run_distill(DistillConfig(draft="mini-draft", pairs=args.teacher, dataset=train,
+                                      out=str(runs / "mini-draft-lora"), steps=args.lora_steps, batch_size=16, lr=1e-3,
+                                      device=args.device, overwrite=True), progress=False)  # fmt: skip
+        lora = {"command": f"specalign distill --draft mini-draft --pairs {args.teacher} --dataset {train} "
+                           f"--steps {args.lora_steps} --batch-size 16 --lr 1e-3",
+                "wall_seconds": round(time.time() - t0, 1),
+                **{k: m[k] for k in ("parameters", "train_seconds", "final_loss", "held_out")}}  # fmt: skip
+        log(f"LoRA-distilled draft: {lora}")
     sources = {
         "bundled draft (its own voice), gamma 4, prefill hiding": {"draft": "mini-draft", "hide_prefill": True},
         "distilled draft (the target's voice), gamma 4, prefill hiding": {"draft": voice, "hide_prefill": True},
@@ -89,6 +105,14 @@ def main() -> None:
             "draft": voice, "draft_head": "mini-head", "tree": args.tree, "hide_prefill": True,
             "prefill_draft": args.prefill_draft},
     }  # fmt: skip
+    if lora:
+        sources.update({
+            "LoRA-distilled draft, gamma 4, prefill hiding": {"draft": str(runs / "mini-draft-lora"),
+                                                              "hide_prefill": True},
+            f"hybrid: LoRA-distilled draft, then the head's tree {args.tree}": {
+                "draft": str(runs / "mini-draft-lora"), "draft_head": "mini-head", "tree": args.tree,
+                "hide_prefill": True},
+        })  # fmt: skip
     rows = []
     result = {
         "benchmark": "target_voice",
@@ -100,6 +124,7 @@ def main() -> None:
                   "questions": args.questions, "answers": args.answers, "gamma": args.gamma, "tree": args.tree,
                   "greedy": True, "max_new_tokens": 50},
         "distilled_draft": distill,
+        "lora_distilled_draft": lora or None,
         "rows": rows,
     }  # fmt: skip
     for i, (label, opts) in enumerate(sources.items()):
