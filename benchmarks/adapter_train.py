@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from specalign.align.token_adapter import TokenAdapter, TokenAdapterConfig, count_parameters  # noqa: E402
 from specalign.align.tokens import TokenPairs, write_pairs  # noqa: E402
-from specalign.align.train import AdapterTrainConfig, step_loss, train_adapter, train_epoch  # noqa: E402
+from specalign.align.train import AdapterTrainConfig, compiled_step_loss, step_loss, train_adapter, train_epoch  # noqa: E402
 from specalign.fsutil import write_json  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def sweep(configs, pairs: int, length: int, vocab: int, steps: int, device) -> l
         opt = torch.optim.AdamW(adapter.parameters(), lr=lr_for(b), weight_decay=0.01, fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         cfg = AdapterTrainConfig(train="", test="", batch_size=b, device=str(device))
-        loss_fn = torch.compile(step_loss) if compiled else step_loss
+        loss_fn = compiled_step_loss(device) if compiled else step_loss
         order = torch.randperm(pairs, device=device)
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -197,8 +198,7 @@ def _generate_role(vlm, role: str, dataset, questions, jobs, shard: Path, cfg: E
                disable=not progress)  # fmt: skip
     engines: dict = {}
     with open(shard, "a") as f:
-        for chunk in _chunks(todo, cfg.batch_size, len(questions)):
-            prompts = _prompts(vlm, dataset, questions, chunk)
+        for chunk, prompts in _prepared(vlm, dataset, questions, _chunks(todo, cfg.batch_size, len(questions))):
             if cfg.engine == "static":
                 groups: dict[int, list] = {}
                 for (s_idx, _), p in zip(chunk, prompts, strict=True):
@@ -217,15 +217,32 @@ def _generate_role(vlm, role: str, dataset, questions, jobs, shard: Path, cfg: E
     bar.close()
 
 
-def _prompts(vlm, dataset, questions, chunk) -> list[Prompt]:
-    """The model's prompts of a batch of (sample, question) jobs; the visual input is built once per sample."""
-    prompts, visual = [], {}
+def _prepared(vlm, dataset, questions, chunks):
+    """(chunk, the model's prompts of its (sample, question) jobs) for each chunk. The visual input is built once
+    per sample, on a pool of threads, one chunk ahead of the caller: reading and resizing images (which release
+    the GIL) overlaps the model's work on the chunk before."""
+
+    def start(chunk):
+        samples = dict.fromkeys(s for s, _ in chunk)  # the visual input is shared by all questions of a sample
+        return chunk, {s: pool.submit(vlm.visual_inputs, dataset[s]) for s in samples}
+
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        ahead = None
+        for chunk in chunks:
+            current, ahead = ahead, start(chunk)
+            if current:
+                yield _prompts(vlm, questions, *current)
+        if ahead:
+            yield _prompts(vlm, questions, *ahead)
+
+
+def _prompts(vlm, questions, chunk, visual_futures) -> tuple[list, list[Prompt]]:
+    visual = {s: f.result() for s, f in visual_futures.items()}  # a bad sample's error is raised here
+    prompts = []
     for s_idx, q_idx in chunk:
-        if s_idx not in visual:  # the visual input is shared by all questions of a sample
-            visual[s_idx] = vlm.visual_inputs(dataset[s_idx])
         text = vlm.prompt_text(questions[q_idx])
         prompts.append(Prompt(vlm.expand_prompt(text, visual[s_idx]), visual[s_idx], text))
-    return prompts
+    return chunk, prompts
 
 
 def _chunks(todo: list[tuple[int, int]], batch_size: int, questions: int):
@@ -323,8 +340,7 @@ def _feature_role(vlm, role: str, p: Plan, jobs, out: Path, rank: int, cfg: Extr
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=f"features {role}", unit="pair",
                disable=not progress)  # fmt: skip
     t0 = time.time()
-    for chunk in _chunks(todo, cfg.batch_size, len(p.questions)):
-        prompts = _prompts(vlm, p.dataset, p.questions, chunk)
+    for chunk, prompts in _prepared(vlm, p.dataset, p.questions, _chunks(todo, cfg.batch_size, len(p.questions))):
         a = [answers[j] for j in chunk]
         if role == "target":
             feats = target_features(vlm, prompts, a, layers)

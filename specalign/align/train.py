@@ -26,7 +26,6 @@ from specalign.align.token_adapter import (
     adapter_loss,
     save_adapter,
     shifted_targets,
-    topk_accuracy,
 )
 from specalign.align.tokens import TokenPairs, pad_batch, pairs_identity, read_pairs
 from specalign.errors import SpecalignError, fail, one_line
@@ -40,6 +39,7 @@ MAX_VOCAB = 1 << 20  # above every real tokenizer (the largest are ~256k); guard
 # fields that change where things go, speed or resumability, never the trained weights
 COSMETIC = ("train", "test", "task_name", "out", "device", "resume", "checkpoint_every_s", "compile", "overwrite")
 PAD_ID = 0
+EVAL_LOGITS = 1 << 29  # logit elements per evaluation batch on the GPU
 
 
 def _default_device() -> str:
@@ -75,7 +75,7 @@ class AdapterTrainConfig:
     checkpoint_every_s: float = option(
         30.0, flag="--checkpoint-every", help="seconds between last_state.pt saves (resume points; 0 = every epoch)"
     )
-    compile: bool = option(False, help="torch.compile the training step (GPU; ~1 min to compile)")
+    compile: bool = option(False, help="torch.compile the training step, CUDA graphs on one GPU (~1 min to compile)")
     overwrite: bool = option(False, help="with --resume: start that task folder over if its settings differ")
 
     def __post_init__(self):
@@ -143,7 +143,7 @@ def evaluate(
 ) -> dict:  # fmt: skip
     """Teacher-forced metrics over draft/target [N, L] with the training shift (logits[i] vs target[i+1]).
 
-    - top1 / top5: `topk_accuracy`, pooled over all non-pad labels;
+    - top1 / top5: what `topk_accuracy` measures, pooled over all non-pad labels;
     - baseline: fraction of those label positions j = i+1 where the draft token at the same position already
       equals the target token (draft[j] == target[j]): what "use the draft as is" gets, the reference's baseline;
     - per_position: top-1 at draft position i (predicting target[i+1]), None where no label exists;
@@ -151,12 +151,14 @@ def evaluate(
     """
     adapter.eval()
     device = torch.device(cfg.device)
-    # bigger batches on the GPU only change the speed (the logits of a 256 x 50 batch at vocab 32k are 1.6 GB)
-    batch_size = cfg.batch_size if device.type == "cpu" else max(cfg.batch_size, 256)
-    loss_sum = n_lab = hit1 = hit5 = base = 0.0
     L = draft.shape[1]
-    pos_hit = torch.zeros(L)
-    pos_n = torch.zeros(L)
+    # bigger batches on the GPU only change the speed: as many rows as keep the logits near 2 GB of fp32
+    batch_size = cfg.batch_size if device.type == "cpu" else max(cfg.batch_size, EVAL_LOGITS // max(
+        1, L * adapter.config.target_vocab_size))  # fmt: skip
+    # sums stay on the device until the end: one host sync per evaluation, not four per batch
+    loss_sum, hit1, hit5, base = (torch.zeros((), dtype=torch.float64, device=device) for _ in range(4))
+    pos_hit = torch.zeros(L, dtype=torch.long, device=device)
+    pos_n = torch.zeros(L, dtype=torch.long, device=device)
     guesses = []
     for s in range(0, len(draft), batch_size):
         d, t = draft[s : s + batch_size].to(device), target[s : s + batch_size].to(device)
@@ -167,24 +169,23 @@ def evaluate(
             guesses.append(logits.argmax(-1).cpu())
         labels = shifted_targets(d, t, PAD_ID)
         keep = labels != PAD_ID
-        k = int(keep.sum())
-        if not k:
-            continue
-        # the helpers return means over a batch's labels; weight by label count to pool over the whole set
-        loss_sum += adapter_loss(logits, d, t, PAD_ID).item() * k
-        hit1 += topk_accuracy(logits, d, t, 1, PAD_ID) * k
-        hit5 += topk_accuracy(logits, d, t, min(5, logits.shape[-1]), PAD_ID) * k
+        # the loss is a mean over a batch's labels: weighted by their count to pool over the whole set
+        k = keep.sum()
+        loss_sum += torch.where(k > 0, adapter_loss(logits, d, t, PAD_ID).double() * k, 0.0)  # no label: NaN mean
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # [B, L, 5]
+        hit = (top[..., 0] == labels) & keep
+        hit1 += hit.sum()
+        hit5 += ((top == labels[..., None]).any(-1) & keep).sum()
         same = torch.zeros_like(keep)
         same[:, :-1] = d[:, 1:] == t[:, 1:]
-        base += (same & keep).sum().item()
-        hit = (logits.argmax(-1) == labels) & keep
-        pos_hit += hit.sum(0).float().cpu()
-        pos_n += keep.sum(0).float().cpu()
-        n_lab += k
+        base += (same & keep).sum()
+        pos_hit += hit.sum(0)
+        pos_n += keep.sum(0)
+    n_lab = int(pos_n.sum())
     n = max(n_lab, 1)
     per_pos = [(h / c) if c else None for h, c in zip(pos_hit.tolist(), pos_n.tolist(), strict=True)]
-    out = {"test_loss": loss_sum / n, "top1": hit1 / n, "top5": hit5 / n, "baseline": base / n,
-           "labels": int(n_lab), "per_position": per_pos}  # fmt: skip
+    out = {"test_loss": float(loss_sum) / n, "top1": float(hit1) / n, "top5": float(hit5) / n,
+           "baseline": float(base) / n, "labels": n_lab, "per_position": per_pos}  # fmt: skip
     if return_argmax:
         out["argmax"] = torch.cat(guesses) if guesses else torch.zeros_like(draft)
     return out
@@ -201,6 +202,14 @@ def step_loss(adapter: TokenAdapter, draft: torch.Tensor, target: torch.Tensor, 
     return adapter_loss(logits, draft, target, PAD_ID)
 
 
+def compiled_step_loss(device: torch.device, world: int = 1):
+    """`step_loss` through torch.compile. One process on a GPU also replays each step as a CUDA graph: at the
+    reference's batch of 32 a step is all kernel launches. Under DDP the gradient hooks run outside any graph, so
+    ranks compile without."""
+    mode = "reduce-overhead" if torch.device(device).type == "cuda" and world == 1 else None
+    return torch.compile(step_loss, mode=mode)
+
+
 def train_epoch(adapter, opt, sched, draft: torch.Tensor, target: torch.Tensor, order: torch.Tensor,
                 cfg: AdapterTrainConfig, loss_fn=step_loss) -> float:  # fmt: skip
     """One pass over the pairs in `order` (indices into draft/target [N, L], all on the training device).
@@ -215,6 +224,7 @@ def train_epoch(adapter, opt, sched, draft: torch.Tensor, target: torch.Tensor, 
     for s in range(0, len(order), cfg.batch_size):
         idx = order[s : s + cfg.batch_size][rank::world]  # under DDP each rank takes its share of the global batch
         d, t = draft[idx], target[idx]
+        torch.compiler.cudagraph_mark_step_begin()  # a CUDA-graphed step may reuse the last step's buffers
         loss = loss_fn(adapter, d, t, cfg.bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages the gradients over the ranks here
@@ -496,7 +506,7 @@ def _train(cfg: AdapterTrainConfig, data: TrainData, task: Path, rank: int, worl
     extra = {"vocab_size": vocab, "max_len": length, "train_pairs": len(train_d), "test_pairs": len(test_d),
              "adapter_config": dataclasses.asdict(acfg)}  # fmt: skip
 
-    loss_fn = torch.compile(step_loss) if cfg.compile else step_loss
+    loss_fn = compiled_step_loss(device, world) if cfg.compile else step_loss
     last_save = time.time()
     status = "completed"
     bar = tqdm(range(start, cfg.epochs + 1), desc=cfg.task_name, unit="epoch", initial=start - 1, total=cfg.epochs,

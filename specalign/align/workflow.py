@@ -22,6 +22,7 @@ from specalign.options import option
 from specalign.runs import OVERWRITE_HELP, require_positive, run_folder
 
 WORKFLOWS = {"1q": 1, "10q": 10, "50q": 50}
+STAGES = ("extract", "train", "evaluate")
 
 
 @dataclass
@@ -42,19 +43,23 @@ class WorkflowConfig:
     num_heads: int = option(8, help="adapter attention heads")
     lr: float = option(1e-4, help="adapter learning rate")
     compile: bool = option(False, help="torch.compile the adapter's training step (GPU): the same recipe, faster")
+    until: str = option("evaluate", choices=STAGES, help="the last stage to run; the same command without it "
+                        "continues from there")  # fmt: skip
     device: str | None = option(None, help="cuda | cpu (default: cuda when available)")
     overwrite: bool = option(False, help=OVERWRITE_HELP)
 
     def __post_init__(self):
         if self.name not in WORKFLOWS:
             raise SpecalignError(f"workflow: unknown workflow {self.name!r}: choose {', '.join(WORKFLOWS)}")
+        if self.until not in STAGES:
+            raise SpecalignError(f"--until: unknown stage {self.until!r}: choose {', '.join(STAGES)}")
         for name in ("max_samples", "max_test_samples", "max_new_tokens", "batch_size", "epochs", "embed_dim",
                      "num_layers", "num_heads"):  # fmt: skip
             require_positive(name, getattr(self, name))
 
 
 # fields that change only speed or where things go: a re-run may change them and still resume
-COSMETIC = ("out", "device", "batch_size", "overwrite", "train", "test", "compile")
+COSMETIC = ("out", "device", "batch_size", "overwrite", "train", "test", "compile", "until")
 
 
 @contextmanager
@@ -105,6 +110,8 @@ def run_workflow(cfg: WorkflowConfig, progress: bool = True) -> dict:
             log.info(f"[{cfg.name}] extract {split}: {c.dataset}")
             m = extract(c, progress=progress)
             log.info(f"[{cfg.name}] extract {split}: {m['pairs']} pairs, peak memory {m['peak_memory_gb']} GB")
+        if cfg.until == "extract":
+            return _stopped(cfg, run, log, t0)
         done = sorted(task_root.glob(f"{cfg.name}_*/results.json"))
         finished = [p for p in done if read_json(p).get("status") in ("completed", "early_stopped")]
         if finished:  # the run folder's settings equal this run's, so this is its own training
@@ -116,6 +123,8 @@ def run_workflow(cfg: WorkflowConfig, progress: bool = True) -> dict:
             result = train_adapter(replace(train_cfg, resume=str(started[-1]) if started else None),
                                    progress=progress)  # fmt: skip
         task = Path(result["task_dir"])
+        if cfg.until == "train":
+            return _stopped(cfg, run, log, t0, task)
         ev = evaluate_adapter(task / "best_model", run / "extract_test")
         write_json(run / "eval.json", ev)
         tf = ev["teacher_forced"]
@@ -128,10 +137,25 @@ def run_workflow(cfg: WorkflowConfig, progress: bool = True) -> dict:
     return summary
 
 
+def _stopped(cfg: WorkflowConfig, run: Path, log, t0: float, task: Path | None = None) -> dict:
+    """The summary of a run stopped after --until's stage (no summary.json: the workflow is not finished)."""
+    log.info(f"[{cfg.name}] stopped after {cfg.until} (--until); the same command without --until continues")
+    return {
+        "workflow": cfg.name,
+        "run": str(run),
+        "until": cfg.until,
+        "task": None if task is None else str(task),
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
 def summary_lines(s: dict) -> list[str]:
-    """The console table of a finished workflow (its summary.json)."""
+    """The console table of a finished workflow (its summary.json), or where a run stopped by --until is."""
     from specalign.align.train import BELOW_BASELINE
 
+    if "until" in s:
+        where = f"task folder: {s['task']}" if s["task"] else f"pairs in {s['run']}/extract_train, extract_test"
+        return [f"{s['workflow']}: stopped after {s['until']} ({s['seconds']} s); {where}"]
     flag = f"  ({BELOW_BASELINE})" if s["below_baseline"] else ""
     return ["", "| workflow | train pairs | test pairs | baseline | adapter top-1 | improvement | seconds |",
             "|---|---|---|---|---|---|---|",

@@ -1,8 +1,9 @@
 """The 1q workflow end to end on a tiny world with the bundled models; a re-run resumes (skips) every stage, a re-run
-with other settings is refused, and --overwrite starts over."""
+with other settings is refused, and --overwrite starts over; --until splits a run by stage."""
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -21,8 +22,16 @@ def test_workflow_1q_runs_and_resumes(tmp_path):
     cfg = WorkflowConfig(name="1q", train=str(tmp_path / "w/my_egpt_dsec_train_1s"),
                          test=str(tmp_path / "w/my_egpt_dsec_seq_1s"), out=str(tmp_path / "runs"), epochs=2,
                          embed_dim=32, num_layers=1, num_heads=2, lr=1e-3, max_new_tokens=16, device="cpu")  # fmt: skip
-    s = run_workflow(cfg, progress=False)
     run = tmp_path / "runs" / "1q"
+    # --until: a run split by stage; the same command without it continues where the last one stopped
+    part = run_workflow(replace(cfg, until="extract"), progress=False)
+    assert part["until"] == "extract" and part["task"] is None
+    assert (run / "extract_test/pairs.jsonl").is_file() and not (run / "task").exists()
+    assert not (run / "summary.json").exists()
+    part = run_workflow(replace(cfg, until="train"), progress=False)
+    assert (Path(part["task"]) / "best_model").is_dir() and not (run / "eval.json").exists()
+    s = run_workflow(cfg, progress=False)
+    assert s["task"] == part["task"], "the finished training is reused"
     assert s["train_pairs"] == 6 and s["test_pairs"] == 2
     for f in ("workflow.log", "eval.json", "summary.json", "extract_train/pairs.jsonl", "extract_test/pairs.jsonl"):
         assert (run / f).is_file(), f
