@@ -90,7 +90,7 @@ def main() -> None:
     result.setdefault("rows", {})
 
     def save():
-        write_json(args.result, result)
+        write_json(args.result, result, flat_numbers=True)
 
     def out_of_time() -> bool:
         late = args.stop_after is not None and time.time() - t_start > args.stop_after

@@ -144,7 +144,7 @@ def main() -> None:
                           "drafted": s.get("nodes_per_round") or s["drafted_per_round"],
                           "free": s["free_tokens"], "prefill_hit": s["prefill_hit"]} for s in samples]  # fmt: skip
         rows.append(row)
-        write_json(args.result, result)  # a killed run keeps its finished rows
+        write_json(args.result, result, flat_numbers=True)  # a killed run keeps its finished rows
         log(
             f"{label}: identical {row['token_identical']} alpha {row['alpha']:.3f} tau {row['tau']:.2f} "
             f"first token {first}/{len(with_rounds)} free {row['free_tokens_from_prefill_hiding']}"

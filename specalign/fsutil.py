@@ -64,8 +64,16 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
-    write_bytes(path, (json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode())
+# a JSON array of numbers only, spread over lines by indent
+_NUMBER_LIST = re.compile(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]")
+
+
+def write_json(path: str | Path, obj, indent: int | None = 2, flat_numbers: bool = False) -> None:
+    """obj as JSON, atomically. flat_numbers: arrays of numbers on one line each (traces stay readable and small)."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=False)
+    if flat_numbers:
+        text = _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
+    write_bytes(path, (text + "\n").encode())
 
 
 def read_json(path: str | Path):

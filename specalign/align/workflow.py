@@ -125,7 +125,7 @@ def run_workflow(cfg: WorkflowConfig, progress: bool = True) -> dict:
         task = Path(result["task_dir"])
         if cfg.until == "train":
             return _stopped(cfg, run, log, t0, task)
-        ev = evaluate_adapter(task / "best_model", run / "extract_test")
+        ev = evaluate_adapter(task / "best_model", run / "extract_test", device=cfg.device)
         write_json(run / "eval.json", ev)
         tf = ev["teacher_forced"]
         summary = {"workflow": cfg.name, "run": str(run), "task": str(task), "train_pairs": result.get("train_pairs"),

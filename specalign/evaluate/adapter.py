@@ -36,6 +36,7 @@ class EvaluateConfig:
     pairs: str = option(help="token pairs: an extraction/store folder or a reference JSON")
     token_adapter: str = option("task", help=ADAPTER_HELP)
     out: str | None = option(None, help="write the full metrics JSON here")
+    device: str | None = option(None, help="cuda | cpu (default: cuda when available, with bf16 autocast)")
 
     def __post_init__(self):
         if not str(self.token_adapter).strip():
@@ -107,14 +108,17 @@ def predictions(adapter, draft: torch.Tensor, batch_size: int = 64) -> torch.Ten
     return torch.cat(out)
 
 
-def evaluate_adapter(adapter_path: str | Path, pairs_path: str | Path, batch_size: int = 64) -> dict:
-    """Teacher-forced metrics and the reference's AR comparison of `adapter_path` on the pairs at `pairs_path`."""
-    adapter = load_adapter(adapter_path)
+def evaluate_adapter(adapter_path: str | Path, pairs_path: str | Path, batch_size: int = 64,
+                     device: str | None = None) -> dict:  # fmt: skip
+    """Teacher-forced metrics and the reference's AR comparison of `adapter_path` on the pairs at `pairs_path`,
+    on `device` (default: cuda when available, with bf16 autocast as in training)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    adapter = load_adapter(adapter_path, device=device)
     pairs = _read_fitting(pairs_path, adapter)
     length = min(max(max(len(d), len(t)) for d, t in zip(pairs.draft, pairs.target, strict=True)),
                  adapter.config.max_positions)  # fmt: skip
     draft, target = pad_batch(pairs.draft, PAD_ID, length), pad_batch(pairs.target, PAD_ID, length)
-    cfg = AdapterTrainConfig(train="", test="", batch_size=batch_size, device="cpu")
+    cfg = AdapterTrainConfig(train="", test="", batch_size=batch_size, device=device)
     tf = train_evaluate(adapter, draft, target, cfg, return_argmax=True)  # one pass gives metrics and guesses
     pred = tf["argmax"]
     label = shifted_targets(draft, target, PAD_ID)  # the training shift: guess i is for target[i + 1]
@@ -159,7 +163,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 
     if cfg.out:
         ensure_dir(Path(cfg.out).parent)  # an unwritable place fails before the work
-    r = evaluate_adapter(resolve_adapter(cfg.token_adapter), cfg.pairs)
+    r = evaluate_adapter(resolve_adapter(cfg.token_adapter), cfg.pairs, device=cfg.device)
     if cfg.out:
         write_json(cfg.out, r)
     return r
