@@ -28,7 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from specalign.decode.attention import split_kv_attention
 from specalign.errors import SpecalignError
+
+ATTENTIONS = ("sdpa", "split")  # how a one-token step attends (`Engine(attention=...)`)
 
 
 def language_model(vlm):
@@ -94,7 +97,8 @@ class Engine:
     """One model's language side with a static KV cache of `max_len` slots for `batch` rows."""
 
     def __init__(self, vlm, max_len: int, batch: int = 1, compile: bool = False, fuse: bool = False, tune: bool = True,
-                 fp32_head: bool = False, features: tuple[int, ...] = ()):  # fmt: skip
+                 fp32_head: bool = False, features: tuple[int, ...] = (), attention: str = "sdpa",
+                 compile_blocks: bool = False):  # fmt: skip
         """compile: torch.compile the one-token decode step (fuses the element-wise work between the weight
         reads; on a GPU the compiled step is then captured as a CUDA graph like the others).
         tune: with compile, inductor's coordinate-descent tuning (gpt-fast's setting): it also turns each
@@ -105,7 +109,10 @@ class Engine:
         exactly now and then (7 of 48 mini-target answers, scripts/logit_margins.py), and a one-row decode step and
         a k-row verify may break the tie apart on a GPU: greedy SD then leaves the target-alone answer.
         features: hidden states kept after every forward in `self.features` [B, T, F] (concatenated in this order):
-        index i < n_layers is decoder layer i's output, n_layers the final normed state (what the LM head reads)."""
+        index i < n_layers is decoder layer i's output, n_layers the final normed state (what the LM head reads).
+        attention: how a one-token step attends: "sdpa" (torch's kernels, over every slot with a mask) or "split"
+        (`decode.attention`: split-KV over the used slots only). Blocks (verify, trees) and prefill use SDPA.
+        compile_blocks: also torch.compile the k-token steps (verify chains and trees; one compile per shape)."""
         self.vlm = vlm
         self.lm, self.head = language_model(vlm)
         if fp32_head and self.head.weight.dtype != torch.float32:
@@ -135,16 +142,23 @@ class Engine:
         self.slot = torch.arange(max_len, device=self.device)
         options = {"coordinate_descent_tuning": True} if tune else {}
         self.decode_step = torch.compile(self._step, dynamic=False, options=options) if compile else self._step
+        self.block_step = torch.compile(self._step, dynamic=False, options=options) if compile_blocks else self._step
+        if attention not in ATTENTIONS:
+            raise SpecalignError(f"{vlm.name}: unknown attention {attention!r}: choose {' or '.join(ATTENTIONS)}")
+        self.attention = attention
 
     # ---- one forward over T new tokens at slots [start, start + T) --------------------------------------------
-    def _forward(self, x: torch.Tensor, start, positions: torch.Tensor | None = None,
-                 attend: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    def _forward(
+        self, x: torch.Tensor, start, positions=None, attend=None, causal: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, T, D] embeddings written to slots [start, start + T) -> (last-layer hidden [B, T, D], the feature
         layers [B, T, F] or None).
 
         start: an int, or a tensor [] inside CUDA graphs (so they replay at any offset). positions [B, T]: by
         default each row's next ones (padding is not counted). attend bool [B, T, max_len]: which slots each new
-        token sees (a tree: the prefix and its ancestors); default causal."""
+        token sees (a tree: the prefix and its ancestors); default causal. causal: the block starts at slot 0 and
+        every token is real (a prompt without padding), so attention runs causally over the block alone, which
+        lets SDPA use its flash kernel."""
         B, T, _ = x.shape
         slots = start + torch.arange(T, device=x.device)  # [T]
         if positions is None:
@@ -155,6 +169,8 @@ class Engine:
         else:
             mask = attend & self.valid[:, None, :]
         mask = mask[:, None]
+        # one new token attending causally: the split-KV kernel needs only how many slots are in use
+        used = slots[-1:] + 1 if T == 1 and attend is None and self.attention == "split" else None
         kept = {}
         for i, layer in enumerate(self.lm.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -169,7 +185,7 @@ class Engine:
             q, k = apply_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype))
             self.k[i].index_copy_(2, slots, k)
             self.v[i].index_copy_(2, slots, v)
-            o = self._attend(i, q, mask)
+            o = self._attend(i, q, mask, used, causal)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
             h = layer.post_attention_layernorm(x)
             if self.fused is None:
@@ -190,10 +206,18 @@ class Engine:
             return self.lm.embed_tokens(tokens)
         return self.lm.inputs(inputs, tokens, self.context)
 
-    def _attend(self, i: int, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Layer i's attention of q [B, H, T, D] over its cache, mask [B, 1, T, max_len] -> [B, H, T, D]."""
-        return F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask,
-                                              enable_gqa=self.n_kv != q.shape[1])  # fmt: skip
+    def _attend(self, i: int, q: torch.Tensor, mask: torch.Tensor, used: torch.Tensor | None = None,
+                causal: bool = False) -> torch.Tensor:  # fmt: skip
+        """Layer i's attention of q [B, H, T, D] over its cache, mask [B, 1, T, max_len] -> [B, H, T, D]. used
+        (long [1], slots in use): a one-token step through the split-KV kernel; causal: see `_forward`."""
+        gqa = self.n_kv != q.shape[1]
+        if used is not None:
+            return split_kv_attention(q, self.k[i], self.v[i], self.valid, used)
+        if causal:
+            T = q.shape[2]
+            return F.scaled_dot_product_attention(q, self.k[i][:, :, :T], self.v[i][:, :, :T], is_causal=True,
+                                                  enable_gqa=gqa)  # fmt: skip
+        return F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask, enable_gqa=gqa)
 
     def _step(self, tokens: torch.Tensor, start, inputs: torch.Tensor | None = None,
               positions: torch.Tensor | None = None, attend: torch.Tensor | None = None):  # fmt: skip
@@ -214,7 +238,7 @@ class Engine:
         self.valid[:, self.length : self.length + T] = True
         extra = (inputs, positions, attend)
         plain = all(x is None for x in extra)
-        step = self.decode_step if T == 1 and plain else self._step
+        step = self.decode_step if T == 1 and plain else self.block_step
         if self.graphs is False:
             start = torch.tensor(self.length) if step is not self._step else self.length  # compiled: no recompiles
             logits, feats = step(tokens.to(self.device), start, *extra)
@@ -244,7 +268,7 @@ class Engine:
         if bufs[1] is not None:  # positions: the next ones, as a causal block would have
             bufs[1].copy_(self.count[:, None] + torch.arange(T, device=self.device))
         plain = all(x is None for x in extra)
-        step = self.decode_step if T == 1 and plain else self._step
+        step = self.decode_step if T == 1 and plain else self.block_step
         saved = self.kv.clone() if self.length else None
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
@@ -304,7 +328,8 @@ def _fill(engine: Engine, embeds: torch.Tensor, real: torch.Tensor, offset: int)
     engine.reset()
     engine.valid[:, :T] = real
     positions = offset + (real.long().cumsum(dim=1) - 1).clamp(min=0)
-    hidden, engine.features = engine._forward(embeds.to(engine.device, engine.dtype), 0, positions)
+    causal = bool(real.all())  # no padding: attention over the prompt alone, causal (SDPA's flash kernel)
+    hidden, engine.features = engine._forward(embeds.to(engine.device, engine.dtype), 0, positions, causal=causal)
     engine.length = T
     engine.count.copy_(offset + real.sum(dim=1))  # in place: captured graphs read this tensor
     return engine.head(hidden[:, -1]).float()
@@ -366,7 +391,8 @@ class SharedPrefixEngine(Engine):
         self.prefix.graphs = False  # prefilled once per batch: eager
         self.samples, self.questions = samples, questions
 
-    def _attend(self, i: int, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _attend(self, i: int, q: torch.Tensor, mask: torch.Tensor, used=None, causal: bool = False) -> torch.Tensor:
+        # the rows' slots come after the shared prefix: never slot 0 of a whole causal prompt, never split-KV
         S, Q = self.samples, self.questions
         B, H, T, D = q.shape
         kp, vp = self.prefix.k[i], self.prefix.v[i]  # [S, H_kv, P, D]

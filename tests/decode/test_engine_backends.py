@@ -14,7 +14,7 @@ from tiny_eventgpt import write_tiny_eventgpt  # noqa: E402
 from tiny_video_llava import build_test_world, write_tiny_llava, write_tiny_video_llava  # noqa: E402
 
 from specalign.data import open_dataset  # noqa: E402
-from specalign.decode.engine import Engine, prompt_embeds  # noqa: E402
+from specalign.decode.engine import ATTENTIONS, Engine, prompt_embeds  # noqa: E402
 from specalign.decode.sources import FixedDraft  # noqa: E402
 from specalign.decode.speculative import speculative_decode, target_generate  # noqa: E402
 from specalign.models.eventgpt import load_eventgpt  # noqa: E402
@@ -42,9 +42,25 @@ def test_engine_and_sd_reproduce_the_backends_generate(backend, dataset, tmp_pat
         prompt = vlm.prepare(dataset[i], q)
         ref = vlm.generate([prompt], max_new_tokens=12)[0]
         emb, _ = prompt_embeds(vlm, vlm.collate([prompt]))
-        engine = Engine(vlm, emb.shape[1] + 20)
-        out, _ = target_generate(engine, emb, 12, eos=-1)  # no stop at EOS: random weights may say it at once
-        assert out[: len(ref)] == ref and len(set(out)) > 1
-        wrong = FixedDraft([(t + 1) % vlm.vocab_size for t in out])
-        for source in (wrong, FixedDraft(out)):
-            assert speculative_decode(engine, emb, source, 3, 12, eos=-1)[0] == out
+        for attention in ATTENTIONS:  # SDPA over every slot, or split-KV over the used ones
+            engine = Engine(vlm, emb.shape[1] + 20, attention=attention)
+            out, _ = target_generate(engine, emb, 12, eos=-1)  # no stop at EOS: random weights may say it at once
+            assert out[: len(ref)] == ref and len(set(out)) > 1
+            wrong = FixedDraft([(t + 1) % vlm.vocab_size for t in out])
+            for source in (wrong, FixedDraft(out)):
+                assert speculative_decode(engine, emb, source, 3, 12, eos=-1)[0] == out
+
+
+def test_causal_prefill_is_the_masked_prefill(tmp_path):
+    """A prompt without padding attends causally over itself (SDPA's flash kernel on a GPU): the same as the
+    mask over the whole cache."""
+    vlm = load_video_llava(write_tiny_video_llava(tmp_path / "v"))
+    vlm.model.to(torch.float64)
+    x = torch.randn(2, 9, vlm.model.config.text_config.hidden_size, dtype=torch.float64)
+    hidden = {}
+    for causal in (True, False):
+        engine = Engine(vlm, 16, batch=2)
+        engine.valid[:, :9] = True
+        with torch.inference_mode():
+            hidden[causal], _ = engine._forward(x, 0, causal=causal)
+    torch.testing.assert_close(hidden[True], hidden[False])

@@ -1,0 +1,126 @@
+"""Split-KV ("flash-decoding") attention of one new token over the static cache.
+
+    out = split_kv_attention(q, k, v, valid, used)   # q [B, H, 1, D], k/v [B, H_kv, L, D] -> [B, H, 1, D]
+
+SDPA's kernels give each (row, head) one thread block, so at batch 1 a 7B model's 32 heads keep 32 of an H200's
+132 SMs reading the cache. Here the slots are cut into `SPLITS` chunks and every (row, head, chunk) is its own
+program; a second pass merges the chunks' partial softmaxes (each keeps its max and its sum, so the merge is
+exact up to rounding). `used` (long [], on the device) is the number of slots in use: chunks past it stop at
+once, so a step reads only the used slots, and a CUDA graph replays at any length.
+
+On a GPU with Triton the chunks run as one Triton kernel; elsewhere `split_kv_reference` computes the same
+chunked algorithm with torch ops (the tests hold the kernel to it, in Triton's interpreter on the CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SPLITS = 16  # chunks per (row, head): 32 heads x 16 fill an H200's 132 SMs several times over at batch 1
+BLOCK_N = 64  # slots a program reads per iteration
+NEG = -1.0e30  # "no slot yet": finite, so exp(NEG - NEG) never makes a NaN
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU install: split_kv_reference only
+    triton = None
+
+
+def _chunk(slots: int) -> int:
+    """Slots per chunk: SPLITS chunks cover the cache, each a whole number of BLOCK_N blocks."""
+    return max(BLOCK_N, -(-slots // (SPLITS * BLOCK_N)) * BLOCK_N)
+
+
+def merge(out: torch.Tensor, peak: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Chunks' partial results -> attention output. out [B, H, S, D] (unnormalised sums of p * v), peak and total
+    [B, H, S] (each chunk's score max and sum of exp(score - max)) -> [B, H, 1, D] float32."""
+    top = peak.amax(-1, keepdim=True)
+    w = torch.exp(peak - top) * (total > 0)  # an empty chunk (past `used`, or all padding) weighs nothing
+    return ((w[..., None] * out).sum(-2) / (w * total).sum(-1, keepdim=True))[:, :, None]
+
+
+def split_kv_reference(q, k, v, valid, used) -> torch.Tensor:
+    """The chunked algorithm with torch ops (any device). Shapes as `split_kv_attention`."""
+    B, H, _, D = q.shape
+    L = k.shape[2]
+    if k.shape[1] != H:  # grouped-query attention: each K/V head serves H // H_kv query heads
+        k, v = (t.repeat_interleave(H // k.shape[1], dim=1) for t in (k, v))
+    chunk = _chunk(L)
+    S = -(-L // chunk)
+    pad = S * chunk - L
+    ok = valid & (torch.arange(L, device=q.device) < used)  # [B, L]
+    ok = torch.nn.functional.pad(ok, (0, pad)).view(B, 1, S, chunk)
+    kk = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(B, H, S, chunk, D)
+    vv = torch.nn.functional.pad(v.float(), (0, 0, 0, pad)).view(B, H, S, chunk, D)
+    scores = (kk @ (q.float() * D**-0.5)[:, :, None, 0, :, None])[..., 0]  # [B, H, S, chunk]
+    scores = scores.masked_fill(~ok, NEG)
+    peak = scores.amax(-1).clamp(min=NEG)
+    p = torch.exp(scores - peak[..., None]) * ok
+    out = (p[..., None] * vv).sum(-2)  # [B, H, S, D]
+    return merge(out, peak, p.sum(-1)).to(q.dtype)
+
+
+def split_kv_attention(q, k, v, valid, used) -> torch.Tensor:
+    """q [B, H, 1, D], k/v [B, H_kv, L, D] (the whole cache), valid bool [B, L] (real slots), used long [] on the
+    device (slots in use; the new token's is the last) -> [B, H, 1, D] in q's dtype. The Triton kernel on a GPU,
+    `split_kv_reference` elsewhere."""
+    if triton is None or not q.is_cuda:
+        return split_kv_reference(q, k, v, valid, used)
+    return triton_split_kv(q, k, v, valid, used)
+
+
+def triton_split_kv(q, k, v, valid, used) -> torch.Tensor:
+    """`split_kv_attention` through the Triton kernel (also in Triton's interpreter, for the tests)."""
+    B, H, _, D = q.shape
+    H_kv, L = k.shape[1], k.shape[2]
+    chunk = _chunk(L)
+    S = -(-L // chunk)
+    out = torch.empty(B, H, S, D, device=q.device, dtype=torch.float32)
+    peak = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
+    total = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
+    used = used.reshape(1).to(device=q.device, dtype=torch.int32)
+    _split_kv_kernel[(B * H, S)](
+        q, k, v, valid, used, out, peak, total,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        valid.stride(0), H, H // H_kv, chunk, D**-0.5, D=D, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
+    return merge(out, peak, total).to(q.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_kv_kernel(Q, K, V, VALID, USED, OUT, PEAK, TOTAL, sqb, sqh, skb, skh, skl, svb, svh, svl, svalid,
+                         H, G, CHUNK, scale, D: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+        """One program: query head h of row b against slots [s * CHUNK, (s + 1) * CHUNK) below USED."""
+        bh = tl.program_id(0)
+        s = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        kh = h // G
+        d = tl.arange(0, D)
+        q = tl.load(Q + b * sqb + h * sqh + d).to(tl.float32) * scale
+        lo = s * CHUNK
+        hi = tl.minimum(lo + CHUNK, tl.load(USED))
+        m = tl.full([1], -1.0e30, tl.float32)  # NEG
+        total = tl.zeros([1], tl.float32)
+        acc = tl.zeros([D], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            inside = n < hi
+            ok = inside & (tl.load(VALID + b * svalid + n, mask=inside, other=0) != 0)
+            kb = tl.load(K + b * skb + kh * skh + n[:, None] * skl + d[None, :], mask=inside[:, None], other=0.0)
+            score = tl.sum(kb.to(tl.float32) * q[None, :], axis=1)
+            score = tl.where(ok, score, -1.0e30)
+            m_new = tl.maximum(m, tl.max(score, axis=0))
+            alpha = tl.exp(m - m_new)
+            p = tl.where(ok, tl.exp(score - m_new), 0.0)
+            vb = tl.load(V + b * svb + kh * svh + n[:, None] * svl + d[None, :], mask=inside[:, None], other=0.0)
+            acc = acc * alpha + tl.sum(p[:, None] * vb.to(tl.float32), axis=0)
+            total = total * alpha + tl.sum(p, axis=0)
+            m = m_new
+        row = bh * tl.num_programs(1) + s
+        tl.store(OUT + row * D + d, acc)
+        tl.store(PEAK + row + tl.arange(0, 1), m)
+        tl.store(TOTAL + row + tl.arange(0, 1), total)

@@ -1,0 +1,56 @@
+"""Split-KV attention of one new token (`decode.attention`): the chunked algorithm is SDPA's attention over the
+used, real slots (grouped-query heads, padding, any length), and the Triton kernel computes it too (in Triton's
+interpreter on the CPU when Triton is installed; on the GPU in test_engine_gpu.py)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from specalign.decode.attention import split_kv_reference
+
+# (rows, heads, kv heads, cache slots, head dim, slots in use)
+SHAPES = [(1, 4, 4, 300, 16, 137), (2, 8, 2, 1030, 32, 1030), (3, 4, 4, 64, 16, 1), (1, 2, 1, 4096, 8, 4000)]
+
+
+def _case(B, H, H_kv, L, D, used, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, t, D, generator=g) for h, t in ((H, 1), (H_kv, L), (H_kv, L)))
+    valid = torch.rand(B, L, generator=g) > 0.2  # left padding and stale slots alike: masked
+    valid[:, used - 1] = True  # the new token's own slot
+    mask = (valid & (torch.arange(L) < used))[:, None, None, :]
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H_kv < H)
+    return (q, k, v, valid, torch.tensor(used)), want
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_split_kv_reference_is_sdpa_over_the_used_slots(shape):
+    args, want = _case(*shape)
+    got = split_kv_reference(*args)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    q, k, v, valid, used = args
+    k[:, :, int(used) :] = 1e4  # what lies past `used` is never read into the result
+    torch.testing.assert_close(split_kv_reference(q, k, v, valid, used), want, atol=1e-5, rtol=1e-5)
+
+
+INTERPRETED = """
+import torch
+from specalign.decode.attention import split_kv_reference, triton_split_kv
+from tests.decode.test_attention import SHAPES, _case
+for shape in SHAPES[:3]:
+    args, want = _case(*shape)
+    torch.testing.assert_close(triton_split_kv(*args), split_kv_reference(*args), atol=1e-5, rtol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_triton_kernel_matches_the_reference_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is defined: a fresh process
+    r = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -1,0 +1,30 @@
+"""benchmarks/engine_floor.py --smoke: two runs (two "starts") on tiny shapes on the CPU append to one result file,
+and its summary holds the median and range over both, against the three goals."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # two processes importing torch and transformers, ~25 s on 2 CPU cores
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_floor.py"
+
+
+def test_two_starts_are_summarised_against_the_goals(tmp_path):
+    result = tmp_path / "engine_floor.json"
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--tokens", "4", "--result", str(result)],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(result.read_text())
+    assert len(res["starts"]) == 2
+    s = res["summary"]
+    assert set(s["decode_ms"]) == {"graphs", "graphs_split"}  # a smoke run compiles nothing
+    for row in s["decode_ms"].values():
+        assert row["starts"] == 2 and row["min"] <= row["median"] <= row["max"]
+    assert set(s["verify_vs_decode"]) == {"chain_2", "chain_4", "chain_8", "chain_16", "tree_16", "tree_32", "tree_64"}
+    assert set(s["goals"]) == {"decode_ms", "prefill_ms", "tree_64_vs_decode", "enough_starts"}
+    assert s["goals"]["enough_starts"] is False
