@@ -112,7 +112,8 @@ class Engine:
         index i < n_layers is decoder layer i's output, n_layers the final normed state (what the LM head reads).
         attention: how a one-token step attends: "sdpa" (torch's kernels, over every slot with a mask) or "split"
         (`decode.attention`: split-KV over the used slots only). Blocks (verify, trees) and prefill use SDPA.
-        compile_blocks: also torch.compile the k-token steps (verify chains and trees; one compile per shape)."""
+        compile_blocks: also torch.compile the k-token steps (verify chains and trees; one compile per shape, without
+        the tuning)."""
         self.vlm = vlm
         self.lm, self.head = language_model(vlm)
         if fp32_head and self.head.weight.dtype != torch.float32:
@@ -142,7 +143,8 @@ class Engine:
         self.slot = torch.arange(max_len, device=self.device)
         options = {"coordinate_descent_tuning": True} if tune else {}
         self.decode_step = torch.compile(self._step, dynamic=False, options=options) if compile else self._step
-        self.block_step = torch.compile(self._step, dynamic=False, options=options) if compile_blocks else self._step
+        # no tuning here: it turns one-row matmuls into Triton reductions, and k-row blocks are cuBLAS's ground
+        self.block_step = torch.compile(self._step, dynamic=False) if compile_blocks else self._step
         if attention not in ATTENTIONS:
             raise SpecalignError(f"{vlm.name}: unknown attention {attention!r}: choose {' or '.join(ATTENTIONS)}")
         self.attention = attention

@@ -125,7 +125,7 @@ def test_head_chains_and_trees_replay_as_cuda_graphs_losslessly(dataset):
 
 def test_split_kv_decode_on_cuda_graphs_matches_sdpa(dataset):
     """The Triton split-KV kernel inside CUDA-graph decode steps: the reference's numbers, the same greedy tokens
-    (and compiled, the same again)."""
+    alone and through SD (and compiled, with compiled verify blocks, the same again)."""
     from specalign.decode.attention import split_kv_reference, triton_split_kv
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -137,6 +137,10 @@ def test_split_kv_decode_on_cuda_graphs_matches_sdpa(dataset):
     prompt = target.prepare(dataset[0], "What are the key elements in this scene?")
     te = prompt_embeds(target, target.collate([prompt]))[0]
     ref, _ = target_generate(Engine(target, 700), te, 40, target.eos_token_id)
-    for compile in (False, True):
-        engine = Engine(target, 700, attention="split", compile=compile, tune=False)
+    draft = load_model("mini-draft", device="cuda", dtype="fp32")
+    de = prompt_embeds(draft, draft.collate([draft.prepare(dataset[0], "What are the key elements in this scene?")]))[0]
+    for compile in (False, True):  # compiled: the verify blocks too (compile_blocks)
+        engine = Engine(target, 700, attention="split", compile=compile, compile_blocks=compile, tune=False)
         assert target_generate(engine, te, 40, target.eos_token_id)[0] == ref
+        out, _ = speculative_decode(engine, te, VLMDraft(Engine(draft, 400), de), 4, 40, target.eos_token_id)
+        assert out == ref
