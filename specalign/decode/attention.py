@@ -27,9 +27,10 @@ except ImportError:  # the CPU install: split_kv_reference only
     triton = None
 
 
-def _chunk(slots: int) -> int:
-    """Slots per chunk: SPLITS chunks cover the cache, each a whole number of BLOCK_N blocks."""
-    return max(BLOCK_N, -(-slots // (SPLITS * BLOCK_N)) * BLOCK_N)
+def _chunks(slots: int) -> tuple[int, int]:
+    """(slots per chunk, chunks): at most SPLITS chunks cover the cache, each a whole number of BLOCK_N blocks."""
+    chunk = max(BLOCK_N, -(-slots // (SPLITS * BLOCK_N)) * BLOCK_N)
+    return chunk, -(-slots // chunk)
 
 
 def merge(out: torch.Tensor, peak: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -46,8 +47,7 @@ def split_kv_reference(q, k, v, valid, used) -> torch.Tensor:
     L = k.shape[2]
     if k.shape[1] != H:  # grouped-query attention: each K/V head serves H // H_kv query heads
         k, v = (t.repeat_interleave(H // k.shape[1], dim=1) for t in (k, v))
-    chunk = _chunk(L)
-    S = -(-L // chunk)
+    chunk, S = _chunks(L)
     pad = S * chunk - L
     ok = valid & (torch.arange(L, device=q.device) < used)  # [B, L]
     ok = torch.nn.functional.pad(ok, (0, pad)).view(B, 1, S, chunk)
@@ -74,8 +74,7 @@ def triton_split_kv(q, k, v, valid, used) -> torch.Tensor:
     """`split_kv_attention` through the Triton kernel (also in Triton's interpreter, for the tests)."""
     B, H, _, D = q.shape
     H_kv, L = k.shape[1], k.shape[2]
-    chunk = _chunk(L)
-    S = -(-L // chunk)
+    chunk, S = _chunks(L)
     out = torch.empty(B, H, S, D, device=q.device, dtype=torch.float32)
     peak = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
     total = torch.empty(B, H, S, device=q.device, dtype=torch.float32)

@@ -171,8 +171,9 @@ class Engine:
         else:
             mask = attend & self.valid[:, None, :]
         mask = mask[:, None]
-        # one new token attending causally: the split-KV kernel needs only how many slots are in use
-        used = slots[-1:] + 1 if T == 1 and attend is None and self.attention == "split" else None
+        # one new token attending causally: the split-KV kernel needs only how many slots are in use (as the
+        # kernel's int32, made once here rather than in every layer)
+        used = (slots[-1:] + 1).int() if T == 1 and attend is None and self.attention == "split" else None
         kept = {}
         for i, layer in enumerate(self.lm.layers):
             attn, mlp = layer.self_attn, layer.mlp
