@@ -4,8 +4,8 @@ Video-LLaVA-7B's language model (Llama-7B, vocab 32,064, bf16, batch 1, random w
 after a 2,080-token prompt. Each run measures, on one start:
 - decode ms/token for each engine setting (`SETTINGS`: CUDA graphs, torch.compile with inductor's tuning, and the
   one-token attention through SDPA or the split-KV kernel over the used slots);
-- prefill of the 2,080 tokens (a prompt without padding attends causally, SDPA's flash kernel) and the vision
-  encode of 8 frames, separately;
+- prefill of the 2,080 tokens (a prompt without padding attends causally, SDPA's flash kernel), eager and through
+  the compiled many-token forward (`compile_blocks`), and the vision encode of 8 frames, separately;
 - verify of k = 2, 4, 8, 16 chained tokens and of 16/32/64-node trees (+ the root) on the fastest setting with its
   k-token steps compiled too, against that setting's own decode step.
 The run is appended to the result file's `starts` (one entry per machine start), and `summary` holds the median
@@ -92,20 +92,26 @@ def measure(args) -> dict:
     start["decode_ms"], start["compile_s"] = {}, {}
     # a smoke run leaves compiling out: it checks the script on the CPU in seconds
     settings = {k: v for k, v in SETTINGS.items() if not (args.smoke and v.get("compile"))}
+    engines = {}  # kept: the fastest one's decode step is compiled once, and its blocks compile on first use
     for name, options in settings.items():
         t = time.perf_counter()
-        engine = Engine(target, max_len, **options)
-        d7.decode_loop(engine, embeds, 8, True)
+        engines[name] = Engine(target, max_len, compile_blocks=not args.smoke, **options)
+        d7.decode_loop(engines[name], embeds, 8, True)
         start["compile_s"][name] = round(time.perf_counter() - t, 1)
-        start["decode_ms"][name] = round(decode_ms(engine, embeds, args.tokens), 3)
+        start["decode_ms"][name] = round(decode_ms(engines[name], embeds, args.tokens), 3)
         print(name, start["decode_ms"][name], "ms/token", flush=True)
-        del engine
     best = min(start["decode_ms"], key=start["decode_ms"].get)
-    engine = Engine(target, max_len, compile_blocks=not args.smoke, **SETTINGS[best])
+    engine = engines[best]
     step = decode_ms(engine, embeds, args.tokens)
     start["verify"] = {"setting": best, "compile_blocks": not args.smoke, "decode_ms": round(step, 3),
                        **verify_ratios(engine, embeds, step)}  # fmt: skip
     print(start["verify"], flush=True)
+    if not args.smoke:  # the prefill through the same engine's compiled many-token forward (compiles first)
+        t = time.perf_counter()
+        prefill(engine, embeds)
+        start["compile_s"]["prefill"] = round(time.perf_counter() - t, 1)
+        start["prefill_compiled_ms"] = round(d7.sync_time(lambda: prefill(engine, embeds), REPEATS) * 1e3, 2)
+        print("prefill", start["prefill_ms"], "ms eager,", start["prefill_compiled_ms"], "compiled", flush=True)
     return start
 
 
@@ -121,11 +127,14 @@ def summarize(starts: list[dict]) -> dict:
                          for k in starts[-1]["decode_ms"]},
            "verify_vs_decode": {k: spread([s["verify"][k]["vs_decode"] for s in starts if k in s["verify"]])
                                 for k, v in starts[-1]["verify"].items() if isinstance(v, dict)}}  # fmt: skip
+    compiled = [s["prefill_compiled_ms"] for s in starts if "prefill_compiled_ms" in s]
+    if compiled:
+        out["prefill_compiled_ms"] = spread(compiled)
     best = min(r["median"] for r in out["decode_ms"].values())
+    fill = min(out[k]["median"] for k in ("prefill_ms", "prefill_compiled_ms") if k in out)
     out["goals"] = {
         "decode_ms": {"goal": GOALS["decode_ms"], "median": best, "met": best <= GOALS["decode_ms"]},
-        "prefill_ms": {"goal": GOALS["prefill_ms"], "median": out["prefill_ms"]["median"],
-                       "met": out["prefill_ms"]["median"] <= GOALS["prefill_ms"]},
+        "prefill_ms": {"goal": GOALS["prefill_ms"], "median": fill, "met": fill <= GOALS["prefill_ms"]},
         "tree_64_vs_decode": {"goal": GOALS["tree_64_vs_decode"],
                               "median": out["verify_vs_decode"]["tree_64"]["median"],
                               "met": out["verify_vs_decode"]["tree_64"]["median"] <= GOALS["tree_64_vs_decode"]},
@@ -148,7 +157,7 @@ def main() -> None:
         REPEATS = 2
     elif not torch.cuda.is_available():
         sys.exit("benchmarks/engine_floor.py: needs a CUDA GPU (or --smoke)")
-    # one compiled step function serves the decode step and every chain and tree shape: room for all of them
+    # every engine's compiled steps share one code object (`Engine._step`): room for all settings' graphs
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     result = read_json(args.result) if Path(args.result).is_file() else {}
     result.setdefault("benchmark", "engine_floor")

@@ -99,7 +99,8 @@ if triton is not None:
         h = bh % H
         kh = h // G
         d = tl.arange(0, D)
-        q = tl.load(Q + b * sqb + h * sqh + d).to(tl.float32) * scale
+        # fp32 throughout: inductor hands `scale` over as a double, which would widen the loop's running max
+        q = (tl.load(Q + b * sqb + h * sqh + d).to(tl.float32) * scale).to(tl.float32)
         lo = s * CHUNK
         hi = tl.minimum(lo + CHUNK, tl.load(USED))
         m = tl.full([1], -1.0e30, tl.float32)  # NEG

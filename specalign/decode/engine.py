@@ -112,8 +112,8 @@ class Engine:
         index i < n_layers is decoder layer i's output, n_layers the final normed state (what the LM head reads).
         attention: how a one-token step attends: "sdpa" (torch's kernels, over every slot with a mask) or "split"
         (`decode.attention`: split-KV over the used slots only). Blocks (verify, trees) and prefill use SDPA.
-        compile_blocks: also torch.compile the k-token steps (verify chains and trees; one compile per shape, without
-        the tuning)."""
+        compile_blocks: also torch.compile the many-token forwards: prefill, verify chains and trees (one compile
+        for every size, without the tuning)."""
         self.vlm = vlm
         self.lm, self.head = language_model(vlm)
         if fp32_head and self.head.weight.dtype != torch.float32:
@@ -130,6 +130,7 @@ class Engine:
         cfg = self.lm.config
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.gqa = self.n_kv != cfg.num_attention_heads  # a plain bool: SDPA refuses a symbolic one
         self.device, self.dtype = vlm.device, vlm.dtype
         self.max_len = max_len
         # one tensor [layers, 2, B, H_kv, max_len, D]: `keep` moves a path's slots in every layer with two kernels
@@ -143,8 +144,10 @@ class Engine:
         self.slot = torch.arange(max_len, device=self.device)
         options = {"coordinate_descent_tuning": True} if tune else {}
         self.decode_step = torch.compile(self._step, dynamic=False, options=options) if compile else self._step
-        # no tuning here: it turns one-row matmuls into Triton reductions, and k-row blocks are cuBLAS's ground
-        self.block_step = torch.compile(self._step, dynamic=False) if compile_blocks else self._step
+        # no tuning here: it turns one-row matmuls into Triton reductions, and k-row blocks are cuBLAS's ground.
+        # Dynamic: prompts, chains and trees come in many sizes, and one compile serves them all.
+        self.block_step = torch.compile(self._step, dynamic=True) if compile_blocks else self._step
+        self.prefill_forward = torch.compile(self._forward, dynamic=True) if compile_blocks else self._forward
         if attention not in ATTENTIONS:
             raise SpecalignError(f"{vlm.name}: unknown attention {attention!r}: choose {' or '.join(ATTENTIONS)}")
         self.attention = attention
@@ -213,14 +216,13 @@ class Engine:
                 causal: bool = False) -> torch.Tensor:  # fmt: skip
         """Layer i's attention of q [B, H, T, D] over its cache, mask [B, 1, T, max_len] -> [B, H, T, D]. used
         (long [1], slots in use): a one-token step through the split-KV kernel; causal: see `_forward`."""
-        gqa = self.n_kv != q.shape[1]
         if used is not None:
             return split_kv_attention(q, self.k[i], self.v[i], self.valid, used)
         if causal:
             T = q.shape[2]
             return F.scaled_dot_product_attention(q, self.k[i][:, :, :T], self.v[i][:, :, :T], is_causal=True,
-                                                  enable_gqa=gqa)  # fmt: skip
-        return F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask, enable_gqa=gqa)
+                                                  enable_gqa=self.gqa)  # fmt: skip
+        return F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask, enable_gqa=self.gqa)
 
     def _step(self, tokens: torch.Tensor, start, inputs: torch.Tensor | None = None,
               positions: torch.Tensor | None = None, attend: torch.Tensor | None = None):  # fmt: skip
@@ -332,7 +334,8 @@ def _fill(engine: Engine, embeds: torch.Tensor, real: torch.Tensor, offset: int)
     engine.valid[:, :T] = real
     positions = offset + (real.long().cumsum(dim=1) - 1).clamp(min=0)
     causal = bool(real.all())  # no padding: attention over the prompt alone, causal (SDPA's flash kernel)
-    hidden, engine.features = engine._forward(embeds.to(engine.device, engine.dtype), 0, positions, causal=causal)
+    hidden, engine.features = engine.prefill_forward(embeds.to(engine.device, engine.dtype), 0, positions,
+                                                     causal=causal)  # fmt: skip
     engine.length = T
     engine.count.copy_(offset + real.sum(dim=1))  # in place: captured graphs read this tensor
     return engine.head(hidden[:, -1]).float()

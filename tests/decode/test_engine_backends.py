@@ -64,3 +64,24 @@ def test_causal_prefill_is_the_masked_prefill(tmp_path):
         with torch.inference_mode():
             hidden[causal], _ = engine._forward(x, 0, causal=causal)
     torch.testing.assert_close(hidden[True], hidden[False])
+
+
+@pytest.mark.parametrize("block", ["chain", "tree", "prefill"])
+def test_many_token_forwards_trace_whole_under_dynamic_shapes(block, tmp_path):
+    """`compile_blocks` compiles prefill, chains and trees with dynamic shapes: each must trace as one graph (a
+    break, e.g. a symbolic bool reaching SDPA, splits every layer into its own compiled frames)."""
+    vlm = load_video_llava(write_tiny_video_llava(tmp_path / "v"))
+    vlm.model.requires_grad_(False)
+    engine = Engine(vlm, 32)
+    T = 5
+    if block == "prefill":
+        fn, args = engine._forward, (torch.randn(1, T, vlm.model.config.text_config.hidden_size), 0)
+        kwargs = {"positions": torch.arange(T)[None], "causal": True}
+    else:
+        engine.run(torch.zeros(1, 3, dtype=torch.long))
+        tree = (torch.arange(T)[None] + 3, torch.ones(1, T, 32, dtype=torch.bool)) if block == "tree" else (None, None)
+        fn, args, kwargs = engine._step, (torch.zeros(1, T, dtype=torch.long), torch.tensor(3), None, *tree), {}
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(assume_static_by_default=False), torch.inference_mode():
+        explained = torch._dynamo.explain(fn)(*args, **kwargs)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
