@@ -18,6 +18,7 @@ import torch
 
 SPLITS = 16  # chunks per (row, head): 32 heads x 16 fill an H200's 132 SMs several times over at batch 1
 BLOCK_N = 64  # slots a program reads per iteration
+NUM_WARPS = 4
 NEG = -1.0e30  # "no slot yet": finite, so exp(NEG - NEG) never makes a NaN
 
 try:
@@ -27,9 +28,9 @@ except ImportError:  # the CPU install: split_kv_reference only
     triton = None
 
 
-def _chunks(slots: int) -> tuple[int, int]:
-    """(slots per chunk, chunks): at most SPLITS chunks cover the cache, each a whole number of BLOCK_N blocks."""
-    chunk = max(BLOCK_N, -(-slots // (SPLITS * BLOCK_N)) * BLOCK_N)
+def _chunks(slots: int, splits: int = SPLITS, block_n: int = BLOCK_N) -> tuple[int, int]:
+    """(slots per chunk, chunks): at most `splits` chunks cover the cache, each a whole number of `block_n` blocks."""
+    chunk = max(block_n, -(-slots // (splits * block_n)) * block_n)
     return chunk, -(-slots // chunk)
 
 
@@ -70,11 +71,13 @@ def split_kv_attention(q, k, v, valid, used) -> torch.Tensor:
     return triton_split_kv(q, k, v, valid, used)
 
 
-def triton_split_kv(q, k, v, valid, used) -> torch.Tensor:
-    """`split_kv_attention` through the Triton kernel (also in Triton's interpreter, for the tests)."""
+def triton_split_kv(q, k, v, valid, used, splits: int = SPLITS, block_n: int = BLOCK_N,
+                    num_warps: int = NUM_WARPS) -> torch.Tensor:  # fmt: skip
+    """`split_kv_attention` through the Triton kernel (also in Triton's interpreter, for the tests); the launch
+    settings are `benchmarks/split_kv.py`'s to sweep."""
     B, H, _, D = q.shape
     H_kv, L = k.shape[1], k.shape[2]
-    chunk, S = _chunks(L)
+    chunk, S = _chunks(L, splits, block_n)
     out = torch.empty(B, H, S, D, device=q.device, dtype=torch.float32)
     peak = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
     total = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
@@ -82,9 +85,12 @@ def triton_split_kv(q, k, v, valid, used) -> torch.Tensor:
     _split_kv_kernel[(B * H, S)](
         q, k, v, valid, used, out, peak, total,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        valid.stride(0), H, H // H_kv, chunk, D**-0.5, D=D, BLOCK_N=BLOCK_N,
+        valid.stride(0), H, H // H_kv, chunk, D**-0.5, D=D, BLOCK_N=block_n, num_warps=num_warps,
     )  # fmt: skip
-    return merge(out, peak, total).to(q.dtype)
+    o = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
+    # `merge` in one kernel: in torch ops it is about ten launches in every layer of a step that is not compiled
+    _merge_kernel[(B * H,)](out, peak, total, o, S, D=D, SPLITS=triton.next_power_of_2(S))
+    return o
 
 
 if triton is not None:
@@ -124,3 +130,17 @@ if triton is not None:
         tl.store(OUT + row * D + d, acc)
         tl.store(PEAK + row + tl.arange(0, 1), m)
         tl.store(TOTAL + row + tl.arange(0, 1), total)
+
+    @triton.jit
+    def _merge_kernel(OUT, PEAK, TOTAL, O, S, D: tl.constexpr, SPLITS: tl.constexpr):
+        """`merge` for one (row, head): its S chunks' partials -> O [.., D] in O's dtype."""
+        bh = tl.program_id(0)
+        s = tl.arange(0, SPLITS)
+        d = tl.arange(0, D)
+        here = s < S
+        peak = tl.load(PEAK + bh * S + s, mask=here, other=-1.0e30)
+        total = tl.load(TOTAL + bh * S + s, mask=here, other=0.0)
+        out = tl.load(OUT + (bh * S + s)[:, None] * D + d[None, :], mask=here[:, None], other=0.0)
+        w = tl.where(total > 0, tl.exp(peak - tl.max(peak, axis=0)), 0.0)  # an empty chunk weighs nothing
+        o = tl.sum(w[:, None] * out, axis=0) / tl.sum(w * total, axis=0)
+        tl.store(O + bh * D + d, o.to(O.dtype.element_ty))

@@ -1,0 +1,143 @@
+"""Benchmark: one decode step's attention at 7B shape, SDPA against the split-KV kernel and its launch settings.
+
+For each context length (the cache sized as the engine sizes it: context + 228 slots), batch 1, 32 heads of 128,
+bf16, each of the 32 layers its own K/V (so nothing is served from L2):
+- sdpa_masked: SDPA over the whole cache with the engine's mask (what `Engine(attention="sdpa")` runs);
+- sdpa_used: SDPA over only the used slots without a mask (its best case; a CUDA graph replayed at any length
+  cannot slice this way);
+- split: `triton_split_kv` at each (splits, block_n, num_warps) of the sweep, the module's defaults among them.
+Each is the 32 layers' calls captured in one CUDA graph, median over replays: microseconds per layer, and the
+K/V bytes read per second.
+Writes benchmarks/results/split_kv.json.
+
+    python benchmarks/split_kv.py [--contexts 512,2080,4096] [--result PATH] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if "--smoke" in sys.argv:  # Triton's interpreter runs the kernel on the CPU; it is read when Triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from specalign.decode import attention  # noqa: E402
+from specalign.fsutil import write_json  # noqa: E402
+
+LAYERS, HEADS, HEAD_DIM, EXTRA_SLOTS = 32, 32, 128, 228
+SWEEP = {"splits": (8, 16, 32), "block_n": (32, 64, 128), "num_warps": (2, 4, 8)}
+REPLAYS = 20
+
+
+def q_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if device == "cuda" else torch.float32  # the interpreter has no bf16 dot
+
+
+def timed_us(fn, layers: int, device: str) -> float:
+    """Median microseconds per layer of fn(i) for i in range(layers), the layers captured in one CUDA graph."""
+    if device != "cuda":  # a smoke run: wall time, no graph
+        t = time.perf_counter()
+        for i in range(layers):
+            fn(i)
+        return (time.perf_counter() - t) / layers * 1e6
+    for i in range(layers):  # compiles the kernels outside the capture
+        fn(i)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(layers):
+            fn(i)
+    graph.replay()
+    times = []
+    for _ in range(REPLAYS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / layers)
+    return statistics.median(times)
+
+
+def measure(context: int, layers: int, heads: int, dim: int, sweep: dict, device: str) -> dict:
+    slots = context + EXTRA_SLOTS
+    dtype = q_dtype(device)
+    q = torch.randn(1, heads, 1, dim, device=device, dtype=dtype)
+    k = [torch.randn(1, heads, slots, dim, device=device, dtype=dtype) for _ in range(layers)]
+    v = [torch.randn_like(x) for x in k]
+    valid = torch.zeros(1, slots, dtype=torch.bool, device=device)
+    valid[:, :context] = True
+    used = torch.tensor(context, device=device)
+    mask = valid[:, None, None, :]
+    read = 2 * context * heads * dim * k[0].element_size()  # K and V bytes of one layer
+
+    def row(us: float) -> dict:
+        return {"us": round(us, 2), "gb_per_s": round(read / us / 1e3, 1)}
+
+    out = {"slots": slots, "used": context, "kv_mb_per_layer": round(read / 1e6, 2)}
+    out["sdpa_masked"] = row(timed_us(lambda i: F.scaled_dot_product_attention(q, k[i], v[i], attn_mask=mask),
+                                      layers, device))  # fmt: skip
+    out["sdpa_used"] = row(
+        timed_us(
+            lambda i: F.scaled_dot_product_attention(q, k[i][:, :, :context], v[i][:, :, :context]), layers, device
+        )
+    )
+    want = F.scaled_dot_product_attention(q.float(), k[0].float(), v[0].float(), attn_mask=mask)
+    out["split"] = []
+    for splits, block_n, warps in itertools.product(*sweep.values()):
+        got = attention.triton_split_kv(q, k[0], v[0], valid, used, splits, block_n, warps)
+        err = (got.float() - want).abs().max().item()
+        us = timed_us(lambda i, s=(splits, block_n, warps): attention.triton_split_kv(q, k[i], v[i], valid, used, *s),
+                      layers, device)  # fmt: skip
+        out["split"].append({"splits": splits, "block_n": block_n, "num_warps": warps, **row(us),
+                             "max_abs_err": round(err, 5)})  # fmt: skip
+        print(f"context {context}: split {splits}/{block_n}/{warps}: {us:.2f} us/layer", flush=True)
+    out["split_best"] = min(out["split"], key=lambda r: r["us"])
+    out["split_default"] = next(r for r in out["split"] if (r["splits"], r["block_n"], r["num_warps"])
+                                == (attention.SPLITS, attention.BLOCK_N, attention.NUM_WARPS))  # fmt: skip
+    print(f"context {context}: sdpa masked {out['sdpa_masked']['us']} us, used {out['sdpa_used']['us']} us, "
+          f"split default {out['split_default']['us']} us, best {out['split_best']}", flush=True)  # fmt: skip
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--contexts", default="512,2080,4096")
+    p.add_argument("--result", default=str(Path(__file__).parent / "results" / "split_kv.json"))
+    p.add_argument("--smoke", action="store_true", help="tiny shapes in Triton's interpreter on the CPU")
+    args = p.parse_args()
+    if attention.triton is None:
+        sys.exit("benchmarks/split_kv.py: needs Triton")
+    if args.smoke:
+        device, layers, heads, dim, contexts = "cpu", 2, 2, 16, [40]
+        sweep = {"splits": (2,), "block_n": (16,), "num_warps": (attention.NUM_WARPS,)}
+        attention.SPLITS, attention.BLOCK_N = 2, 16  # the defaults are then in the sweep
+    elif torch.cuda.is_available():
+        device, layers, heads, dim = "cuda", LAYERS, HEADS, HEAD_DIM
+        contexts, sweep = [int(c) for c in args.contexts.split(",")], SWEEP
+    else:
+        sys.exit("benchmarks/split_kv.py: needs a CUDA GPU (or --smoke)")
+    result = {
+        "benchmark": "split_kv",
+        "machine": {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run, interpreter)",
+                    "torch": torch.__version__},
+        "setup": {"batch": 1, "heads": heads, "head_dim": dim, "layers": layers, "dtype": str(q_dtype(device)),
+                  "cache_slots": f"context + {EXTRA_SLOTS}", "replays": REPLAYS, "sweep": sweep,
+                  "defaults": {"splits": attention.SPLITS, "block_n": attention.BLOCK_N,
+                               "num_warps": attention.NUM_WARPS}},
+        "contexts": {str(c): measure(c, layers, heads, dim, sweep, device) for c in contexts},
+    }  # fmt: skip
+    write_json(args.result, result)
+
+
+if __name__ == "__main__":
+    main()
