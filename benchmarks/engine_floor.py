@@ -12,7 +12,7 @@ The run is appended to the result file's `starts` (one entry per machine start),
 and the range over the starts of every number, beside the goals: decode <= 4.2 ms/token, prefill <= 50 ms, a
 64-node tree verify <= 1.3 decode steps.
 
-    python benchmarks/engine_floor.py [--result benchmarks/results/engine_floor.json] [--smoke]
+    python benchmarks/engine_floor.py [--result benchmarks/results/engine_floor.json] [--settings a,b] [--smoke]
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def measure(args) -> dict:
     start["prefill_ms"] = round(d7.sync_time(lambda: prefill(plain, embeds), REPEATS) * 1e3, 2)
     start["decode_ms"], start["compile_s"] = {}, {}
     # a smoke run leaves compiling out: it checks the script on the CPU in seconds
-    settings = {k: v for k, v in SETTINGS.items() if not (args.smoke and v.get("compile"))}
+    settings = {k: SETTINGS[k] for k in args.settings.split(",") if not (args.smoke and SETTINGS[k].get("compile"))}
     engines = {}  # kept: the fastest one's decode step is compiled once, and its blocks compile on first use
     for name, options in settings.items():
         t = time.perf_counter()
@@ -124,7 +124,7 @@ def summarize(starts: list[dict]) -> dict:
 
     out = {"prefill_ms": spread([s["prefill_ms"] for s in starts]),
            "decode_ms": {k: spread([s["decode_ms"][k] for s in starts if k in s["decode_ms"]])
-                         for k in starts[-1]["decode_ms"]},
+                         for k in dict.fromkeys(k for s in starts for k in s["decode_ms"])},
            "verify_vs_decode": {k: spread([s["verify"][k]["vs_decode"] for s in starts if k in s["verify"]])
                                 for k, v in starts[-1]["verify"].items() if isinstance(v, dict)}}  # fmt: skip
     compiled = [s["prefill_compiled_ms"] for s in starts if "prefill_compiled_ms" in s]
@@ -148,8 +148,11 @@ def main() -> None:
     p.add_argument("--context", type=int, default=2080)
     p.add_argument("--tokens", type=int, default=100, help="decode steps per timed loop")
     p.add_argument("--result", default=str(Path(__file__).parent / "results" / "engine_floor.json"))
+    p.add_argument("--settings", default=",".join(SETTINGS), help=f"engine settings to time, of {', '.join(SETTINGS)}")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing")
     args = p.parse_args()
+    if unknown := set(args.settings.split(",")) - set(SETTINGS):
+        p.error(f"--settings: unknown {', '.join(sorted(unknown))}")
     if args.smoke:
         d7.DEVICE = h7.d7.DEVICE = "cpu"
         d7.LLAMA_7B.update(d7.SMOKE_SHAPE)
