@@ -13,6 +13,7 @@ and the range over the starts of every number, beside the goals: decode <= 4.2 m
 64-node tree verify <= 1.3 decode steps.
 
     python benchmarks/engine_floor.py [--result benchmarks/results/engine_floor.json] [--settings a,b] [--smoke]
+    python benchmarks/engine_floor.py --plot-only        # redraws engine_floor.png from the result
 """
 
 from __future__ import annotations
@@ -143,6 +144,49 @@ def summarize(starts: list[dict]) -> dict:
     return out
 
 
+def plot(result: dict, path: Path) -> Path:
+    """Every start's numbers (dots) and their median (bar) beside the goals: decode per setting, prefill, and
+    verify blocks over a decode step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from specalign.fsutil import save_png
+
+    starts = result["starts"]
+    prefill_rows = {"eager": "prefill_ms", "compiled": "prefill_compiled_ms"}
+    panels = [
+        ("decode, ms/token", {k: [s["decode_ms"][k] for s in starts if k in s["decode_ms"]]
+                              for k in dict.fromkeys(k for s in starts for k in s["decode_ms"])},
+         GOALS["decode_ms"]),
+        ("prefill of the prompt, ms", {n: [s[k] for s in starts if k in s] for n, k in prefill_rows.items()},
+         GOALS["prefill_ms"]),
+        ("verify over one decode step", {k: [s["verify"][k]["vs_decode"] for s in starts if k in s["verify"]]
+                                         for k, v in starts[-1]["verify"].items() if isinstance(v, dict)},
+         GOALS["tree_64_vs_decode"]),
+    ]  # fmt: skip
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), gridspec_kw={"width_ratios": [4, 2, 7]})
+    for ax, (title, rows, goal) in zip(axes, panels, strict=True):
+        rows = {k: v for k, v in rows.items() if v}
+        for x, values in enumerate(rows.values()):
+            median = statistics.median(values)
+            ax.bar(x, median, color="#8da0cb", width=0.6)
+            ax.scatter([x] * len(values), values, color="black", s=14, zorder=3)
+            ax.text(x, median, f"{median:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.axhline(goal, color="#d62728", linestyle="--", linewidth=1)
+        ax.text(0.99, goal, f"goal {goal}" + (" (64-node tree)" if ax is axes[2] else ""), color="#d62728",
+                ha="right", va="bottom", fontsize=8, transform=ax.get_yaxis_transform())  # fmt: skip
+        ax.set_xticks(range(len(rows)), [k.replace("_", "\n") for k in rows], fontsize=8)
+        ax.set_title(title, fontsize=10)
+    axes[2].set_ylim(1.0, None)
+    fig.suptitle(f"Target engine at Video-LLaVA-7B shape, {result['setup']['context']}-token context, batch 1, "
+                 f"bf16: {len(starts)} machine start(s), bars the median, dots each start "
+                 f"({starts[-1]['gpu']})", fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--context", type=int, default=2080)
@@ -150,7 +194,11 @@ def main() -> None:
     p.add_argument("--result", default=str(Path(__file__).parent / "results" / "engine_floor.json"))
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"engine settings to time, of {', '.join(SETTINGS)}")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing")
+    p.add_argument("--plot-only", action="store_true", help="redraw the result's picture, measure nothing")
     args = p.parse_args()
+    if args.plot_only:
+        print(plot(read_json(args.result), Path(args.result).with_suffix(".png")))
+        return
     if unknown := set(args.settings.split(",")) - set(SETTINGS):
         p.error(f"--settings: unknown {', '.join(sorted(unknown))}")
     if args.smoke:
@@ -170,6 +218,7 @@ def main() -> None:
     result.setdefault("starts", []).append(measure(args))
     result["summary"] = summarize(result["starts"])
     write_json(args.result, result)
+    plot(result, Path(args.result).with_suffix(".png"))
     print(result["summary"]["goals"], flush=True)
 
 

@@ -28,3 +28,4 @@ def test_two_starts_are_summarised_against_the_goals(tmp_path):
     assert set(s["verify_vs_decode"]) == {"chain_2", "chain_4", "chain_8", "chain_16", "tree_16", "tree_32", "tree_64"}
     assert set(s["goals"]) == {"decode_ms", "prefill_ms", "tree_64_vs_decode", "enough_starts"}
     assert s["goals"]["enough_starts"] is False
+    assert result.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the picture beside the numbers
