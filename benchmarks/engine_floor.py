@@ -116,6 +116,19 @@ def measure(args) -> dict:
     return start
 
 
+def series(starts: list[dict]) -> dict:
+    """Each number's values over the starts that have it: {"decode_ms": {setting: [..]}, "prefill_ms": {"eager": [..],
+    "compiled": [..]}, "verify_vs_decode": {block: [..]}}."""
+    fills = {"eager": "prefill_ms", "compiled": "prefill_compiled_ms"}
+    return {
+        "decode_ms": {k: [s["decode_ms"][k] for s in starts if k in s["decode_ms"]]
+                      for k in dict.fromkeys(k for s in starts for k in s["decode_ms"])},
+        "prefill_ms": {n: v for n, key in fills.items() if (v := [s[key] for s in starts if key in s])},
+        "verify_vs_decode": {k: [s["verify"][k]["vs_decode"] for s in starts if k in s["verify"]]
+                             for k, v in starts[-1]["verify"].items() if isinstance(v, dict)},
+    }  # fmt: skip
+
+
 def summarize(starts: list[dict]) -> dict:
     """Median and range over the starts of each number, and the goals against the medians."""
 
@@ -123,14 +136,12 @@ def summarize(starts: list[dict]) -> dict:
         return {"median": round(statistics.median(values), 3), "min": min(values), "max": max(values),
                 "starts": len(values)}  # fmt: skip
 
-    out = {"prefill_ms": spread([s["prefill_ms"] for s in starts]),
-           "decode_ms": {k: spread([s["decode_ms"][k] for s in starts if k in s["decode_ms"]])
-                         for k in dict.fromkeys(k for s in starts for k in s["decode_ms"])},
-           "verify_vs_decode": {k: spread([s["verify"][k]["vs_decode"] for s in starts if k in s["verify"]])
-                                for k, v in starts[-1]["verify"].items() if isinstance(v, dict)}}  # fmt: skip
-    compiled = [s["prefill_compiled_ms"] for s in starts if "prefill_compiled_ms" in s]
-    if compiled:
-        out["prefill_compiled_ms"] = spread(compiled)
+    values = series(starts)
+    out = {"prefill_ms": spread(values["prefill_ms"]["eager"]),
+           "decode_ms": {k: spread(v) for k, v in values["decode_ms"].items()},
+           "verify_vs_decode": {k: spread(v) for k, v in values["verify_vs_decode"].items()}}  # fmt: skip
+    if "compiled" in values["prefill_ms"]:
+        out["prefill_compiled_ms"] = spread(values["prefill_ms"]["compiled"])
     best = min(r["median"] for r in out["decode_ms"].values())
     fill = min(out[k]["median"] for k in ("prefill_ms", "prefill_compiled_ms") if k in out)
     out["goals"] = {
@@ -155,24 +166,16 @@ def plot(result: dict, path: Path) -> Path:
     from specalign.fsutil import save_png
 
     starts = result["starts"]
-    prefill_rows = {"eager": "prefill_ms", "compiled": "prefill_compiled_ms"}
-    panels = [
-        ("decode, ms/token", {k: [s["decode_ms"][k] for s in starts if k in s["decode_ms"]]
-                              for k in dict.fromkeys(k for s in starts for k in s["decode_ms"])},
-         GOALS["decode_ms"]),
-        ("prefill of the prompt, ms", {n: [s[k] for s in starts if k in s] for n, k in prefill_rows.items()},
-         GOALS["prefill_ms"]),
-        ("verify over one decode step", {k: [s["verify"][k]["vs_decode"] for s in starts if k in s["verify"]]
-                                         for k, v in starts[-1]["verify"].items() if isinstance(v, dict)},
-         GOALS["tree_64_vs_decode"]),
-    ]  # fmt: skip
+    values = series(starts)
+    panels = [("decode, ms/token", values["decode_ms"], GOALS["decode_ms"]),
+              ("prefill of the prompt, ms", values["prefill_ms"], GOALS["prefill_ms"]),
+              ("verify over one decode step", values["verify_vs_decode"], GOALS["tree_64_vs_decode"])]  # fmt: skip
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), gridspec_kw={"width_ratios": [4, 2, 7]})
     for ax, (title, rows, goal) in zip(axes, panels, strict=True):
-        rows = {k: v for k, v in rows.items() if v}
-        for x, values in enumerate(rows.values()):
-            median = statistics.median(values)
+        for x, ys in enumerate(rows.values()):
+            median = statistics.median(ys)
             ax.bar(x, median, color="#8da0cb", width=0.6)
-            ax.scatter([x] * len(values), values, color="black", s=14, zorder=3)
+            ax.scatter([x] * len(ys), ys, color="black", s=14, zorder=3)
             ax.text(x, median, f"{median:.2f}", ha="center", va="bottom", fontsize=8)
         ax.axhline(goal, color="#d62728", linestyle="--", linewidth=1)
         ax.text(0.99, goal, f"goal {goal}" + (" (64-node tree)" if ax is axes[2] else ""), color="#d62728",
