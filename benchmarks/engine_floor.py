@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decode_7b as d7  # noqa: E402 (llama_7b, sync_time, decode_loop, vision_ms: one place for the 7B setup)
 import heads_7b as h7  # noqa: E402 (forced_tree: the tree blocks heads_7b times)
 
+from specalign.decode import attention  # noqa: E402
 from specalign.decode.engine import Engine, prefill, verify  # noqa: E402
 from specalign.decode.speculative import verify_tree  # noqa: E402
 from specalign.fsutil import read_json, write_json  # noqa: E402
@@ -91,6 +92,11 @@ def measure(args) -> dict:
     plain = Engine(target, max_len)
     start["prefill_ms"] = round(d7.sync_time(lambda: prefill(plain, embeds), REPEATS) * 1e3, 2)
     start["decode_ms"], start["compile_s"] = {}, {}
+    start["split_kv_launch"] = {
+        "splits": attention.SPLITS,
+        "block_n": attention.BLOCK_N,
+        "num_warps": attention.NUM_WARPS,
+    }
     # a smoke run leaves compiling out: it checks the script on the CPU in seconds
     settings = {k: SETTINGS[k] for k in args.settings.split(",") if not (args.smoke and SETTINGS[k].get("compile"))}
     engines = {}  # kept: the fastest one's decode step is compiled once, and its blocks compile on first use
@@ -124,7 +130,7 @@ def series(starts: list[dict]) -> dict:
         "decode_ms": {k: [s["decode_ms"][k] for s in starts if k in s["decode_ms"]]
                       for k in dict.fromkeys(k for s in starts for k in s["decode_ms"])},
         "prefill_ms": {n: v for n, key in fills.items() if (v := [s[key] for s in starts if key in s])},
-        "verify_vs_decode": {k: [s["verify"][k]["vs_decode"] for s in starts if k in s["verify"]]
+        "verify_vs_decode": {k: [s["verify"][k]["vs_decode"] for s in starts if k in s.get("verify", {})]
                              for k, v in starts[-1]["verify"].items() if isinstance(v, dict)},
     }  # fmt: skip
 
