@@ -39,6 +39,7 @@ from specalign.decode.speculative import verify_tree  # noqa: E402
 from specalign.fsutil import read_json, write_json  # noqa: E402
 
 GOALS = {"decode_ms": 4.2, "prefill_ms": 50.0, "tree_64_vs_decode": 1.3}
+MIN_STARTS = 3  # the rule: medians over at least three machine starts
 # name -> Engine options; "compiled" settings pay a compile (and, tuned, inductor's coordinate-descent search)
 SETTINGS = {
     "graphs": {},
@@ -131,7 +132,8 @@ def series(starts: list[dict]) -> dict:
                       for k in dict.fromkeys(k for s in starts for k in s["decode_ms"])},
         "prefill_ms": {n: v for n, key in fills.items() if (v := [s[key] for s in starts if key in s])},
         "verify_vs_decode": {k: [s["verify"][k]["vs_decode"] for s in starts if k in s.get("verify", {})]
-                             for k, v in starts[-1]["verify"].items() if isinstance(v, dict)},
+                             for k in dict.fromkeys(k for s in starts for k, v in s.get("verify", {}).items()
+                                                    if isinstance(v, dict))},
     }  # fmt: skip
 
 
@@ -148,16 +150,13 @@ def summarize(starts: list[dict]) -> dict:
            "verify_vs_decode": {k: spread(v) for k, v in values["verify_vs_decode"].items()}}  # fmt: skip
     if "compiled" in values["prefill_ms"]:
         out["prefill_compiled_ms"] = spread(values["prefill_ms"]["compiled"])
-    best = min(r["median"] for r in out["decode_ms"].values())
-    fill = min(out[k]["median"] for k in ("prefill_ms", "prefill_compiled_ms") if k in out)
-    out["goals"] = {
-        "decode_ms": {"goal": GOALS["decode_ms"], "median": best, "met": best <= GOALS["decode_ms"]},
-        "prefill_ms": {"goal": GOALS["prefill_ms"], "median": fill, "met": fill <= GOALS["prefill_ms"]},
-        "tree_64_vs_decode": {"goal": GOALS["tree_64_vs_decode"],
-                              "median": out["verify_vs_decode"]["tree_64"]["median"],
-                              "met": out["verify_vs_decode"]["tree_64"]["median"] <= GOALS["tree_64_vs_decode"]},
-        "enough_starts": len(starts) >= 3,
-    }  # fmt: skip
+    decode = min(out["decode_ms"].values(), key=lambda r: r["median"])
+    fill = min((out[k] for k in ("prefill_ms", "prefill_compiled_ms") if k in out), key=lambda r: r["median"])
+    rows = {"decode_ms": decode, "prefill_ms": fill, "tree_64_vs_decode": out["verify_vs_decode"]["tree_64"]}
+    # met only where the median is over enough starts: one start's number is not a result
+    out["goals"] = {name: {"goal": GOALS[name], "median": r["median"], "starts": r["starts"],
+                           "met": r["median"] <= GOALS[name] and r["starts"] >= MIN_STARTS}
+                    for name, r in rows.items()}  # fmt: skip
     return out
 
 
@@ -186,11 +185,13 @@ def plot(result: dict, path: Path) -> Path:
         ax.axhline(goal, color="#d62728", linestyle="--", linewidth=1)
         ax.text(0.99, goal, f"goal {goal}" + (" (64-node tree)" if ax is axes[2] else ""), color="#d62728",
                 ha="right", va="bottom", fontsize=8, transform=ax.get_yaxis_transform())  # fmt: skip
-        ax.set_xticks(range(len(rows)), [k.replace("_", "\n") for k in rows], fontsize=8)
+        ax.set_xticks(
+            range(len(rows)), [f"{k.replace('_', chr(10))}\n({len(ys)})" for k, ys in rows.items()], fontsize=8
+        )
         ax.set_title(title, fontsize=10)
     axes[2].set_ylim(1.0, None)
     fig.suptitle(f"Target engine at Video-LLaVA-7B shape, {result['setup']['context']}-token context, batch 1, "
-                 f"bf16: {len(starts)} machine start(s), bars the median, dots each start "
+                 f"bf16: bars the median over the machine starts (how many in brackets), dots each start "
                  f"({starts[-1]['gpu']})", fontsize=10)  # fmt: skip
     fig.tight_layout()
     return save_png(fig, path)
