@@ -32,6 +32,11 @@ from specalign.decode.attention import split_kv_attention
 from specalign.errors import SpecalignError
 
 ATTENTIONS = ("sdpa", "split")  # how a one-token step attends (`Engine(attention=...)`)
+# inductor's options for the compiled one-token step (`Engine(tune=...)`): coordinate-descent tuning is gpt-fast's
+# setting; "autotune" is torch.compile's mode "max-autotune-no-cudagraphs" (we capture our own graphs), which also
+# widens the configs its one-row reductions are tuned over (benchmarks/block_matmul.py)
+TUNINGS = {"none": {}, "coordinate": {"coordinate_descent_tuning": True},
+           "autotune": {"max_autotune": True, "coordinate_descent_tuning": True}}  # fmt: skip
 
 
 def language_model(vlm):
@@ -96,13 +101,14 @@ class _Graph:
 class Engine:
     """One model's language side with a static KV cache of `max_len` slots for `batch` rows."""
 
-    def __init__(self, vlm, max_len: int, batch: int = 1, compile: bool = False, fuse: bool = False, tune: bool = True,
-                 fp32_head: bool = False, features: tuple[int, ...] = (), attention: str = "sdpa",
-                 compile_blocks: bool = False):  # fmt: skip
+    def __init__(self, vlm, max_len: int, batch: int = 1, compile: bool = False, fuse: bool = False,
+                 tune: str = "coordinate", fp32_head: bool = False, features: tuple[int, ...] = (),
+                 attention: str = "sdpa", compile_blocks: bool = False):  # fmt: skip
         """compile: torch.compile the one-token decode step (fuses the element-wise work between the weight
         reads; on a GPU the compiled step is then captured as a CUDA graph like the others).
-        tune: with compile, inductor's coordinate-descent tuning (gpt-fast's setting): it also turns each
-        one-row matmul into a Triton reduction tuned for memory bandwidth instead of a cuBLAS GEMV.
+        tune: with compile, how inductor tunes the step (`TUNINGS`): "coordinate" (coordinate-descent tuning,
+        gpt-fast's setting: it also turns each one-row matmul into a Triton reduction tuned for memory bandwidth
+        instead of a cuBLAS GEMV), "autotune" (that, over more configs; compiles longer) or "none".
         fuse: one q/k/v and one gate/up matmul per layer instead of three and two (engine-owned copies of those
         weights: costs their memory again, so it is off by default; benchmarks/decode_7b.py measures it).
         fp32_head: logits from an fp32 copy of the LM head. bf16 logits keep 8 bits of mantissa, so the top two tie
@@ -142,8 +148,9 @@ class Engine:
         self.count = torch.zeros(batch, dtype=torch.long, device=self.device)  # real tokens per row = next position
         self.graphs: dict | bool = {} if self.device.type == "cuda" else False
         self.slot = torch.arange(max_len, device=self.device)
-        options = {"coordinate_descent_tuning": True} if tune else {}
-        self.decode_step = torch.compile(self._step, dynamic=False, options=options) if compile else self._step
+        if tune not in TUNINGS:
+            raise SpecalignError(f"{vlm.name}: unknown tune {tune!r}: choose {', '.join(TUNINGS)}")
+        self.decode_step = torch.compile(self._step, dynamic=False, options=TUNINGS[tune]) if compile else self._step
         # no tuning here: it turns one-row matmuls into Triton reductions, and k-row blocks are cuBLAS's ground.
         # Dynamic: prompts, chains and trees come in many sizes, and one compile serves them all.
         self.block_step = torch.compile(self._step, dynamic=True) if compile_blocks else self._step

@@ -140,7 +140,17 @@ def test_split_kv_decode_on_cuda_graphs_matches_sdpa(dataset):
     draft = load_model("mini-draft", device="cuda", dtype="fp32")
     de = prompt_embeds(draft, draft.collate([draft.prepare(dataset[0], "What are the key elements in this scene?")]))[0]
     for compile in (False, True):  # compiled: the verify blocks too (compile_blocks)
-        engine = Engine(target, 700, attention="split", compile=compile, compile_blocks=compile, tune=False)
+        engine = Engine(target, 700, attention="split", compile=compile, compile_blocks=compile, tune="none")
         assert target_generate(engine, te, 40, target.eos_token_id)[0] == ref
         out, _ = speculative_decode(engine, te, VLMDraft(Engine(draft, 400), de), 4, 40, target.eos_token_id)
         assert out == ref
+
+
+def test_autotuned_decode_step_gives_the_same_tokens(dataset):
+    """Engine(tune="autotune") (inductor's max-autotune options) captured as CUDA graphs: the target-alone tokens."""
+    target = load_model("mini-target", device="cuda", dtype="fp32")
+    te = prompt_embeds(
+        target, target.collate([target.prepare(dataset[0], "What are the key elements in this scene?")])
+    )[0]
+    ref, _ = target_generate(Engine(target, 700), te, 40, target.eos_token_id)
+    assert target_generate(Engine(target, 700, compile=True, tune="autotune"), te, 40, target.eos_token_id)[0] == ref

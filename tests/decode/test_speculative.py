@@ -163,6 +163,8 @@ def test_bad_input_is_refused(minis, random_pair, dataset):
         speculative_decode(t_engine, te, FixedDraft([]), 0, 10, target.eos_token_id)
     with pytest.raises(SpecalignError, match="does not fit"):
         prefill(Engine(target, 16), te)
+    with pytest.raises(SpecalignError, match="unknown tune 'max'"):
+        Engine(target, 16, compile=True, tune="max")
     short = Engine(target, te.shape[1] + 4)
     with pytest.raises(SpecalignError, match="exceed"):
         target_generate(short, te, 20, -1)
