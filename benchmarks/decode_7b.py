@@ -99,20 +99,29 @@ def decode_loop(engine: Engine, embeds, n: int, host_read: bool | str) -> float:
     return (time.perf_counter() - t) / n * 1e3
 
 
-def kernel_profile(engine: Engine, embeds, n: int = 10, top: int = 12) -> dict:
-    """Where one decode step's GPU time goes: torch.profiler over n eager (uncaptured) steps -> ms per token by
-    kernel family, and the top kernels. A CUDA graph replays the same kernels without the launch gaps."""
+def kernel_profile(engine: Engine, embeds, n: int = 10, top: int = 12, block: int = 1) -> dict:
+    """Where one decode step's GPU time goes: torch.profiler over n eager (uncaptured) steps -> ms per step by
+    kernel family, and the top kernels. A CUDA graph replays the same kernels without the launch gaps.
+    block > 1: a verify of that many tokens after the prompt instead (the engine's block step)."""
     from torch.profiler import ProfilerActivity, profile
 
     graphs, engine.graphs = engine.graphs, False
     token = prefill(engine, embeds).argmax(-1)
+    base, tokens = engine.length, torch.zeros(1, block, dtype=torch.long, device=engine.device)
+
+    def step(token):
+        if block == 1:
+            return decode_one_token(engine, token).argmax(-1)
+        engine.rollback(base)
+        return verify(engine, tokens)[:, -1].argmax(-1)
+
     for _ in range(3):  # warm-up (and the compile, for a compiled step)
-        token = decode_one_token(engine, token).argmax(-1)
+        token = step(token)
     sync()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
     with profile(activities=acts) as prof:
         for _ in range(n):
-            token = decode_one_token(engine, token).argmax(-1)
+            token = step(token)
         sync()
     engine.graphs = graphs
     attr = "self_device_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
@@ -129,7 +138,7 @@ def kernel_profile(engine: Engine, embeds, n: int = 10, top: int = 12) -> dict:
         fam = next((f for f, keys in families.items() if any(w in k.lower() for w in keys)), "other")
         by_family[fam] = by_family.get(fam, 0.0) + ms
     return {
-        "ms_per_token": round(sum(ms for _, ms in kernels), 3),
+        "ms_per_step": round(sum(ms for _, ms in kernels), 3),
         "by_family_ms": {f: round(ms, 3) for f, ms in sorted(by_family.items(), key=lambda x: -x[1])},
         "top_kernels_ms": [[k[:120], round(ms, 4)] for k, ms in sorted(kernels, key=lambda x: -x[1])[:top]],
     }

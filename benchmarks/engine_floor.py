@@ -120,6 +120,10 @@ def measure(args, save) -> dict:
     start["verify"] = {"setting": best, "compile_blocks": not args.smoke, "decode_ms": round(step, 3),
                        **verify_ratios(engine, embeds, step)}  # fmt: skip
     print(start["verify"], flush=True)
+    if args.profile_verify:  # kernel by kernel, without CUDA graphs: what a verify block spends beyond a decode step
+        start["verify_profile"] = {name: d7.kernel_profile(engine, embeds, block=k)
+                                   for name, k in (("decode", 1), ("chain_2", 2), ("chain_16", 16))}  # fmt: skip
+        print({k: v["by_family_ms"] for k, v in start["verify_profile"].items()}, flush=True)
     if not args.smoke:  # the prefill through the same engine's compiled many-token forward (compiles first)
         t = time.perf_counter()
         prefill(engine, embeds)
@@ -211,6 +215,11 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=100, help="decode steps per timed loop")
     p.add_argument("--result", default=str(Path(__file__).parent / "results" / "engine_floor.json"))
     p.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"engine settings to time, of {', '.join(SETTINGS)}")
+    p.add_argument(
+        "--profile-verify",
+        action="store_true",
+        help="also profile the best setting's decode step and verify blocks, kernel by kernel",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing")
     p.add_argument("--plot-only", action="store_true", help="redraw the result's picture, measure nothing")
     args = p.parse_args()

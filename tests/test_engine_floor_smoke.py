@@ -15,12 +15,14 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_floor.py"
 
 def test_two_starts_are_summarised_against_the_goals(tmp_path):
     result = tmp_path / "engine_floor.json"
-    for _ in range(2):
-        proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--tokens", "4", "--result", str(result)],
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+    for extra in (["--profile-verify"], []):
+        cmd = [sys.executable, str(SCRIPT), "--smoke", "--tokens", "4", "--result", str(result), *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(result.read_text())
     assert len(res["starts"]) == 2
+    profile = res["starts"][0]["verify_profile"]
+    assert set(profile) == {"decode", "chain_2", "chain_16"} and all(p["ms_per_step"] > 0 for p in profile.values())
     s = res["summary"]
     assert set(s["decode_ms"]) == {"graphs", "graphs_split"}  # a smoke run compiles nothing
     for row in s["decode_ms"].values():
