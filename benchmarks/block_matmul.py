@@ -18,7 +18,6 @@ Writes benchmarks/results/block_matmul.json after each row count.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,12 +25,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from graph_time import REPLAYS, per_call_us  # noqa: E402 (the one CUDA-graph timing of kernel-sized calls)
 
 from specalign.fsutil import write_json  # noqa: E402
 
 LAYERS, HIDDEN, INTERMEDIATE = 32, 4096, 11008
-REPLAYS = 20
 
 
 def layer_weights(hidden: int, inter: int, device: str, dtype) -> list[torch.Tensor]:
@@ -46,32 +47,6 @@ def matmuls(x: torch.Tensor, w: list[torch.Tensor]) -> torch.Tensor:
     o = F.linear(q + k + v, w[3])
     gate, up = F.linear(o, w[4]), F.linear(o, w[5])
     return F.linear(gate * up, w[6])
-
-
-def timed_us(fn, weights: list, x: torch.Tensor, device: str) -> float:
-    """Median microseconds per layer of fn(x, w) over the layers, captured in one CUDA graph."""
-    if device != "cuda":  # a smoke run: wall time, no graph
-        t = time.perf_counter()
-        for w in weights:
-            fn(x, w)
-        return (time.perf_counter() - t) / len(weights) * 1e6
-    for w in weights:  # compiles and autotunes outside the capture
-        fn(x, w)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for w in weights:
-            fn(x, w)
-    graph.replay()
-    times = []
-    for _ in range(REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(weights))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -111,7 +86,7 @@ def main() -> None:
         todo = dict(backends, **({"tuned_reduction": reduction} if k == 1 and not args.smoke else {}))
         for name, fn in todo.items():
             t = time.perf_counter()
-            us = timed_us(fn, weights, x, device)
+            us = per_call_us(lambda i, fn=fn, x=x: fn(x, weights[i]), len(weights), device)
             row[name] = {"us": round(us, 2), "gb_per_s": round(read / us / 1e3, 1),
                          "setup_s": round(time.perf_counter() - t, 1)}  # fmt: skip
             print(f"k={k} {name}: {us:.1f} us/layer, {read / us / 1e3:.0f} GB/s", flush=True)

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 if "--smoke" in sys.argv:  # Triton's interpreter runs the kernel on the CPU; it is read when Triton is imported
@@ -29,43 +27,20 @@ if "--smoke" in sys.argv:  # Triton's interpreter runs the kernel on the CPU; it
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from graph_time import REPLAYS, per_call_us  # noqa: E402 (the one CUDA-graph timing of kernel-sized calls)
 
 from specalign.decode import attention  # noqa: E402
 from specalign.fsutil import write_json  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM, EXTRA_SLOTS = 32, 32, 128, 228
 SWEEP = {"splits": (8, 16, 32), "block_n": (32, 64, 128), "num_warps": (2, 4, 8)}
-REPLAYS = 20
 
 
 def q_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device == "cuda" else torch.float32  # the interpreter has no bf16 dot
-
-
-def timed_us(fn, layers: int, device: str) -> float:
-    """Median microseconds per layer of fn(i) for i in range(layers), the layers captured in one CUDA graph."""
-    if device != "cuda":  # a smoke run: wall time, no graph
-        t = time.perf_counter()
-        for i in range(layers):
-            fn(i)
-        return (time.perf_counter() - t) / layers * 1e6
-    for i in range(layers):  # compiles the kernels outside the capture
-        fn(i)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(layers):
-            fn(i)
-    graph.replay()
-    times = []
-    for _ in range(REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / layers)
-    return statistics.median(times)
 
 
 def measure(context: int, layers: int, heads: int, dim: int, sweep: dict, device: str) -> dict:
@@ -84,10 +59,10 @@ def measure(context: int, layers: int, heads: int, dim: int, sweep: dict, device
         return {"us": round(us, 2), "gb_per_s": round(read / us / 1e3, 1)}
 
     out = {"slots": slots, "used": context, "kv_mb_per_layer": round(read / 1e6, 2)}
-    out["sdpa_masked"] = row(timed_us(lambda i: F.scaled_dot_product_attention(q, k[i], v[i], attn_mask=mask),
+    out["sdpa_masked"] = row(per_call_us(lambda i: F.scaled_dot_product_attention(q, k[i], v[i], attn_mask=mask),
                                       layers, device))  # fmt: skip
     out["sdpa_used"] = row(
-        timed_us(
+        per_call_us(
             lambda i: F.scaled_dot_product_attention(q, k[i][:, :, :context], v[i][:, :, :context]), layers, device
         )
     )
@@ -96,8 +71,8 @@ def measure(context: int, layers: int, heads: int, dim: int, sweep: dict, device
     for splits, block_n, warps in itertools.product(*sweep.values()):
         got = attention.triton_split_kv(q, k[0], v[0], valid, used, splits, block_n, warps)
         err = (got.float() - want).abs().max().item()
-        us = timed_us(lambda i, s=(splits, block_n, warps): attention.triton_split_kv(q, k[i], v[i], valid, used, *s),
-                      layers, device)  # fmt: skip
+        launch = (splits, block_n, warps)
+        us = per_call_us(lambda i, s=launch: attention.triton_split_kv(q, k[i], v[i], valid, used, *s), layers, device)
         out["split"].append({"splits": splits, "block_n": block_n, "num_warps": warps, **row(us),
                              "max_abs_err": round(err, 5)})  # fmt: skip
         print(f"context {context}: split {splits}/{block_n}/{warps}: {us:.2f} us/layer", flush=True)
