@@ -47,9 +47,39 @@ def run_batch(engine: SharedPrefixEngine, tower, frames, prefix, suffix, pad, ne
         out.tolist()  # the answers reach the host, as extraction writes them
 
 
-def main() -> None:
+def models(tiny: bool = False):
+    """(the 7B-shaped target, a CLIP ViT-L/14 tower, the hidden size) on `shape.DEVICE`; tiny: the smoke shapes."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
+    hidden, clip_size = (
+        4096,
+        dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+    )
+    if tiny:
+        hidden = 64
+        shape.LLAMA_7B.update(shape.SMOKE_SHAPE)
+        clip_size = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    target = shape.llama_7b(32064, "video-llava-7b-shape")
+    with torch.device(shape.DEVICE):
+        tower = CLIPVisionModel(CLIPVisionConfig(**clip_size, image_size=224, patch_size=14)).to(torch.bfloat16).eval()
+    return target, tower, hidden
+
+
+def batch_inputs(target, S: int, questions: int, prefix_len: int, suffix_len: int, new_tokens: int, hidden: int):
+    """One batch of S samples x `questions`: (its SharedPrefixEngine, frames, prefix embeddings, suffix embeddings,
+    left padding of the suffixes), random but fixed by seed."""
+    B = S * questions
+    engine = SharedPrefixEngine(target, prefix_len, S, questions, suffix_len + new_tokens)
+    g = torch.Generator(device=shape.DEVICE).manual_seed(0)
+    frames = torch.randn(S * 8, 3, 224, 224, device=shape.DEVICE, dtype=torch.bfloat16, generator=g)
+    prefix = torch.randn(S, prefix_len, hidden, device=shape.DEVICE, dtype=torch.bfloat16, generator=g) * 0.02
+    suffix = torch.randn(B, suffix_len, hidden, device=shape.DEVICE, dtype=torch.bfloat16, generator=g) * 0.02
+    lengths = torch.randint(max(1, suffix_len - 8), suffix_len + 1, (B,), generator=torch.Generator().manual_seed(0))
+    pad = torch.arange(suffix_len)[None, :] < (suffix_len - lengths)[:, None]  # left padding
+    return engine, frames, prefix, suffix, pad
+
+
+def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples-per-batch", default="4,8,16")
     p.add_argument("--questions", type=int, default=10)
@@ -60,30 +90,14 @@ def main() -> None:
     p.add_argument("--result", default=str(Path(__file__).parent / "results" / "extract_7b.json"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing")
     args = p.parse_args()
-    hidden, clip_size = (
-        4096,
-        dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
-    )
     if args.smoke:
-        shape.DEVICE, hidden = "cpu", 64
-        shape.LLAMA_7B.update(shape.SMOKE_SHAPE)
-        clip_size = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    target = shape.llama_7b(32064, "video-llava-7b-shape")
-    clip = CLIPVisionConfig(**clip_size, image_size=224, patch_size=14)
-    with torch.device(shape.DEVICE):
-        tower = CLIPVisionModel(clip).to(torch.bfloat16).eval()
+        shape.DEVICE = "cpu"
+    target, tower, hidden = models(tiny=args.smoke)
     rows = []
     for S in [int(x) for x in args.samples_per_batch.split(",")]:
         B = S * args.questions
-        engine = SharedPrefixEngine(target, args.prefix, S, args.questions, args.suffix + args.new_tokens)
-        g = torch.Generator(device=shape.DEVICE).manual_seed(0)
-        frames = torch.randn(S * 8, 3, 224, 224, device=shape.DEVICE, dtype=torch.bfloat16, generator=g)
-        prefix = torch.randn(S, args.prefix, hidden, device=shape.DEVICE, dtype=torch.bfloat16, generator=g) * 0.02
-        suffix = torch.randn(B, args.suffix, hidden, device=shape.DEVICE, dtype=torch.bfloat16, generator=g) * 0.02
-        lengths = torch.randint(
-            max(1, args.suffix - 8), args.suffix + 1, (B,), generator=torch.Generator().manual_seed(0)
-        )
-        pad = torch.arange(args.suffix)[None, :] < (args.suffix - lengths)[:, None]  # left padding
+        engine, frames, prefix, suffix, pad = batch_inputs(target, S, args.questions, args.prefix, args.suffix,
+                                                           args.new_tokens, hidden)  # fmt: skip
         run_batch(engine, tower, frames, prefix, suffix, pad, 4)  # warm-up: captures the decode graph
         shape.sync()
         times = []
