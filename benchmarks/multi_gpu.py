@@ -15,7 +15,7 @@ Writes benchmarks/results/multi_gpu.json: a row per part and world size ("world_
     python benchmarks/multi_gpu.py [--parts extract_7b,extract_mini,train] [--gpus 2] [--result PATH] [--tiny]
     python benchmarks/multi_gpu.py --smoke
 
---tiny: tiny shapes and sizes on the GPUs (what tests/align/test_multi_gpu.py runs); --smoke: the same in CPU
+--tiny: tiny shapes and sizes on the GPUs (what tests/test_multi_gpu.py runs on two GPUs); --smoke: the same in CPU
 processes over gloo (checks the script and the launcher). Neither times anything worth reporting.
 """
 
