@@ -162,14 +162,11 @@ def summarize(starts: list[dict]) -> dict:
                 "starts": len(values)}  # fmt: skip
 
     values = series(starts)
-    out = {"prefill_ms": spread(values["prefill_ms"]["eager"]),
-           "prefill_ms_by_path": {k: spread(v) for k, v in values["prefill_ms"].items()},
+    out = {"prefill_ms": {k: spread(v) for k, v in values["prefill_ms"].items()},  # by path: eager, fused, compiled
            "decode_ms": {k: spread(v) for k, v in values["decode_ms"].items()},
            "verify_vs_decode": {k: spread(v) for k, v in values["verify_vs_decode"].items()}}  # fmt: skip
-    if "compiled" in values["prefill_ms"]:
-        out["prefill_compiled_ms"] = spread(values["prefill_ms"]["compiled"])
     decode = min(out["decode_ms"].values(), key=lambda r: r["median"])
-    fill = min(out["prefill_ms_by_path"].values(), key=lambda r: r["median"])  # the engine's fastest prefill
+    fill = min(out["prefill_ms"].values(), key=lambda r: r["median"])  # the engine's fastest prefill
     rows = {"decode_ms": decode, "prefill_ms": fill}
     if "tree_64" in out["verify_vs_decode"]:  # not before a start got as far as the verify blocks
         rows["tree_64_vs_decode"] = out["verify_vs_decode"]["tree_64"]
