@@ -4,8 +4,8 @@ against inductor's autotuned kernels: is a verify block's time in its matmuls?
 A Llama-7B layer reads 405 MB of bf16 weights (q, k, v, o 4096x4096; gate, up 11008x4096; down 4096x11008), so at
 batch 1 every row count should cost about one weight read (~94 us at 4.3 TB/s). For each k:
 - cublas: `F.linear` eagerly (what the engine's blocks run: their compile leaves matmuls to cuBLAS);
-- autotuned: the same seven matmuls through `torch.compile(mode="max-autotune-no-cudagraphs")`, which benchmarks
-  Triton templates against cuBLAS and keeps the faster for each shape;
+- autotuned: the same seven matmuls compiled with `Engine(tune="autotune")`'s options (torch.compile's mode
+  "max-autotune-no-cudagraphs"), which benchmarks Triton templates against cuBLAS and keeps the faster per shape;
 - tuned_reduction (k = 1 only): inductor's coordinate-descent tuning, which turns a one-row matmul into a Triton
   reduction (what the engine's compiled decode step runs).
 Each is the 32 layers (each its own weights, so nothing is served from L2) captured in one CUDA graph, median over
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from graph_time import REPLAYS, per_call_us  # noqa: E402 (the one CUDA-graph timing of kernel-sized calls)
 
+from specalign.decode.engine import TUNINGS  # noqa: E402
 from specalign.fsutil import write_json  # noqa: E402
 
 LAYERS, HIDDEN, INTERMEDIATE = 32, 4096, 11008
@@ -66,11 +67,10 @@ def main() -> None:
     read = sum(w.numel() * w.element_size() for w in weights[0])  # weight bytes of one layer
     backends = {"cublas": matmuls}
     if not args.smoke:
-        backends["autotuned"] = torch.compile(matmuls, mode="max-autotune-no-cudagraphs", dynamic=False)
+        # the engine's own inductor options (`Engine(tune=...)`), so these rows are what its decode step can get
+        backends["autotuned"] = torch.compile(matmuls, dynamic=False, options=TUNINGS["autotune"])
         # its own code object: dynamo keeps one cache per function, and these two compiles must not share it
-        reduction = torch.compile(
-            lambda x, w: matmuls(x, w), dynamic=False, options={"coordinate_descent_tuning": True}
-        )
+        reduction = torch.compile(lambda x, w: matmuls(x, w), dynamic=False, options=TUNINGS["coordinate"])
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(args.rows.split(",")))
     result = {
         "benchmark": "block_matmul",

@@ -142,7 +142,7 @@ def measure(args, save) -> dict:
 
 def series(starts: list[dict]) -> dict:
     """Each number's values over the starts that have it: {"decode_ms": {setting: [..]}, "prefill_ms": {"eager": [..],
-    "compiled": [..]}, "verify_vs_decode": {block: [..]}}."""
+    "eager_fused": [..], "compiled": [..]}, "verify_vs_decode": {block: [..]}}."""
     fills = {"eager": "prefill_ms", "eager_fused": "prefill_fused_ms", "compiled": "prefill_compiled_ms"}
     return {
         "decode_ms": {k: [s["decode_ms"][k] for s in starts if k in s["decode_ms"]]
