@@ -124,9 +124,11 @@ def measure(args, save) -> dict:
     best = min(start["decode_ms"], key=start["decode_ms"].get)
     engine = engines[best]
     step = decode_ms(engine, embeds, args.tokens)
-    start["verify"] = {"setting": best, "compile_blocks": not args.smoke, "decode_ms": round(step, 3),
+    start["verify"] = {"setting": best, "attention": engine.attention, "compile_blocks": not args.smoke,
+                       "decode_ms": round(step, 3),
                        **verify_ratios(engine, embeds, step)}  # fmt: skip
     print(start["verify"], flush=True)
+    save({**start, "note": "partial: stopped before the compiled prefill was timed"})
     if args.profile_verify:  # kernel by kernel, without CUDA graphs: what a verify block spends beyond a decode step
         start["verify_profile"] = {name: d7.kernel_profile(engine, embeds, block=k)
                                    for name, k in (("decode", 1), ("chain_2", 2), ("chain_16", 16))}  # fmt: skip

@@ -1,15 +1,20 @@
-"""Split-KV ("flash-decoding") attention of one new token over the static cache.
+"""Split-KV ("flash-decoding") attention of new tokens over the static cache.
 
-    out = split_kv_attention(q, k, v, valid, used)   # q [B, H, 1, D], k/v [B, H_kv, L, D] -> [B, H, 1, D]
+    out = split_kv_attention(q, k, v, valid, used)   # q [B, H, T, D], k/v [B, H_kv, L, D] -> [B, H, T, D]
 
-SDPA's kernels give each (row, head) one thread block, so at batch 1 a 7B model's 32 heads keep 32 of an H200's
-132 SMs reading the cache. Here the slots are cut into `SPLITS` chunks and every (row, head, chunk) is its own
-program; a second pass merges the chunks' partial softmaxes (each keeps its max and its sum, so the merge is
-exact up to rounding). `used` (long [], on the device) is the number of slots in use: chunks past it stop at
-once, so a step reads only the used slots, and a CUDA graph replays at any length.
+SDPA's kernels give each (row, head, tile of 64-128 queries) one thread block, so at batch 1 a 7B model's 32 heads
+keep 32 of an H200's 132 SMs reading the cache, for one new token and for a 64-node tree alike. Here the slots
+are cut into `SPLITS` chunks and every (row, head, chunk) is its own program; a second pass merges the chunks'
+partial softmaxes (each keeps its max and its sum, so the merge is exact up to rounding). `used` (long [], on the
+device) is the number of slots in use: chunks past it stop at once, so a step reads only the used slots, and a
+CUDA graph replays at any length.
 
-On a GPU with Triton the chunks run as one Triton kernel; elsewhere `split_kv_reference` computes the same
-chunked algorithm with torch ops (the tests hold the kernel to it, in Triton's interpreter on the CPU).
+One new token (valid [B, L]: it sees every real slot below `used`) runs a kernel of vector products; a block of
+T tokens (valid [B, T, L]: the slots each token sees, a chain's causal mask or a tree's ancestors) runs one that
+takes `BLOCK_M` of its queries at a time through tensor-core products.
+
+On a GPU with Triton the chunks run as Triton kernels; elsewhere `split_kv_reference` computes the same chunked
+algorithm with torch ops (the tests hold the kernels to it, in Triton's interpreter on the CPU).
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ import torch
 SPLITS = 32  # chunks per (row, head)
 BLOCK_N = 64  # slots a program reads per iteration
 NUM_WARPS = 2
+BLOCK_M = 16  # a block's queries per program (tensor-core products need 16 rows; a 2-token chain wastes the rest)
+BLOCK_WARPS = 4
+MAX_ROWS = 128  # longer blocks (a padded prompt) keep SDPA's tiles busy on their own: `Engine` leaves them to it
 NEG = -1.0e30  # "no slot yet": finite, so exp(NEG - NEG) never makes a NaN
 
 try:
@@ -37,39 +45,42 @@ def _chunks(slots: int, splits: int = SPLITS, block_n: int = BLOCK_N) -> tuple[i
 
 
 def merge(out: torch.Tensor, peak: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """Chunks' partial results -> attention output. out [B, H, S, D] (unnormalised sums of p * v), peak and total
-    [B, H, S] (each chunk's score max and sum of exp(score - max)) -> [B, H, 1, D] float32."""
+    """Chunks' partial results -> attention output. out [..., S, D] (unnormalised sums of p * v), peak and total
+    [..., S] (each chunk's score max and sum of exp(score - max)) -> [..., D] float32."""
     top = peak.amax(-1, keepdim=True)
     w = torch.exp(peak - top) * (total > 0)  # an empty chunk (past `used`, or all padding) weighs nothing
-    return ((w[..., None] * out).sum(-2) / (w * total).sum(-1, keepdim=True))[:, :, None]
+    return (w[..., None] * out).sum(-2) / (w * total).sum(-1, keepdim=True)
 
 
 def split_kv_reference(q, k, v, valid, used) -> torch.Tensor:
     """The chunked algorithm with torch ops (any device). Shapes as `split_kv_attention`."""
-    B, H, _, D = q.shape
+    B, H, T, D = q.shape
     L = k.shape[2]
     if k.shape[1] != H:  # grouped-query attention: each K/V head serves H // H_kv query heads
         k, v = (t.repeat_interleave(H // k.shape[1], dim=1) for t in (k, v))
     chunk, S = _chunks(L)
     pad = S * chunk - L
-    ok = valid & (torch.arange(L, device=q.device) < used)  # [B, L]
-    ok = torch.nn.functional.pad(ok, (0, pad)).view(B, 1, S, chunk)
+    sees = valid if valid.dim() == 3 else valid[:, None]  # [B, T or 1, L]
+    ok = sees & (torch.arange(L, device=q.device) < used)
+    ok = torch.nn.functional.pad(ok, (0, pad)).view(B, 1, -1, S, chunk)
     kk = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(B, H, S, chunk, D)
     vv = torch.nn.functional.pad(v.float(), (0, 0, 0, pad)).view(B, H, S, chunk, D)
-    scores = (kk @ (q.float() * D**-0.5)[:, :, None, 0, :, None])[..., 0]  # [B, H, S, chunk]
-    scores = scores.masked_fill(~ok, NEG)
+    scores = torch.einsum("bhtd,bhscd->bhtsc", q.float() * D**-0.5, kk).masked_fill(~ok, NEG)  # [B, H, T, S, chunk]
     peak = scores.amax(-1).clamp(min=NEG)
     p = torch.exp(scores - peak[..., None]) * ok
-    out = (p[..., None] * vv).sum(-2)  # [B, H, S, D]
+    out = torch.einsum("bhtsc,bhscd->bhtsd", p, vv)
     return merge(out, peak, p.sum(-1)).to(q.dtype)
 
 
 def split_kv_attention(q, k, v, valid, used) -> torch.Tensor:
-    """q [B, H, 1, D], k/v [B, H_kv, L, D] (the whole cache), valid bool [B, L] (real slots), used long [] on the
-    device (slots in use; the new token's is the last) -> [B, H, 1, D] in q's dtype. The Triton kernel on a GPU,
-    `split_kv_reference` elsewhere."""
+    """q [B, H, T, D], k/v [B, H_kv, L, D] (the whole cache), valid bool [B, L] (one token, T = 1: the real slots)
+    or [B, T, L] (a block: the slots each token sees), used long [] on the device (slots in use; the last new
+    token's is the last) -> [B, H, T, D] in q's dtype. The Triton kernels on a GPU, `split_kv_reference`
+    elsewhere."""
     if triton is None or not q.is_cuda:
         return split_kv_reference(q, k, v, valid, used)
+    if valid.dim() == 3:
+        return triton_split_kv_block(q, k, v, valid, used)
     return triton_split_kv(q, k, v, valid, used)
 
 
@@ -92,6 +103,31 @@ def triton_split_kv(q, k, v, valid, used, splits: int = SPLITS, block_n: int = B
     o = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
     # `merge` in one kernel: in torch ops it is about ten launches in every layer of a step that is not compiled
     _merge_kernel[(B * H,)](out, peak, total, o, S, D=D, SPLITS=triton.next_power_of_2(S))
+    return o
+
+
+def triton_split_kv_block(q, k, v, valid, used, splits: int = SPLITS, block_n: int = BLOCK_N,
+                          block_m: int = BLOCK_M, num_warps: int = BLOCK_WARPS) -> torch.Tensor:  # fmt: skip
+    """`split_kv_attention` of a block (valid [B, T, L]) through the Triton kernel."""
+    B, H, T, D = q.shape
+    H_kv, L = k.shape[1], k.shape[2]
+    chunk, S = _chunks(L, splits, block_n)
+    q, valid = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, valid))
+    out = torch.empty(B, H, T, S, D, device=q.device, dtype=torch.float32)
+    peak = torch.empty(B, H, T, S, device=q.device, dtype=torch.float32)
+    total = torch.empty(B, H, T, S, device=q.device, dtype=torch.float32)
+    used = used.reshape(1).to(device=q.device, dtype=torch.int32)
+    # fp32 products in full precision (the mini models run in fp32); bf16 ones are exact in any mode
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    # the query tiles vary fastest: the programs that read one chunk of one head run side by side (its K/V in L2)
+    _split_kv_block_kernel[(triton.cdiv(T, block_m), B * H, S)](
+        q, k, v, valid, used, out, peak, total,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), valid.stride(0), valid.stride(1), T, H, H // H_kv, chunk, S, D**-0.5,
+        D=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, num_warps=num_warps,
+    )  # fmt: skip
+    o = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
+    _merge_kernel[(B * H * T,)](out, peak, total, o, S, D=D, SPLITS=triton.next_power_of_2(S))
     return o
 
 
@@ -132,6 +168,48 @@ if triton is not None:
         tl.store(OUT + row * D + d, acc)
         tl.store(PEAK + row + tl.arange(0, 1), m)
         tl.store(TOTAL + row + tl.arange(0, 1), total)
+
+    @triton.jit
+    def _split_kv_block_kernel(Q, K, V, MASK, USED, OUT, PEAK, TOTAL, sqb, sqh, sqt, skb, skh, skl, svb, svh, svl,
+                               smb, smt, T, H, G, CHUNK, S, scale, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+        """One program: queries [r * BLOCK_M, (r + 1) * BLOCK_M) of head h of row b against the slots of chunk s
+        below USED that each query's MASK row allows (flash attention's loop over one chunk)."""
+        r = tl.program_id(0)
+        bh = tl.program_id(1)
+        s = tl.program_id(2)
+        b = bh // H
+        h = bh % H
+        kh = h // G
+        d = tl.arange(0, D)
+        t = r * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = t < T
+        q = tl.load(Q + b * sqb + h * sqh + t[:, None] * sqt + d[None, :], mask=rows[:, None], other=0.0)
+        lo = s * CHUNK
+        hi = tl.minimum(lo + CHUNK, tl.load(USED))
+        m = tl.full([BLOCK_M], -1.0e30, tl.float32)  # NEG
+        total = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            inside = n < hi
+            ok = tl.load(MASK + b * smb + t[:, None] * smt + n[None, :], mask=rows[:, None] & inside[None, :],
+                         other=0) != 0  # fmt: skip
+            kb = tl.load(K + b * skb + kh * skh + n[:, None] * skl + d[None, :], mask=inside[:, None], other=0.0)
+            # fp32: inductor hands `scale` over as a double, which would widen the loop's running max
+            score = (tl.dot(q, tl.trans(kb), input_precision=PRECISION) * scale).to(tl.float32)
+            score = tl.where(ok, score, -1.0e30)
+            m_new = tl.maximum(m, tl.max(score, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.where(ok, tl.exp(score - m_new[:, None]), 0.0)
+            vb = tl.load(V + b * svb + kh * svh + n[:, None] * svl + d[None, :], mask=inside[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
+            total = total * alpha + tl.sum(p, axis=1)
+            m = m_new
+        row = (bh * T + t) * S + s  # the merge's layout: [B, H, T, S]
+        tl.store(OUT + row[:, None] * D + d[None, :], acc, mask=rows[:, None])
+        tl.store(PEAK + row, m, mask=rows)
+        tl.store(TOTAL + row, total, mask=rows)
 
     @triton.jit
     def _merge_kernel(OUT, PEAK, TOTAL, O, S, D: tl.constexpr, SPLITS: tl.constexpr):

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from specalign.decode.attention import split_kv_attention
+from specalign.decode.attention import MAX_ROWS, split_kv_attention
 from specalign.errors import SpecalignError
 
-ATTENTIONS = ("sdpa", "split")  # how a one-token step attends (`Engine(attention=...)`)
+ATTENTIONS = ("sdpa", "split")  # how decode steps and verify blocks attend (`Engine(attention=...)`)
 # inductor's options for the compiled one-token step (`Engine(tune=...)`): coordinate-descent tuning is gpt-fast's
 # setting; "autotune" is torch.compile's mode "max-autotune-no-cudagraphs" (we capture our own graphs), which also
 # widens the configs its one-row reductions are tuned over (benchmarks/block_matmul.py)
@@ -116,8 +116,8 @@ class Engine:
         a k-row verify may break the tie apart on a GPU: greedy SD then leaves the target-alone answer.
         features: hidden states kept after every forward in `self.features` [B, T, F] (concatenated in this order):
         index i < n_layers is decoder layer i's output, n_layers the final normed state (what the LM head reads).
-        attention: how a one-token step attends: "sdpa" (torch's kernels, over every slot with a mask) or "split"
-        (`decode.attention`: split-KV over the used slots only). Blocks (verify, trees) and prefill use SDPA.
+        attention: how decode steps and verify blocks (chains, trees) attend: "sdpa" (torch's kernels, over every
+        slot with a mask) or "split" (`decode.attention`: split-KV over the used slots only). Prefill uses SDPA.
         compile_blocks: also torch.compile the many-token forwards: prefill, verify chains and trees (one compile
         for every size, without the tuning)."""
         self.vlm = vlm
@@ -180,10 +180,12 @@ class Engine:
             mask = (self.slot[None, None, :] <= slots[None, :, None]) & self.valid[:, None, :]
         else:
             mask = attend & self.valid[:, None, :]
+        # split-KV attention reads only the slots in use: how many (as the kernels' int32, made once here rather than
+        # in every layer); one new token seeing every real slot before it needs no mask of its own
+        split = self.attention == "split" and not causal and T <= MAX_ROWS
+        used = (slots[-1:] + 1).int() if split else None
+        sees = self.valid if T == 1 and attend is None else mask
         mask = mask[:, None]
-        # one new token attending causally: the split-KV kernel needs only how many slots are in use (as the
-        # kernel's int32, made once here rather than in every layer)
-        used = (slots[-1:] + 1).int() if T == 1 and attend is None and self.attention == "split" else None
         kept = {}
         for i, layer in enumerate(self.lm.layers):
             attn, mlp = layer.self_attn, layer.mlp
@@ -198,7 +200,7 @@ class Engine:
             q, k = apply_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype))
             self.k[i].index_copy_(2, slots, k)
             self.v[i].index_copy_(2, slots, v)
-            o = self._attend(i, q, mask, used, causal)
+            o = split_kv_attention(q, self.k[i], self.v[i], sees, used) if split else self._attend(i, q, mask, causal)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
             h = layer.post_attention_layernorm(x)
             if self.fused is None:
@@ -219,12 +221,9 @@ class Engine:
             return self.lm.embed_tokens(tokens)
         return self.lm.inputs(inputs, tokens, self.context)
 
-    def _attend(self, i: int, q: torch.Tensor, mask: torch.Tensor, used: torch.Tensor | None = None,
-                causal: bool = False) -> torch.Tensor:  # fmt: skip
-        """Layer i's attention of q [B, H, T, D] over its cache, mask [B, 1, T, max_len] -> [B, H, T, D]. used
-        (long [1], slots in use): a one-token step through the split-KV kernel; causal: see `_forward`."""
-        if used is not None:
-            return split_kv_attention(q, self.k[i], self.v[i], self.valid, used)
+    def _attend(self, i: int, q: torch.Tensor, mask: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        """Layer i's attention of q [B, H, T, D] over its cache through SDPA, mask [B, 1, T, max_len] ->
+        [B, H, T, D]. causal: see `_forward`."""
         if causal:
             T = q.shape[2]
             return F.scaled_dot_product_attention(q, self.k[i][:, :, :T], self.v[i][:, :, :T], is_causal=True,
@@ -404,8 +403,8 @@ class SharedPrefixEngine(Engine):
         self.prefix.graphs = False  # prefilled once per batch: eager
         self.samples, self.questions = samples, questions
 
-    def _attend(self, i: int, q: torch.Tensor, mask: torch.Tensor, used=None, causal: bool = False) -> torch.Tensor:
-        # the rows' slots come after the shared prefix: never slot 0 of a whole causal prompt, never split-KV
+    def _attend(self, i: int, q: torch.Tensor, mask: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        # the rows' slots come after the shared prefix: never slot 0 of a whole causal prompt
         S, Q = self.samples, self.questions
         B, H, T, D = q.shape
         kp, vp = self.prefix.k[i], self.prefix.v[i]  # [S, H_kv, P, D]

@@ -1,6 +1,6 @@
-"""Split-KV attention of one new token (`decode.attention`): the chunked algorithm is SDPA's attention over the
-used, real slots (grouped-query heads, padding, any length), and the Triton kernel computes it too (in Triton's
-interpreter on the CPU when Triton is installed; on the GPU in test_engine_gpu.py)."""
+"""Split-KV attention of new tokens (`decode.attention`): the chunked algorithm is SDPA's attention over the used,
+real slots (grouped-query heads, padding, any length; for a block, each token's own slots), and the Triton kernels
+compute it too (in Triton's interpreter on the CPU when Triton is installed; on the GPU in test_engine_gpu.py)."""
 
 import importlib.util
 import os
@@ -27,6 +27,38 @@ def _case(B, H, H_kv, L, D, used, seed=0):
     return (q, k, v, valid, torch.tensor(used)), want
 
 
+# blocks: (rows, heads, kv heads, cache slots, head dim, slots in use, new tokens); a tree when the last is odd
+BLOCKS = [(1, 4, 4, 300, 16, 140, 2), (2, 8, 2, 1030, 32, 1030, 17), (1, 2, 2, 200, 16, 65, 65)]
+
+
+def _block(B, H, H_kv, L, D, used, T, seed=0):
+    """A chain (causal over the last T slots) or, for odd T, a tree (each token sees a random set of the block's
+    earlier slots, as its ancestors)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, t, D, generator=g) for h, t in ((H, T), (H_kv, L), (H_kv, L)))
+    slots = torch.arange(L)
+    first = used - T
+    valid = torch.rand(B, L, generator=g) > 0.2
+    valid[:, first:used] = True
+    sees = (slots[None, :] <= (first + torch.arange(T))[:, None]) & valid[:, None, :]  # [B, T, L]
+    if T % 2:
+        block = torch.rand(B, T, T, generator=g) > 0.5
+        sees[:, :, first:used] &= block.tril(-1) | torch.eye(T, dtype=torch.bool)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=sees[:, None], enable_gqa=H_kv < H)
+    return (q, k, v, sees, torch.tensor(used)), want
+
+
+@pytest.mark.parametrize("shape", BLOCKS)
+def test_split_kv_reference_of_a_block_is_sdpa_with_each_tokens_mask(shape):
+    args, want = _block(*shape)
+    got = split_kv_reference(*args)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    q, k, v, sees, used = args
+    k[:, :, int(used) :] = 1e4  # past `used`: never read
+    torch.testing.assert_close(split_kv_reference(q, k, v, sees, used), want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_split_kv_reference_is_sdpa_over_the_used_slots(shape):
     args, want = _case(*shape)
@@ -40,17 +72,20 @@ def test_split_kv_reference_is_sdpa_over_the_used_slots(shape):
 
 INTERPRETED = """
 import torch
-from specalign.decode.attention import split_kv_reference, triton_split_kv
-from tests.decode.test_attention import SHAPES, _case
+from specalign.decode.attention import split_kv_reference, triton_split_kv, triton_split_kv_block
+from tests.decode.test_attention import BLOCKS, SHAPES, _block, _case
 for shape in SHAPES[:3]:
     args, want = _case(*shape)
     torch.testing.assert_close(triton_split_kv(*args), split_kv_reference(*args), atol=1e-5, rtol=1e-5)
+for shape in BLOCKS:
+    args, want = _block(*shape)
+    torch.testing.assert_close(triton_split_kv_block(*args), want, atol=1e-5, rtol=1e-5)
 print("ok")
 """
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
-def test_triton_kernel_matches_the_reference_in_the_interpreter():
+def test_triton_kernels_match_the_reference_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernel is defined: a fresh process
     r = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -124,15 +124,24 @@ def test_head_chains_and_trees_replay_as_cuda_graphs_losslessly(dataset):
 
 
 def test_split_kv_decode_on_cuda_graphs_matches_sdpa(dataset):
-    """The Triton split-KV kernel inside CUDA-graph decode steps: the reference's numbers, the same greedy tokens
-    alone and through SD (and compiled, with compiled verify blocks, the same again)."""
-    from specalign.decode.attention import split_kv_reference, triton_split_kv
+    """The Triton split-KV kernels inside CUDA-graph decode steps and verify blocks: the reference's numbers, the
+    same greedy tokens alone and through SD (and compiled, with compiled verify blocks, the same again), and a
+    tree's logits as SDPA's."""
+    from specalign.decode.attention import split_kv_reference, triton_split_kv, triton_split_kv_block
+    from specalign.decode.speculative import Proposal, verify_tree
 
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(1, h, t, 128, device="cuda", generator=g) for h, t in ((32, 1), (8, 2304), (8, 2304)))
     valid = torch.ones(1, 2304, dtype=torch.bool, device="cuda")
     used = torch.tensor(2080, device="cuda")
     torch.testing.assert_close(triton_split_kv(q, k, v, valid, used), split_kv_reference(q, k, v, valid, used))
+    # a block of 65 (a 64-node tree and its root, here causal) in fp32 and in bf16
+    sees = (torch.arange(2304, device="cuda") <= 2015 + torch.arange(65, device="cuda")[:, None])[None]
+    qb = torch.randn(1, 32, 65, 128, device="cuda", generator=g)
+    want = split_kv_reference(qb, k, v, sees, used)
+    torch.testing.assert_close(triton_split_kv_block(qb, k, v, sees, used), want)
+    got = triton_split_kv_block(*(t.bfloat16() for t in (qb, k, v)), sees, used)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
     target = load_model("mini-target", device="cuda", dtype="fp32")
     prompt = target.prepare(dataset[0], "What are the key elements in this scene?")
     te = prompt_embeds(target, target.collate([prompt]))[0]
@@ -144,6 +153,12 @@ def test_split_kv_decode_on_cuda_graphs_matches_sdpa(dataset):
         assert target_generate(engine, te, 40, target.eos_token_id)[0] == ref
         out, _ = speculative_decode(engine, te, VLMDraft(Engine(draft, 400), de), 4, 40, target.eos_token_id)
         assert out == ref
+        tree = Proposal(list(range(10, 26)), parents=[-1, -1, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
+        logits = []
+        for e in (engine, Engine(target, 700)):
+            prefill(e, te)
+            logits.append(verify_tree(e, ref[0], tree))
+        torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
 
 
 def test_autotuned_decode_step_gives_the_same_tokens(dataset):
