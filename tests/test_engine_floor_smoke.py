@@ -27,7 +27,9 @@ def test_two_starts_are_summarised_against_the_goals(tmp_path):
     assert set(s["decode_ms"]) == {"graphs", "graphs_split"}  # a smoke run compiles nothing
     for row in s["decode_ms"].values():
         assert row["starts"] == 2 and row["min"] <= row["median"] <= row["max"]
-    assert set(s["verify_vs_decode"]) == {"chain_2", "chain_4", "chain_8", "chain_16", "tree_16", "tree_32", "tree_64"}
+    blocks = ("chain_2", "chain_4", "chain_8", "chain_16", "tree_16", "tree_32", "tree_64")
+    attention = res["starts"][0]["verify"]["block_attention"]  # the blocks are named by how they attend
+    assert set(s["verify_vs_decode"]) == {f"{b} {attention}" for b in blocks}
     assert set(s["goals"]) == {"decode_ms", "prefill_ms", "tree_64_vs_decode"}
     assert all(g["starts"] == 2 and g["met"] is False for g in s["goals"].values())  # two starts are not enough
     assert result.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the picture beside the numbers
