@@ -1,5 +1,5 @@
 """benchmarks/split_kv.py --smoke: the attention benchmark's tiny run in Triton's interpreter on the CPU writes
-every row, and the kernel's result there is SDPA's."""
+every row, one-token and verify blocks, and the kernels' results there are SDPA's."""
 
 import importlib.util
 import json
@@ -22,3 +22,6 @@ def test_smoke_run_writes_every_row(tmp_path):
     for name in ("sdpa_masked", "sdpa_used", "split_best", "split_default"):
         assert ctx[name]["us"] > 0
     assert ctx["split_default"]["max_abs_err"] < 1e-4
+    assert set(ctx["blocks"]) == {"2", "17", "65"}  # verify blocks: a chain, and trees of 16 and 64 with the root
+    for block in ctx["blocks"].values():
+        assert block["sdpa_masked"]["us"] > 0 and block["split_default"]["max_abs_err"] < 1e-4
