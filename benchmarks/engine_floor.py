@@ -14,7 +14,7 @@ and the range over the starts of every number, beside the goals: decode <= 4.2 m
 64-node tree verify <= 1.3 decode steps.
 
     python benchmarks/engine_floor.py [--result benchmarks/results/engine_floor.json] [--settings a,b]
-                                      [--profile-verify] [--smoke]
+                                      [--profile-verify] [--resume] [--smoke]
     python benchmarks/engine_floor.py --plot-only        # redraws engine_floor.png from the result
 """
 
@@ -90,57 +90,67 @@ def verify_ratios(engine: Engine, embeds, step_ms: float) -> dict:
     return out
 
 
-def measure(args, save) -> dict:
+def measure(args, save, start: dict | None = None) -> dict:
+    """One machine start's numbers. start: a partial run of this same machine start (`--resume`): the parts it has
+    are kept, the others measured (inductor's cache on this machine makes its compiles quick the second time)."""
     target = d7.llama_7b(h7.VOCAB, "video-llava-7b-shape")
     max_len = args.context + args.tokens + 2 * h7.MAX_TREE_NODES
     embeds = torch.randn(1, args.context, d7.LLAMA_7B["hidden_size"], device=d7.DEVICE, dtype=torch.bfloat16) * 0.02
-    start = {"gpu": torch.cuda.get_device_name() if d7.DEVICE == "cuda" else "cpu (smoke run)",
-             "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-             "vision_encode_ms": d7.vision_ms() if not args.smoke else {}}  # fmt: skip
-    plain = Engine(target, max_len)
-    start["prefill_ms"] = round(d7.sync_time(lambda: prefill(plain, embeds), REPEATS) * 1e3, 2)
-    # q/k/v and gate/up as one matmul each: wider GEMMs for 2,080 rows (that engine's weight copies go with it)
-    fused = functools.partial(prefill, Engine(target, max_len, fuse=True), embeds)
-    start["prefill_fused_ms"] = round(d7.sync_time(fused, REPEATS) * 1e3, 2)
-    del fused
-    start["decode_ms"], start["compile_s"] = {}, {}
-    start["split_kv_launch"] = {
-        "splits": attention.SPLITS,
-        "block_n": attention.BLOCK_N,
-        "num_warps": attention.NUM_WARPS,
-    }
+    start = start or {"gpu": torch.cuda.get_device_name() if d7.DEVICE == "cuda" else "cpu (smoke run)",
+                      "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                      "settings": args.settings.split(","), "split_kv_launch": launch(),
+                      "vision_encode_ms": d7.vision_ms() if not args.smoke else {}}  # fmt: skip
+    if "prefill_ms" not in start:
+        plain = Engine(target, max_len)
+        start["prefill_ms"] = round(d7.sync_time(lambda: prefill(plain, embeds), REPEATS) * 1e3, 2)
+        # q/k/v and gate/up as one matmul each: wider GEMMs for 2,080 rows (that engine's weight copies go with it)
+        fused = functools.partial(prefill, Engine(target, max_len, fuse=True), embeds)
+        start["prefill_fused_ms"] = round(d7.sync_time(fused, REPEATS) * 1e3, 2)
+        del plain, fused
+    start.setdefault("decode_ms", {})
+    start.setdefault("compile_s", {})
     # a smoke run leaves compiling out: it checks the script on the CPU in seconds
     settings = {k: SETTINGS[k] for k in args.settings.split(",") if not (args.smoke and SETTINGS[k].get("compile"))}
     settings = settings or {k: v for k, v in SETTINGS.items() if not v.get("compile")}
     engines = {}  # kept: the fastest one's decode step is compiled once, and its blocks compile on first use
     for name, options in settings.items():
+        if name in start["decode_ms"]:
+            continue
         t = time.perf_counter()
         engines[name] = Engine(target, max_len, compile_blocks=not args.smoke, **options)
         d7.decode_loop(engines[name], embeds, 8, True)
         start["compile_s"][name] = round(time.perf_counter() - t, 1)
         start["decode_ms"][name] = round(decode_ms(engines[name], embeds, args.tokens), 3)
         print(name, start["decode_ms"][name], "ms/token", flush=True)
-    save({**start, "note": "partial: stopped before verify and the compiled prefill were timed"})
+        save({**start, "note": "partial: stopped before verify and the compiled prefill were timed"})
     best = min(start["decode_ms"], key=start["decode_ms"].get)
-    engine = engines[best]
-    step = decode_ms(engine, embeds, args.tokens)
-    # the blocks attend as the setting's decode step does (`Engine(attention=...)`)
-    start["verify"] = {"setting": best, "block_attention": engine.attention, "compile_blocks": not args.smoke,
-                       "decode_ms": round(step, 3),
-                       **verify_ratios(engine, embeds, step)}  # fmt: skip
-    print(start["verify"], flush=True)
-    save({**start, "note": "partial: stopped before the compiled prefill was timed"})
-    if args.profile_verify:  # kernel by kernel, without CUDA graphs: what a verify block spends beyond a decode step
+    engine = engines.get(best) or Engine(target, max_len, compile_blocks=not args.smoke, **settings[best])
+    if "verify" not in start:
+        step = decode_ms(engine, embeds, args.tokens)
+        # the blocks attend as the setting's decode step does (`Engine(attention=...)`)
+        start["verify"] = {"setting": best, "block_attention": engine.attention, "compile_blocks": not args.smoke,
+                           "decode_ms": round(step, 3),
+                           **verify_ratios(engine, embeds, step)}  # fmt: skip
+        print(start["verify"], flush=True)
+        save({**start, "note": "partial: stopped before the compiled prefill was timed"})
+    if args.profile_verify and "verify_profile" not in start:  # kernel by kernel, uncaptured: a block beyond a step
         start["verify_profile"] = {name: d7.kernel_profile(engine, embeds, block=k)
                                    for name, k in (("decode", 1), ("chain_2", 2), ("chain_16", 16))}  # fmt: skip
         print({k: v["by_family_ms"] for k, v in start["verify_profile"].items()}, flush=True)
-    if not args.smoke:  # the prefill through the same engine's compiled many-token forward (compiles first)
+        save({**start, "note": "partial: stopped before the compiled prefill was timed"})
+    if not args.smoke and "prefill_compiled_ms" not in start:  # through the engine's compiled many-token forward
         t = time.perf_counter()
         prefill(engine, embeds)
         start["compile_s"]["prefill"] = round(time.perf_counter() - t, 1)
         start["prefill_compiled_ms"] = round(d7.sync_time(lambda: prefill(engine, embeds), REPEATS) * 1e3, 2)
         print("prefill", start["prefill_ms"], "ms eager,", start["prefill_compiled_ms"], "compiled", flush=True)
     return start
+
+
+def launch() -> dict:
+    """The split-KV kernels' launch settings (a start's numbers hold for these)."""
+    return {"splits": attention.SPLITS, "block_n": attention.BLOCK_N, "num_warps": attention.NUM_WARPS,
+            "block_m": attention.BLOCK_M, "block_warps": attention.BLOCK_WARPS}  # fmt: skip
 
 
 def series(starts: list[dict]) -> dict:
@@ -228,6 +238,8 @@ def main() -> None:
         action="store_true",
         help="also profile the best setting's decode step and verify blocks, kernel by kernel",
     )
+    p.add_argument("--resume", action="store_true",
+                   help="continue the result's last start, stopped partway, on the same machine start")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing")
     p.add_argument("--plot-only", action="store_true", help="redraw the result's picture, measure nothing")
     args = p.parse_args()
@@ -251,13 +263,22 @@ def main() -> None:
                        "batch": 1, "context": args.context, "tokens_per_loop": args.tokens,
                        "settings": SETTINGS, "goals": GOALS}  # fmt: skip
     starts = result.setdefault("starts", [])
+    resumed = None
+    if args.resume:
+        last = starts[-1] if starts else {}
+        if not str(last.get("note", "")).startswith("partial"):
+            sys.exit(f"{args.result}: --resume: its last start is complete (or there is none): nothing to resume")
+        ran = {"settings": last.get("settings"), "split_kv_launch": last.get("split_kv_launch")}
+        if ran != {"settings": args.settings.split(","), "split_kv_launch": launch()}:
+            sys.exit(f"{args.result}: --resume: its last start ran other settings ({ran}): run it without --resume")
+        resumed = {k: v for k, v in starts.pop().items() if k != "note"}
 
     def save(start: dict) -> None:  # this start so far after the other starts: a run stopped later keeps it
         result["starts"] = [*starts, start]
         result["summary"] = summarize(result["starts"])
         write_json(args.result, result)
 
-    save(measure(args, save))
+    save(measure(args, save, resumed))
     plot(result, Path(args.result).with_suffix(".png"))
     print(result["summary"]["goals"], flush=True)
 

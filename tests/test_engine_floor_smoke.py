@@ -33,3 +33,22 @@ def test_two_starts_are_summarised_against_the_goals(tmp_path):
     assert set(s["goals"]) == {"decode_ms", "prefill_ms", "tree_64_vs_decode"}
     assert all(g["starts"] == 2 and g["met"] is False for g in s["goals"].values())  # two starts are not enough
     assert result.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the picture beside the numbers
+
+
+def test_resume_keeps_a_partial_start_and_refuses_a_complete_one(tmp_path):
+    result = tmp_path / "engine_floor.json"
+    cmd = [sys.executable, str(SCRIPT), "--smoke", "--tokens", "4", "--result", str(result)]
+    assert subprocess.run(cmd, capture_output=True, text=True, timeout=300).returncode == 0
+    proc = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "nothing to resume" in proc.stderr
+    res = json.loads(result.read_text())  # make it a start stopped before its verify
+    start = res["starts"][0]
+    del start["verify"]
+    start["prefill_ms"], start["note"] = 123.0, "partial: stopped before verify"
+    result.write_text(json.dumps(res))
+    proc = subprocess.run([*cmd, "--resume", "--settings", "graphs"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "other settings" in proc.stderr
+    proc = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (start,) = json.loads(result.read_text())["starts"]
+    assert start["prefill_ms"] == 123.0 and "verify" in start and "note" not in start  # kept, filled in, complete

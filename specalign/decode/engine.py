@@ -251,7 +251,8 @@ class Engine:
         plain = all(x is None for x in extra)
         step = self.decode_step if T == 1 and plain else self.block_step
         if self.graphs is False:
-            start = torch.tensor(self.length) if step is not self._step else self.length  # compiled: no recompiles
+            # compiled: a tensor on the device, as inside CUDA graphs, so one compile serves both
+            start = torch.tensor(self.length, device=self.device) if step is not self._step else self.length
             logits, feats = step(tokens.to(self.device), start, *extra)
         else:
             # a head's input width differs between the target's features and its own outputs: part of the key
