@@ -117,7 +117,8 @@ class Engine:
         features: hidden states kept after every forward in `self.features` [B, T, F] (concatenated in this order):
         index i < n_layers is decoder layer i's output, n_layers the final normed state (what the LM head reads).
         attention: how decode steps and verify blocks (chains, trees) attend: "sdpa" (torch's kernels, over every
-        slot with a mask) or "split" (`decode.attention`: split-KV over the used slots only). Prefill uses SDPA.
+        slot with a mask) or "split" (`decode.attention`: split-KV over the used slots only). A prompt without
+        padding (causal over itself) and any block longer than `attention.MAX_ROWS` use SDPA either way.
         compile_blocks: also torch.compile the many-token forwards: prefill, verify chains and trees (one compile
         for every size, without the tuning)."""
         self.vlm = vlm
