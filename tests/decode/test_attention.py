@@ -48,20 +48,10 @@ def _block(B, H, H_kv, L, D, used, T, seed=0):
     return (q, k, v, sees, torch.tensor(used)), want
 
 
-@pytest.mark.parametrize("shape", BLOCKS)
-def test_split_kv_reference_of_a_block_is_sdpa_with_each_tokens_mask(shape):
-    args, want = _block(*shape)
-    got = split_kv_reference(*args)
-    assert got.shape == want.shape
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    q, k, v, sees, used = args
-    k[:, :, int(used) :] = 1e4  # past `used`: never read
-    torch.testing.assert_close(split_kv_reference(q, k, v, sees, used), want, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-def test_split_kv_reference_is_sdpa_over_the_used_slots(shape):
-    args, want = _case(*shape)
+@pytest.mark.parametrize(("make", "shape"), [(_case, s) for s in SHAPES] + [(_block, s) for s in BLOCKS])
+def test_split_kv_reference_is_sdpa_over_the_used_slots(make, shape):
+    """One token over the real slots below `used`; a block's tokens each over its own mask's slots."""
+    args, want = make(*shape)
     got = split_kv_reference(*args)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
