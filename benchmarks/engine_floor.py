@@ -5,7 +5,7 @@ after a 2,080-token prompt. Each run measures, on one start:
 - decode ms/token for each engine setting (`SETTINGS`: CUDA graphs, torch.compile with inductor's tuning, and the
   one-token attention through SDPA or the split-KV kernel over the used slots);
 - prefill of the 2,080 tokens (a prompt without padding attends causally, SDPA's flash kernel): eager, eager over
-  fused q/k/v and gate/up matmuls (`fuse`), and through the compiled many-token forward (`compile_blocks`); the
+  fused q/k/v and gate/up matmuls (`fuse`), and through the compiled layer halves (`compile_blocks`); the
   vision encode of 8 frames separately;
 - verify of k = 2, 4, 8, 16 chained tokens and of 16/32/64-node trees (+ the root) on the fastest setting with its
   k-token steps compiled too, against that setting's own decode step.
@@ -52,7 +52,7 @@ SETTINGS = {
     "compiled_autotune_split": {"compile": True, "tune": "autotune", "attention": "split"},
 }
 # what one run times unless --settings says otherwise: the candidates for the goal, so that a run (each tuned step
-# compiles for a minute or more, the many-token forwards for about two each) fits one machine start
+# compiles for a minute or more) fits one machine start
 DEFAULT_SETTINGS = "compiled_tuned_split,compiled_autotune_split"
 CHAINS = (2, 4, 8, 16)
 REPEATS = 20
@@ -138,12 +138,13 @@ def measure(args, save, start: dict | None = None) -> dict:
                                    for name, k in (("decode", 1), ("chain_2", 2), ("chain_16", 16))}  # fmt: skip
         print({k: v["by_family_ms"] for k, v in start["verify_profile"].items()}, flush=True)
         save({**start, "note": "partial: stopped before the compiled prefill was timed"})
-    if not args.smoke and "prefill_compiled_ms" not in start:  # through the engine's compiled many-token forward
+    if not args.smoke and "prefill_compiled_layers_ms" not in start:  # through the engine's compiled layer halves
         t = time.perf_counter()
         prefill(engine, embeds)
         start["compile_s"]["prefill"] = round(time.perf_counter() - t, 1)
-        start["prefill_compiled_ms"] = round(d7.sync_time(lambda: prefill(engine, embeds), REPEATS) * 1e3, 2)
-        print("prefill", start["prefill_ms"], "ms eager,", start["prefill_compiled_ms"], "compiled", flush=True)
+        ms = round(d7.sync_time(lambda: prefill(engine, embeds), REPEATS) * 1e3, 2)
+        start["prefill_compiled_layers_ms"] = ms
+        print("prefill", start["prefill_ms"], "ms eager,", ms, "compiled", flush=True)
     return start
 
 
@@ -156,7 +157,9 @@ def launch() -> dict:
 def series(starts: list[dict]) -> dict:
     """Each number's values over the starts that have it: {"decode_ms": {setting: [..]}, "prefill_ms": {"eager": [..],
     "eager_fused": [..], "compiled": [..]}, "verify_vs_decode": {"<block> <attention>": [..]}}."""
-    fills = {"eager": "prefill_ms", "eager_fused": "prefill_fused_ms", "compiled": "prefill_compiled_ms"}
+    # compiled_whole: the whole forward as one graph (the first starts); compiled: the engine's compiled layer halves
+    fills = {"eager": "prefill_ms", "eager_fused": "prefill_fused_ms", "compiled_whole": "prefill_compiled_ms",
+             "compiled": "prefill_compiled_layers_ms"}  # fmt: skip
     # each block by how it attends ("tree_64 split"): starts from before the split-KV blocks attended through SDPA
     blocks = [{f"{k} {s['verify'].get('block_attention', 'sdpa')}": v["vs_decode"] for k, v in s["verify"].items()
                if isinstance(v, dict)} for s in starts if "verify" in s]  # fmt: skip

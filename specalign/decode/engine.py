@@ -119,8 +119,10 @@ class Engine:
         attention: how decode steps and verify blocks (chains, trees) attend: "sdpa" (torch's kernels, over every
         slot with a mask) or "split" (`decode.attention`: split-KV over the used slots only). A prompt without
         padding (causal over itself) and any block longer than `attention.MAX_ROWS` use SDPA either way.
-        compile_blocks: also torch.compile the many-token forwards: prefill, verify chains and trees (one compile
-        for every size, without the tuning)."""
+        compile_blocks: also torch.compile the many-token forwards: prefill, verify chains and trees. Regional: one
+        decoder layer's work before and after its attention is compiled once, with dynamic shapes and without the
+        tuning, and serves every layer and every size (the weights are inputs), so it compiles in seconds where
+        the whole forward takes minutes; it gives up only the fusion across a layer's boundary."""
         self.vlm = vlm
         self.lm, self.head = language_model(vlm)
         if fp32_head and self.head.weight.dtype != torch.float32:
@@ -154,8 +156,9 @@ class Engine:
         self.decode_step = torch.compile(self._step, dynamic=False, options=TUNINGS[tune]) if compile else self._step
         # no tuning here: it turns one-row matmuls into Triton reductions, and k-row blocks are cuBLAS's ground.
         # Dynamic: prompts, chains and trees come in many sizes, and one compile serves them all.
-        self.block_step = torch.compile(self._step, dynamic=True) if compile_blocks else self._step
-        self.prefill_forward = torch.compile(self._forward, dynamic=True) if compile_blocks else self._forward
+        self.block_layer = None
+        if compile_blocks:
+            self.block_layer = (torch.compile(self._project, dynamic=True), torch.compile(self._finish, dynamic=True))
         if attention not in ATTENTIONS:
             raise SpecalignError(f"{vlm.name}: unknown attention {attention!r}: choose {' or '.join(ATTENTIONS)}")
         self.attention = attention
@@ -187,33 +190,50 @@ class Engine:
         used = (slots[-1:] + 1).int() if split else None
         sees = self.valid if T == 1 and attend is None else mask
         mask = mask[:, None]
+        # a many-token block through the compiled layer halves (inside the compiled decode step: traced whole)
+        regional = self.block_layer is not None and T > 1 and not torch.compiler.is_compiling()
+        project, finish = self.block_layer if regional else (self._project, self._finish)
         kept = {}
         for i, layer in enumerate(self.lm.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            h = layer.input_layernorm(x)
-            if self.fused is None:
-                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-            else:
-                q, k, v = F.linear(h, *self.fused[i].qkv).split(self.fused[i].qkv_sizes, dim=-1)
-            q = q.reshape(B, T, -1, self.head_dim).transpose(1, 2)
-            k = k.reshape(B, T, -1, self.head_dim).transpose(1, 2)
-            v = v.reshape(B, T, -1, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype))
-            self.k[i].index_copy_(2, slots, k)
-            self.v[i].index_copy_(2, slots, v)
+            fused = self.fused[i] if self.fused is not None else None
+            q = project(layer, fused, x, cos, sin, slots, self.k[i], self.v[i])
             o = split_kv_attention(q, self.k[i], self.v[i], sees, used) if split else self._attend(i, q, mask, causal)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
-            h = layer.post_attention_layernorm(x)
-            if self.fused is None:
-                x = x + mlp(h)
-            else:
-                gate, up = F.linear(h, *self.fused[i].gate_up).chunk(2, dim=-1)
-                x = x + mlp.down_proj(mlp.act_fn(gate) * up)
+            x = finish(layer, fused, x, o)
             if i in self.feature_layers:
                 kept[i] = x
         kept[len(self.lm.layers)] = x = self.lm.norm(x)
         feats = torch.cat([kept[i] for i in self.feature_layers], dim=-1) if self.feature_layers else None
         return x, feats
+
+    def _project(self, layer, fused: FusedWeights | None, x, cos, sin, slots, k_cache, v_cache) -> torch.Tensor:
+        """A decoder layer up to its attention: x [B, T, D] -> q [B, H, T, head_dim] (rotated); the new tokens'
+        keys and values go into the layer's cache k_cache/v_cache [B, H_kv, max_len, head_dim] at `slots` [T]."""
+        B, T, _ = x.shape
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        if fused is None:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        else:
+            q, k, v = F.linear(h, *fused.qkv).split(fused.qkv_sizes, dim=-1)
+        q = q.reshape(B, T, -1, self.head_dim).transpose(1, 2)
+        k = k.reshape(B, T, -1, self.head_dim).transpose(1, 2)
+        v = v.reshape(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype))
+        k_cache.index_copy_(2, slots, k)
+        v_cache.index_copy_(2, slots, v)
+        return q
+
+    def _finish(self, layer, fused: FusedWeights | None, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """A decoder layer after its attention: x [B, T, D] (the layer's input), o [B, H, T, head_dim] -> its
+        output [B, T, D]."""
+        B, T, _ = x.shape
+        mlp = layer.mlp
+        x = x + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        h = layer.post_attention_layernorm(x)
+        if fused is None:
+            return x + mlp(h)
+        gate, up = F.linear(h, *fused.gate_up).chunk(2, dim=-1)
+        return x + mlp.down_proj(mlp.act_fn(gate) * up)
 
     def embed(self, tokens: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> the first layer's input [B, T, D]: the token embeddings, or for a draft head its
@@ -250,7 +270,7 @@ class Engine:
         self.valid[:, self.length : self.length + T] = True
         extra = (inputs, positions, attend)
         plain = all(x is None for x in extra)
-        step = self.decode_step if T == 1 and plain else self.block_step
+        step = self.decode_step if T == 1 and plain else self._step
         if self.graphs is False:
             # compiled: a tensor on the device, as inside CUDA graphs, so one compile serves both
             start = torch.tensor(self.length, device=self.device) if step is not self._step else self.length
@@ -281,7 +301,7 @@ class Engine:
         if bufs[1] is not None:  # positions: the next ones, as a causal block would have
             bufs[1].copy_(self.count[:, None] + torch.arange(T, device=self.device))
         plain = all(x is None for x in extra)
-        step = self.decode_step if T == 1 and plain else self.block_step
+        step = self.decode_step if T == 1 and plain else self._step
         saved = self.kv.clone() if self.length else None
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
@@ -342,8 +362,10 @@ def _fill(engine: Engine, embeds: torch.Tensor, real: torch.Tensor, offset: int)
     engine.valid[:, :T] = real
     positions = offset + (real.long().cumsum(dim=1) - 1).clamp(min=0)
     causal = bool(real.all())  # no padding: attention over the prompt alone, causal (SDPA's flash kernel)
-    hidden, engine.features = engine.prefill_forward(embeds.to(engine.device, engine.dtype), 0, positions,
-                                                     causal=causal)  # fmt: skip
+    x = embeds.to(engine.device, engine.dtype)
+    if not x.is_inference():  # one kind of tensor into the compiled layers (their guards tell the two apart)
+        x = x.clone()
+    hidden, engine.features = engine._forward(x, 0, positions, causal=causal)
     engine.length = T
     engine.count.copy_(offset + real.sum(dim=1))  # in place: captured graphs read this tensor
     return engine.head(hidden[:, -1]).float()

@@ -66,22 +66,49 @@ def test_causal_prefill_is_the_masked_prefill(tmp_path):
     torch.testing.assert_close(hidden[True], hidden[False])
 
 
-@pytest.mark.parametrize("block", ["chain", "tree", "prefill"])
-def test_many_token_forwards_trace_whole_under_dynamic_shapes(block, tmp_path):
-    """`compile_blocks` compiles prefill, chains and trees with dynamic shapes: each must trace as one graph (a
-    break, e.g. a symbolic bool reaching SDPA, splits every layer into its own compiled frames)."""
+@pytest.mark.parametrize("half", ["project", "finish"])
+def test_a_layers_halves_trace_whole_under_dynamic_shapes(half, tmp_path):
+    """`compile_blocks` compiles a layer's work before and after its attention with dynamic shapes: each must trace
+    as one graph (a break, e.g. a symbolic bool reaching an op, splits it into several compiled frames)."""
     vlm = load_video_llava(write_tiny_video_llava(tmp_path / "v"))
     vlm.model.requires_grad_(False)
     engine = Engine(vlm, 32)
-    T = 5
-    if block == "prefill":
-        fn, args = engine._forward, (torch.randn(1, T, vlm.model.config.text_config.hidden_size), 0)
-        kwargs = {"positions": torch.arange(T)[None], "causal": True}
+    T, layer = 5, engine.lm.layers[0]
+    x = torch.randn(1, T, engine.lm.config.hidden_size)
+    if half == "project":
+        cos, sin = engine.lm.rotary_emb(x, torch.arange(T)[None])
+        fn, args = engine._project, (layer, None, x, cos, sin, torch.arange(T) + 3, engine.k[0], engine.v[0])
     else:
-        engine.run(torch.zeros(1, 3, dtype=torch.long))
-        tree = (torch.arange(T)[None] + 3, torch.ones(1, T, 32, dtype=torch.bool)) if block == "tree" else (None, None)
-        fn, args, kwargs = engine._step, (torch.zeros(1, T, dtype=torch.long), torch.tensor(3), None, *tree), {}
+        fn, args = engine._finish, (layer, None, x, torch.randn(1, engine.lm.config.num_attention_heads, T,
+                                                                 engine.head_dim))  # fmt: skip
     torch._dynamo.reset()
     with torch._dynamo.config.patch(assume_static_by_default=False), torch.inference_mode():
-        explained = torch._dynamo.explain(fn)(*args, **kwargs)
+        explained = torch._dynamo.explain(fn)(*args)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+
+
+@pytest.mark.slow  # inductor compiles on the CPU
+def test_compiled_blocks_compute_the_eager_logits_and_compile_once_for_every_layer(tmp_path):
+    """Prefill, a chain and a tree through the compiled layer halves: the eager engine's logits, and one compile of
+    each half serves every layer and every size."""
+    from specalign.decode.engine import prefill, verify
+    from specalign.decode.speculative import Proposal, verify_tree
+
+    vlm = load_video_llava(write_tiny_video_llava(tmp_path / "v"))
+    vlm.model.requires_grad_(False)
+    embeds = torch.randn(1, 20, vlm.model.config.text_config.hidden_size, dtype=vlm.dtype)
+    tree = Proposal([5, 6, 7, 8, 9], parents=[-1, -1, 0, 1, 1])
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    out = {}
+    for compiled in (False, True):
+        engine = Engine(vlm, 64, compile_blocks=compiled)
+        first = prefill(engine, embeds)
+        chain = verify(engine, torch.tensor([[3, 4, 5]]))
+        tree_logits = verify_tree(engine, 2, tree)
+        longer = verify(engine, torch.tensor([[3, 4, 5, 6, 7, 8, 9]]))
+        out[compiled] = (first, chain, tree_logits, longer)
+    for eager, compiled in zip(out[False], out[True], strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    # not one per layer, nor per size (the first layer's K cache starts its storage: one more for that half)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
