@@ -13,7 +13,7 @@ Each is the 32 layers' calls captured in one CUDA graph, median over replays: mi
 K/V bytes read per second.
 Writes benchmarks/results/split_kv.json.
 
-    python benchmarks/split_kv.py [--contexts 512,2080,4096] [--blocks 2,17,65] [--result PATH] [--smoke]
+    python benchmarks/split_kv.py [--contexts 512,2080,4096] [--blocks 1,2,17,65] [--result PATH] [--smoke]
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from specalign.fsutil import write_json  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM, EXTRA_SLOTS = 32, 32, 128, 228
 SWEEP = {"splits": (8, 16, 32), "block_n": (32, 64, 128), "num_warps": (2, 4, 8)}
-BLOCK_SWEEP = {"splits": (16, 32), "block_m": (16, 32, 64), "num_warps": (4, 8)}
+# splits None: the module's rule (`attention.block_splits`, by the block's size)
+BLOCK_SWEEP = {"splits": (None, 4, 8, 16, 32), "block_m": (16, 32, 64), "num_warps": (4, 8)}
 
 
 def q_dtype(device: str) -> torch.dtype:
@@ -108,10 +109,11 @@ def measure_block(context: int, rows: int, k: list, v: list, sweep: dict, row, d
         err = (got.float() - want).abs().max().item()
         us = per_call_us(lambda i, s=launch: attention.triton_split_kv_block(q, k[i], v[i], sees, used, **s),
                          layers, device)  # fmt: skip
-        out["split"].append({**launch, **row(us), "max_abs_err": round(err, 5)})
+        chunks = splits or attention.block_splits(rows, block_m)
+        out["split"].append({**launch, "chunks": chunks, **row(us), "max_abs_err": round(err, 5)})
     out["split_best"] = min(out["split"], key=lambda r: r["us"])
     out["split_default"] = next(r for r in out["split"] if (r["splits"], r["block_m"], r["num_warps"])
-                                == (attention.SPLITS, attention.BLOCK_M, attention.BLOCK_WARPS))  # fmt: skip
+                                == (None, attention.BLOCK_M, attention.BLOCK_WARPS))  # fmt: skip
     print(f"context {context}, block of {rows}: sdpa masked {out['sdpa_masked']['us']} us, split default "
           f"{out['split_default']['us']} us, best {out['split_best']}", flush=True)  # fmt: skip
     return out
@@ -120,7 +122,7 @@ def measure_block(context: int, rows: int, k: list, v: list, sweep: dict, row, d
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", default="512,2080,4096")
-    p.add_argument("--blocks", default="2,17,65", help="verify block sizes (tokens) to time; empty for none")
+    p.add_argument("--blocks", default="1,2,17,65", help="verify block sizes (tokens) to time; empty for none")
     p.add_argument("--result", default=str(Path(__file__).parent / "results" / "split_kv.json"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes in Triton's interpreter on the CPU")
     args = p.parse_args()
@@ -130,7 +132,7 @@ def main() -> None:
     if args.smoke:
         device, layers, heads, dim, contexts = "cpu", 2, 2, 16, [80]  # room for a 65-token block
         sweep = {"splits": (2,), "block_n": (16,), "num_warps": (attention.NUM_WARPS,)}
-        block_sweep = {"splits": (2,), "block_m": (attention.BLOCK_M,), "num_warps": (attention.BLOCK_WARPS,)}
+        block_sweep = {"splits": (None, 2), "block_m": (attention.BLOCK_M,), "num_warps": (attention.BLOCK_WARPS,)}
         attention.SPLITS, attention.BLOCK_N = 2, 16  # the defaults are then in the sweeps
     elif torch.cuda.is_available():
         device, layers, heads, dim = "cuda", LAYERS, HEADS, HEAD_DIM
@@ -148,7 +150,8 @@ def main() -> None:
                   "block_sweep": block_sweep,
                   "defaults": {"splits": attention.SPLITS, "block_n": attention.BLOCK_N,
                                "num_warps": attention.NUM_WARPS, "block_m": attention.BLOCK_M,
-                               "block_warps": attention.BLOCK_WARPS}},
+                               "block_warps": attention.BLOCK_WARPS,
+                               "min_block_splits": attention.MIN_BLOCK_SPLITS}},
         "contexts": {str(c): measure(c, layers, heads, dim, sweep, device, blocks, block_sweep) for c in contexts},
     }  # fmt: skip
     write_json(args.result, result)

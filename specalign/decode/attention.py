@@ -28,6 +28,9 @@ BLOCK_N = 64  # slots a program reads per iteration
 NUM_WARPS = 2
 BLOCK_M = 16  # a block's queries per program (tensor-core products need 16 rows; a 2-token chain wastes the rest)
 BLOCK_WARPS = 4
+# a block's chunks: SPLITS over its tiles of queries, so a long block launches about as many programs as one token
+# and writes fewer partial results (T x chunks x D floats, which the merge reads back), but never fewer than this
+MIN_BLOCK_SPLITS = 4
 MAX_ROWS = 128  # longer blocks (a padded prompt) keep SDPA's tiles busy on their own: `Engine` leaves them to it
 NEG = -1.0e30  # "no slot yet": finite, so exp(NEG - NEG) never makes a NaN
 
@@ -106,12 +109,18 @@ def triton_split_kv(q, k, v, valid, used, splits: int = SPLITS, block_n: int = B
     return o
 
 
-def triton_split_kv_block(q, k, v, valid, used, splits: int = SPLITS, block_n: int = BLOCK_N,
+def block_splits(T: int, block_m: int = BLOCK_M) -> int:
+    """Chunks per (row, head) for a block of T queries taken `block_m` at a time (see MIN_BLOCK_SPLITS)."""
+    return max(MIN_BLOCK_SPLITS, SPLITS // -(-T // block_m))
+
+
+def triton_split_kv_block(q, k, v, valid, used, splits: int | None = None, block_n: int = BLOCK_N,
                           block_m: int = BLOCK_M, num_warps: int = BLOCK_WARPS) -> torch.Tensor:  # fmt: skip
-    """`split_kv_attention` of a block (valid [B, T, L]) through the Triton kernel."""
+    """`split_kv_attention` of a block (valid [B, T, L]) through the Triton kernel; splits: by default
+    `block_splits`."""
     B, H, T, D = q.shape
     H_kv, L = k.shape[1], k.shape[2]
-    chunk, S = _chunks(L, splits, block_n)
+    chunk, S = _chunks(L, splits or block_splits(T, block_m), block_n)
     q, valid = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, valid))
     out = torch.empty(B, H, T, S, D, device=q.device, dtype=torch.float32)
     peak = torch.empty(B, H, T, S, device=q.device, dtype=torch.float32)
