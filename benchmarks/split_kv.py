@@ -41,7 +41,7 @@ from specalign.fsutil import write_json  # noqa: E402
 LAYERS, HEADS, HEAD_DIM, EXTRA_SLOTS = 32, 32, 128, 228
 SWEEP = {"splits": (8, 16, 32), "block_n": (32, 64, 128), "num_warps": (2, 4, 8)}
 # splits None: the module's rule (`attention.block_splits`, by the block's size)
-BLOCK_SWEEP = {"splits": (None, 4, 8, 16, 32), "block_m": (16, 32, 64), "num_warps": (4, 8)}
+BLOCK_SWEEP = {"splits": (None, 4, 8, 16, 32), "block_m": (16, 32, 64, 128), "num_warps": (4, 8)}
 
 
 def q_dtype(device: str) -> torch.dtype:

@@ -163,10 +163,18 @@ def verify_tree(target: Engine, last: int, proposal: Proposal) -> torch.Tensor:
     for i, p in enumerate(proposal.parents, start=1):
         tree[i] = tree[p + 1]
         tree[i, i] = True
-    depths = torch.tensor([0, *tree_depths(proposal.parents)])
-    positions = target.count[:, None] + depths.to(target.device)
-    block = torch.tensor([[last, *proposal.tokens]], device=target.device)
-    return target.run(block, positions=positions, attend=torch.from_numpy(attend).to(target.device))[0]
+    depths = upload(torch.tensor([0, *tree_depths(proposal.parents)]), target.device)
+    block = upload(torch.tensor([[last, *proposal.tokens]]), target.device)
+    attend = upload(torch.from_numpy(attend), target.device)
+    return target.run(block, positions=target.count[:, None] + depths, attend=attend)[0]
+
+
+def upload(x: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor onto `device`, queued behind the device's work: a plain copy to a GPU waits for its stream to
+    finish, so the GPU would idle while the host prepares the next block."""
+    if torch.device(device).type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 @torch.inference_mode()
