@@ -151,8 +151,7 @@ def measure(args, save, start: dict | None = None) -> dict:
 def launch() -> dict:
     """The split-KV kernels' launch settings (a start's numbers hold for these)."""
     return {"splits": attention.SPLITS, "block_n": attention.BLOCK_N, "num_warps": attention.NUM_WARPS,
-            "block_m": attention.BLOCK_M, "block_warps": attention.BLOCK_WARPS,
-            "min_block_splits": attention.MIN_BLOCK_SPLITS}  # fmt: skip
+            "block_launch": [list(row) for row in attention.BLOCK_LAUNCH]}  # as JSON reads it back  # fmt: skip
 
 
 def series(starts: list[dict]) -> dict:

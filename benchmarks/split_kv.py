@@ -40,8 +40,7 @@ from specalign.fsutil import write_json  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM, EXTRA_SLOTS = 32, 32, 128, 228
 SWEEP = {"splits": (8, 16, 32), "block_n": (32, 64, 128), "num_warps": (2, 4, 8)}
-# splits None: the module's rule (`attention.block_splits`, by the block's size)
-BLOCK_SWEEP = {"splits": (None, 4, 8, 16, 32), "block_m": (16, 32, 64, 128), "num_warps": (4, 8)}
+BLOCK_SWEEP = {"splits": (4, 8, 16, 32), "block_m": (16, 32, 64, 128), "num_warps": (4, 8)}
 
 
 def q_dtype(device: str) -> torch.dtype:
@@ -103,17 +102,16 @@ def measure_block(context: int, rows: int, k: list, v: list, sweep: dict, row, d
                                           layers, device))}  # fmt: skip
     want = F.scaled_dot_product_attention(q.float(), k[0].float(), v[0].float(), attn_mask=mask)
     out["split"] = []
-    for splits, block_m, warps in itertools.product(*sweep.values()):
-        launch = dict(splits=splits, block_m=block_m, num_warps=warps)
+    default = dict(zip(("block_m", "num_warps", "splits"), attention.block_launch(rows), strict=True))
+    launches = [dict(splits=s, block_m=m, num_warps=w) for s, m, w in itertools.product(*sweep.values())]
+    for launch in launches + [default] * (default not in launches):  # the module's launch among them
         got = attention.triton_split_kv_block(q, k[0], v[0], sees, used, **launch)
         err = (got.float() - want).abs().max().item()
         us = per_call_us(lambda i, s=launch: attention.triton_split_kv_block(q, k[i], v[i], sees, used, **s),
                          layers, device)  # fmt: skip
-        chunks = splits or attention.block_splits(rows, block_m)
-        out["split"].append({**launch, "chunks": chunks, **row(us), "max_abs_err": round(err, 5)})
+        out["split"].append({**launch, **row(us), "max_abs_err": round(err, 5)})
     out["split_best"] = min(out["split"], key=lambda r: r["us"])
-    out["split_default"] = next(r for r in out["split"] if (r["splits"], r["block_m"], r["num_warps"])
-                                == (None, attention.BLOCK_M, attention.BLOCK_WARPS))  # fmt: skip
+    out["split_default"] = next(r for r in out["split"] if all(r[k] == v for k, v in default.items()))
     print(f"context {context}, block of {rows}: sdpa masked {out['sdpa_masked']['us']} us, split default "
           f"{out['split_default']['us']} us, best {out['split_best']}", flush=True)  # fmt: skip
     return out
@@ -132,7 +130,7 @@ def main() -> None:
     if args.smoke:
         device, layers, heads, dim, contexts = "cpu", 2, 2, 16, [80]  # room for a 65-token block
         sweep = {"splits": (2,), "block_n": (16,), "num_warps": (attention.NUM_WARPS,)}
-        block_sweep = {"splits": (None, 2), "block_m": (attention.BLOCK_M,), "num_warps": (attention.BLOCK_WARPS,)}
+        block_sweep = {"splits": (2,), "block_m": (16,), "num_warps": (4,)}
         attention.SPLITS, attention.BLOCK_N = 2, 16  # the defaults are then in the sweeps
     elif torch.cuda.is_available():
         device, layers, heads, dim = "cuda", LAYERS, HEADS, HEAD_DIM
@@ -149,9 +147,8 @@ def main() -> None:
                   "cache_slots": f"context + {EXTRA_SLOTS}", "replays": REPLAYS, "sweep": sweep,
                   "block_sweep": block_sweep,
                   "defaults": {"splits": attention.SPLITS, "block_n": attention.BLOCK_N,
-                               "num_warps": attention.NUM_WARPS, "block_m": attention.BLOCK_M,
-                               "block_warps": attention.BLOCK_WARPS,
-                               "min_block_splits": attention.MIN_BLOCK_SPLITS}},
+                               "num_warps": attention.NUM_WARPS,
+                               "block_launch": attention.BLOCK_LAUNCH}},
         "contexts": {str(c): measure(c, layers, heads, dim, sweep, device, blocks, block_sweep) for c in contexts},
     }  # fmt: skip
     write_json(args.result, result)

@@ -11,7 +11,7 @@ CUDA graph replays at any length.
 
 One new token (valid [B, L]: it sees every real slot below `used`) runs a kernel of vector products; a block of
 T tokens (valid [B, T, L]: the slots each token sees, a chain's causal mask or a tree's ancestors) runs one that
-takes `BLOCK_M` of its queries at a time through tensor-core products.
+takes several of its queries at a time through tensor-core products (`BLOCK_LAUNCH`).
 
 On a GPU with Triton the chunks run as Triton kernels; elsewhere `split_kv_reference` computes the same chunked
 algorithm with torch ops (the tests hold the kernels to it, in Triton's interpreter on the CPU).
@@ -26,12 +26,12 @@ import torch
 SPLITS = 32  # chunks per (row, head)
 BLOCK_N = 64  # slots a program reads per iteration
 NUM_WARPS = 2
-BLOCK_M = 16  # a block's queries per program (tensor-core products need 16 rows; a 2-token chain wastes the rest)
-BLOCK_WARPS = 4
-# a block's chunks: SPLITS over its tiles of queries, so a long block launches about as many programs as one token
-# and writes fewer partial results (T x chunks x D floats, which the merge reads back), but never fewer than this
-MIN_BLOCK_SPLITS = 4
 MAX_ROWS = 128  # longer blocks (a padded prompt) keep SDPA's tiles busy on their own: `Engine` leaves them to it
+# a verify block's launch by its size: (up to this many queries, queries per program, warps, chunks per (row, head)).
+# benchmarks/split_kv.py's block sweep on an H200 (7B shape, 2,080 and 4,096 slots): for blocks of 2, 17 and 65 the
+# fastest or within 4 % of it. Longer blocks take more queries per program (each chunk's K/V read once for all of
+# them) and fewer chunks (each writes T x D partial floats that the merge reads back).
+BLOCK_LAUNCH = ((16, 16, 4, 16), (32, 32, 4, 8), (MAX_ROWS, 128, 8, 4))
 NEG = -1.0e30  # "no slot yet": finite, so exp(NEG - NEG) never makes a NaN
 
 try:
@@ -109,18 +109,20 @@ def triton_split_kv(q, k, v, valid, used, splits: int = SPLITS, block_n: int = B
     return o
 
 
-def block_splits(T: int, block_m: int = BLOCK_M) -> int:
-    """Chunks per (row, head) for a block of T queries taken `block_m` at a time (see MIN_BLOCK_SPLITS)."""
-    return max(MIN_BLOCK_SPLITS, SPLITS // -(-T // block_m))
+def block_launch(T: int) -> tuple[int, int, int]:
+    """(block_m, num_warps, splits) for a block of T queries: `BLOCK_LAUNCH`'s row for its size."""
+    return next(launch for most, *launch in BLOCK_LAUNCH if most >= T)
 
 
 def triton_split_kv_block(q, k, v, valid, used, splits: int | None = None, block_n: int = BLOCK_N,
-                          block_m: int = BLOCK_M, num_warps: int = BLOCK_WARPS) -> torch.Tensor:  # fmt: skip
-    """`split_kv_attention` of a block (valid [B, T, L]) through the Triton kernel; splits: by default
-    `block_splits`."""
+                          block_m: int | None = None, num_warps: int | None = None) -> torch.Tensor:  # fmt: skip
+    """`split_kv_attention` of a block (valid [B, T, L], T <= MAX_ROWS) through the Triton kernel; launch settings
+    not given are `block_launch`'s."""
     B, H, T, D = q.shape
     H_kv, L = k.shape[1], k.shape[2]
-    chunk, S = _chunks(L, splits or block_splits(T, block_m), block_n)
+    rule = block_launch(T)
+    block_m, num_warps, splits = block_m or rule[0], num_warps or rule[1], splits or rule[2]
+    chunk, S = _chunks(L, splits, block_n)
     q, valid = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, valid))
     out = torch.empty(B, H, T, S, D, device=q.device, dtype=torch.float32)
     peak = torch.empty(B, H, T, S, device=q.device, dtype=torch.float32)
