@@ -206,23 +206,42 @@ def plot(result: dict, path: Path) -> Path:
 
     starts = result["starts"]
     values = series(starts)
-    panels = [("decode, ms/token", values["decode_ms"], GOALS["decode_ms"]),
-              ("prefill of the prompt, ms", values["prefill_ms"], GOALS["prefill_ms"]),
-              ("verify over one decode step", values["verify_vs_decode"], GOALS["tree_64_vs_decode"])]  # fmt: skip
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), gridspec_kw={"width_ratios": [4, 2, 7]})
-    for ax, (title, rows, goal) in zip(axes, panels, strict=True):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), gridspec_kw={"width_ratios": [4, 2, 5]})
+    for ax, title, rows, goal in (
+        (axes[0], "decode, ms/token", values["decode_ms"], GOALS["decode_ms"]),
+        (axes[1], "prefill of the prompt, ms", values["prefill_ms"], GOALS["prefill_ms"]),
+    ):
         for x, ys in enumerate(rows.values()):
             median = statistics.median(ys)
             ax.bar(x, median, color="#8da0cb", width=0.6)
             ax.scatter([x] * len(ys), ys, color="black", s=14, zorder=3)
             ax.text(x, median, f"{median:.2f}", ha="center", va="bottom", fontsize=8)
-        ax.axhline(goal, color="#d62728", linestyle="--", linewidth=1)
-        ax.text(0.99, goal, f"goal {goal}" + (" (64-node tree)" if ax is axes[2] else ""), color="#d62728",
-                ha="right", va="bottom", fontsize=8, transform=ax.get_yaxis_transform())  # fmt: skip
+        ax.axhline(goal, color="#d62728", linestyle="--", linewidth=1, label=f"goal {goal}")
         labels = [f"{k.replace('_', ' ').replace(' ', chr(10))}\n({len(ys)})" for k, ys in rows.items()]
         ax.set_xticks(range(len(rows)), labels, fontsize=8)
+        ax.set_ylim(0, 1.3 * max(max(ys) for ys in rows.values()))  # room for the legend above the bars
+        ax.legend(loc="upper right", fontsize=8)
         ax.set_title(title, fontsize=10)
-    axes[2].set_ylim(1.0, None)
+    # verify: a line per way the blocks attended, over the block sizes; median, and the range over starts
+    ax, verify = axes[2], values["verify_vs_decode"]
+    blocks = list(dict.fromkeys(k.split(" ", 1)[0] for k in verify))
+    steps = {}  # each way's decode steps (ms), the unit of its starts' ratios
+    for s in starts:
+        if "verify" in s:
+            steps.setdefault(s["verify"].get("block_attention", "sdpa"), []).append(s["verify"]["decode_ms"])
+    for kind in dict.fromkeys(k.split(" ", 1)[1] for k in verify):
+        xs = [x for x, b in enumerate(blocks) if f"{b} {kind}" in verify]
+        ys = [verify[f"{blocks[x]} {kind}"] for x in xs]
+        line = ax.plot(xs, [statistics.median(y) for y in ys], marker="o", markersize=4,
+                       label=f"{kind}: {len(steps[kind])} start{'s' * (len(steps[kind]) > 1)}, "
+                             f"step {'/'.join(f'{ms:.2f}' for ms in steps[kind])} ms")[0]  # fmt: skip
+        ax.vlines(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), linewidth=2, alpha=0.5)
+    ax.axhline(GOALS["tree_64_vs_decode"], color="#d62728", linestyle="--", linewidth=1,
+               label=f"goal {GOALS['tree_64_vs_decode']} (64-node tree)")  # fmt: skip
+    ax.set_xticks(range(len(blocks)), [b.replace("_", " ") for b in blocks], fontsize=8)
+    ax.set_ylabel("decode steps", fontsize=9)
+    ax.legend(loc="upper left", fontsize=7)
+    ax.set_title("verify of a chain or tree, over one decode step", fontsize=10)
     fig.suptitle(f"Target engine at Video-LLaVA-7B shape, {result['setup']['context']}-token context, batch 1, "
                  f"bf16: bars the median over the machine starts (how many in brackets), dots each start "
                  f"({starts[-1]['gpu']})", fontsize=10)  # fmt: skip
