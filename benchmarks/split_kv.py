@@ -13,7 +13,7 @@ Each is the 32 layers' calls captured in one CUDA graph, median over replays: mi
 K/V bytes read per second.
 Writes benchmarks/results/split_kv.json.
 
-    python benchmarks/split_kv.py [--contexts 512,2080,4096] [--blocks 1,2,17,65] [--result PATH] [--smoke]
+    python benchmarks/split_kv.py [--contexts 512,2080,4096] [--blocks 1,2,17,33,65] [--result PATH] [--smoke]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from specalign.decode import attention  # noqa: E402
 from specalign.fsutil import write_json  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM, EXTRA_SLOTS = 32, 32, 128, 228
-SWEEP = {"splits": (8, 16, 32), "block_n": (32, 64, 128), "num_warps": (2, 4, 8)}
+SWEEP = {"splits": (8, 16, 32, 64), "block_n": (32, 64, 128), "num_warps": (2, 4, 8)}
 BLOCK_SWEEP = {"splits": (4, 8, 16, 32), "block_m": (16, 32, 64, 128), "num_warps": (4, 8)}
 
 
@@ -120,7 +120,7 @@ def measure_block(context: int, rows: int, k: list, v: list, sweep: dict, row, d
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", default="512,2080,4096")
-    p.add_argument("--blocks", default="1,2,17,65", help="verify block sizes (tokens) to time; empty for none")
+    p.add_argument("--blocks", default="1,2,17,33,65", help="verify block sizes (tokens) to time; empty for none")
     p.add_argument("--result", default=str(Path(__file__).parent / "results" / "split_kv.json"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes in Triton's interpreter on the CPU")
     args = p.parse_args()
