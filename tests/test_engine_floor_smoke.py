@@ -16,7 +16,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_floor.py"
 def test_two_starts_are_summarised_against_the_goals(tmp_path):
     result = tmp_path / "engine_floor.json"
     for extra in (["--profile-verify"], []):
-        cmd = [sys.executable, str(SCRIPT), "--smoke", "--tokens", "4", "--result", str(result), *extra]
+        # one setting: with two, timing picks each start's fastest, and the verify series would differ by start
+        cmd = [sys.executable, str(SCRIPT), "--smoke", "--settings", "graphs", "--tokens", "4", "--result",
+               str(result), *extra]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(result.read_text())
@@ -24,12 +26,11 @@ def test_two_starts_are_summarised_against_the_goals(tmp_path):
     profile = res["starts"][0]["verify_profile"]
     assert set(profile) == {"decode", "chain_2", "chain_16"} and all(p["ms_per_step"] > 0 for p in profile.values())
     s = res["summary"]
-    assert set(s["decode_ms"]) == {"graphs", "graphs_split"}  # a smoke run compiles nothing
+    assert set(s["decode_ms"]) == {"graphs"}
     for row in s["decode_ms"].values():
         assert row["starts"] == 2 and row["min"] <= row["median"] <= row["max"]
     blocks = ("chain_2", "chain_4", "chain_8", "chain_16", "tree_16", "tree_32", "tree_64")
-    attention = res["starts"][0]["verify"]["block_attention"]  # the blocks are named by how they attend
-    assert set(s["verify_vs_decode"]) == {f"{b} {attention}" for b in blocks}
+    assert set(s["verify_vs_decode"]) == {f"{b} sdpa" for b in blocks}  # named by how the blocks attend
     assert set(s["goals"]) == {"decode_ms", "prefill_ms", "tree_64_vs_decode"}
     assert all(g["starts"] == 2 and g["met"] is False for g in s["goals"].values())  # two starts are not enough
     assert result.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the picture beside the numbers
