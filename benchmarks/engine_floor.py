@@ -150,8 +150,17 @@ def measure(args, save, start: dict | None = None) -> dict:
 
 def launch() -> dict:
     """The split-KV kernels' launch settings (a start's numbers hold for these)."""
-    return {"splits": attention.SPLITS, "block_n": attention.BLOCK_N, "num_warps": attention.NUM_WARPS,
-            "block_launch": [list(row) for row in attention.BLOCK_LAUNCH]}  # as JSON reads it back  # fmt: skip
+    return {
+        "splits": attention.SPLITS,
+        "block_n": attention.BLOCK_N,
+        "num_warps": attention.NUM_WARPS,
+        "block_launch": [list(row) for row in attention.BLOCK_LAUNCH],
+    }  # lists: as JSON reads them back
+
+
+def attended(start: dict) -> str:
+    """How a start's verify blocks attended (the first starts, before the split-KV blocks, through SDPA)."""
+    return start["verify"].get("block_attention", "sdpa")
 
 
 def series(starts: list[dict]) -> dict:
@@ -160,9 +169,9 @@ def series(starts: list[dict]) -> dict:
     # compiled_whole: the whole forward as one graph (the first starts); compiled: the engine's compiled layer halves
     fills = {"eager": "prefill_ms", "eager_fused": "prefill_fused_ms", "compiled_whole": "prefill_compiled_ms",
              "compiled": "prefill_compiled_layers_ms"}  # fmt: skip
-    # each block by how it attends ("tree_64 split"): starts from before the split-KV blocks attended through SDPA
-    blocks = [{f"{k} {s['verify'].get('block_attention', 'sdpa')}": v["vs_decode"] for k, v in s["verify"].items()
-               if isinstance(v, dict)} for s in starts if "verify" in s]  # fmt: skip
+    # each block by how it attends ("tree_64 split")
+    blocks = [{f"{k} {attended(s)}": v["vs_decode"] for k, v in s["verify"].items() if isinstance(v, dict)}
+              for s in starts if "verify" in s]  # fmt: skip
     return {
         "decode_ms": {k: [s["decode_ms"][k] for s in starts if k in s["decode_ms"]]
                       for k in dict.fromkeys(k for s in starts for k in s["decode_ms"])},
@@ -228,7 +237,7 @@ def plot(result: dict, path: Path) -> Path:
     steps = {}  # each way's decode steps (ms), the unit of its starts' ratios
     for s in starts:
         if "verify" in s:
-            steps.setdefault(s["verify"].get("block_attention", "sdpa"), []).append(s["verify"]["decode_ms"])
+            steps.setdefault(attended(s), []).append(s["verify"]["decode_ms"])
     for kind in dict.fromkeys(k.split(" ", 1)[1] for k in verify):
         xs = [x for x, b in enumerate(blocks) if f"{b} {kind}" in verify]
         ys = [verify[f"{blocks[x]} {kind}"] for x in xs]
