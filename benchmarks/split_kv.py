@@ -6,14 +6,15 @@ bf16, each of the 32 layers its own K/V (so nothing is served from L2):
 - sdpa_used: SDPA over only the used slots without a mask (its best case; a CUDA graph replayed at any length
   cannot slice this way);
 - split: `triton_split_kv` at each (splits, block_n, num_warps) of the sweep, the module's defaults among them.
-And for verify blocks of `--blocks` tokens (a chain ending at the last used slot; 65 is a 64-node tree with its
-root): SDPA over the whole cache with the block's mask, against `triton_split_kv_block` at each (splits, block_m,
-num_warps) of its sweep.
+And for verify blocks of `--blocks` tokens in the last used slots (an even size a chain; an odd one a tree of one
+node fewer and its root, each node's ancestors drawn at random, as the engine verifies 16/32/64-node trees): SDPA
+over the whole cache with the block's mask, against `triton_split_kv_block` at each (splits, block_m, num_warps,
+num_stages) of its sweep.
 Each is the 32 layers' calls captured in one CUDA graph, median over replays: microseconds per layer, and the
 K/V bytes read per second.
 Writes benchmarks/results/split_kv.json.
 
-    python benchmarks/split_kv.py [--contexts 512,2080,4096] [--blocks 1,2,17,33,65] [--result PATH] [--smoke]
+    python benchmarks/split_kv.py [--contexts 512,2080,4096] [--blocks 2,17,33,65] [--result PATH] [--smoke]
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from specalign.fsutil import write_json  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM, EXTRA_SLOTS = 32, 32, 128, 228
 SWEEP = {"splits": (8, 16, 32, 64), "block_n": (32, 64, 128), "num_warps": (2, 4, 8)}
-BLOCK_SWEEP = {"splits": (4, 8, 16, 32), "block_m": (16, 32, 64, 128), "num_warps": (4, 8)}
+BLOCK_SWEEP = {"splits": (4, 8, 16), "block_m": (16, 32, 64, 128), "num_warps": (4, 8), "num_stages": (2, 3, 4)}
 
 
 def q_dtype(device: str) -> torch.dtype:
@@ -91,23 +92,33 @@ def measure(context: int, layers: int, heads: int, dim: int, sweep: dict, device
 
 
 def measure_block(context: int, rows: int, k: list, v: list, sweep: dict, row, device: str) -> dict:
-    """A verify block of `rows` tokens (a chain ending at the last used slot) over each layer's cache k/v."""
+    """A verify block of `rows` tokens in the last used slots (a chain, or for odd `rows` a random tree) over each
+    layer's cache k/v."""
     _, heads, slots, dim = k[0].shape
     layers = len(k)
-    q = torch.randn(1, heads, rows, dim, device=device, dtype=k[0].dtype)
-    sees = (torch.arange(slots, device=device) <= context - rows + torch.arange(rows, device=device)[:, None])[None]
+    g = torch.Generator(device=device).manual_seed(rows)
+    q = torch.randn(1, heads, rows, dim, device=device, dtype=k[0].dtype, generator=g)
+    valid = torch.arange(slots, device=device) < context
+    tree = None
+    if rows % 2:  # each node under a random earlier one (the root: the block's first token)
+        parents = [int(torch.randint(i, (1,), generator=g, device=device)) for i in range(1, rows)]
+        tree = torch.eye(rows, dtype=torch.bool, device=device)
+        for i, p in enumerate(parents, start=1):
+            tree[i] |= tree[p]
+        tree = tree[None]
+    valid = valid[None]
     used = torch.tensor(context, device=device)
-    mask = sees[:, None]
+    mask = attention.block_mask(valid, context, rows, tree)[:, None]
     out = {"sdpa_masked": row(per_call_us(lambda i: F.scaled_dot_product_attention(q, k[i], v[i], attn_mask=mask),
                                           layers, device))}  # fmt: skip
     want = F.scaled_dot_product_attention(q.float(), k[0].float(), v[0].float(), attn_mask=mask)
     out["split"] = []
-    default = dict(zip(("block_m", "num_warps", "splits"), attention.block_launch(rows), strict=True))
-    launches = [dict(splits=s, block_m=m, num_warps=w) for s, m, w in itertools.product(*sweep.values())]
+    default = dict(zip(("block_m", "num_warps", "splits", "num_stages"), attention.block_launch(rows), strict=True))
+    launches = [dict(zip(sweep, values, strict=True)) for values in itertools.product(*sweep.values())]
     for launch in launches + [default] * (default not in launches):  # the module's launch among them
-        got = attention.triton_split_kv_block(q, k[0], v[0], sees, used, **launch)
+        got = attention.triton_split_kv_block(q, k[0], v[0], valid, used, tree, **launch)
         err = (got.float() - want).abs().max().item()
-        us = per_call_us(lambda i, s=launch: attention.triton_split_kv_block(q, k[i], v[i], sees, used, **s),
+        us = per_call_us(lambda i, s=launch: attention.triton_split_kv_block(q, k[i], v[i], valid, used, tree, **s),
                          layers, device)  # fmt: skip
         out["split"].append({**launch, **row(us), "max_abs_err": round(err, 5)})
     out["split_best"] = min(out["split"], key=lambda r: r["us"])
@@ -120,7 +131,7 @@ def measure_block(context: int, rows: int, k: list, v: list, sweep: dict, row, d
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", default="512,2080,4096")
-    p.add_argument("--blocks", default="1,2,17,33,65", help="verify block sizes (tokens) to time; empty for none")
+    p.add_argument("--blocks", default="2,17,33,65", help="verify block sizes (tokens) to time; empty for none")
     p.add_argument("--result", default=str(Path(__file__).parent / "results" / "split_kv.json"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes in Triton's interpreter on the CPU")
     args = p.parse_args()
@@ -130,7 +141,7 @@ def main() -> None:
     if args.smoke:
         device, layers, heads, dim, contexts = "cpu", 2, 2, 16, [80]  # room for a 65-token block
         sweep = {"splits": (2,), "block_n": (16,), "num_warps": (attention.NUM_WARPS,)}
-        block_sweep = {"splits": (2,), "block_m": (16,), "num_warps": (4,)}
+        block_sweep = {"splits": (2,), "block_m": (16,), "num_warps": (4,), "num_stages": (2,)}
         attention.SPLITS, attention.BLOCK_N = 2, 16  # the defaults are then in the sweeps
     elif torch.cuda.is_available():
         device, layers, heads, dim = "cuda", LAYERS, HEADS, HEAD_DIM

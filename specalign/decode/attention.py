@@ -1,6 +1,6 @@
 """Split-KV ("flash-decoding") attention of new tokens over the static cache.
 
-    out = split_kv_attention(q, k, v, valid, used)   # q [B, H, T, D], k/v [B, H_kv, L, D] -> [B, H, T, D]
+    out = split_kv_attention(q, k, v, valid, used, tree)   # q [B, H, T, D], k/v [B, H_kv, L, D] -> [B, H, T, D]
 
 SDPA's kernels give each (row, head, tile of 64-128 queries) one thread block, so at batch 1 a 7B model's 32 heads
 keep 32 of an H200's 132 SMs reading the cache, for one new token and for a 64-node tree alike. Here the slots
@@ -9,9 +9,11 @@ partial softmaxes (each keeps its max and its sum, so the merge is exact up to r
 device) is the number of slots in use: chunks past it stop at once, so a step reads only the used slots, and a
 CUDA graph replays at any length.
 
-One new token (valid [B, L]: it sees every real slot below `used`) runs a kernel of vector products; a block of
-T tokens (valid [B, T, L]: the slots each token sees, a chain's causal mask or a tree's ancestors) runs one that
-takes several of its queries at a time through tensor-core products (`BLOCK_LAUNCH`).
+One new token sees every real slot below `used` (valid [B, L]) and runs a kernel of vector products. A block of
+T tokens (a verify chain or tree, in the last T used slots) sees every real slot before it and, within the block,
+a chain's earlier tokens or a tree node's ancestors (`tree` [B, T, T]); it runs a kernel that takes several of
+its queries at a time through tensor-core products (`BLOCK_LAUNCH`). Before the block one mask row serves all of
+them, so only the block's own slots read a mask per query (`block_mask` spells the whole mask out).
 
 On a GPU with Triton the chunks run as Triton kernels; elsewhere `split_kv_reference` computes the same chunked
 algorithm with torch ops (the tests hold the kernels to it, in Triton's interpreter on the CPU).
@@ -27,11 +29,12 @@ SPLITS = 32  # chunks per (row, head)
 BLOCK_N = 64  # slots a program reads per iteration
 NUM_WARPS = 2
 MAX_ROWS = 128  # longer blocks (a padded prompt) keep SDPA's tiles busy on their own: `Engine` leaves them to it
-# a verify block's launch by its size: (up to this many queries, queries per program, warps, chunks per (row, head)).
+# a verify block's launch by its size: (up to this many queries, queries per program, warps, chunks per (row, head),
+# software-pipeline stages).
 # benchmarks/split_kv.py's block sweep on an H200 (7B shape, 2,080 and 4,096 slots): for blocks of 2, 17 and 65 the
 # fastest or within 4 % of it. Longer blocks take more queries per program (each chunk's K/V read once for all of
 # them) and fewer chunks (each writes T x D partial floats that the merge reads back).
-BLOCK_LAUNCH = ((16, 16, 4, 16), (32, 32, 4, 8), (MAX_ROWS, 128, 8, 4))
+BLOCK_LAUNCH = ((16, 16, 4, 16, 3), (32, 32, 4, 8, 3), (MAX_ROWS, 128, 8, 4, 3))
 NEG = -1.0e30  # "no slot yet": finite, so exp(NEG - NEG) never makes a NaN
 
 try:
@@ -55,7 +58,20 @@ def merge(out: torch.Tensor, peak: torch.Tensor, total: torch.Tensor) -> torch.T
     return (w[..., None] * out).sum(-2) / (w * total).sum(-1, keepdim=True)
 
 
-def split_kv_reference(q, k, v, valid, used) -> torch.Tensor:
+def block_mask(valid: torch.Tensor, used, T: int, tree: torch.Tensor | None = None) -> torch.Tensor:
+    """The slots each token of a block in slots [used - T, used) sees -> bool [B, T, L]: every real slot before the
+    block (valid bool [B, L]) and, within it, tree[b, t, j] (bool [B, T, T]: token t sees block token j) or, with
+    no tree, the tokens up to its own (a chain). used: an int or a tensor [] (inside CUDA graphs)."""
+    B, L = valid.shape
+    j = torch.arange(L, device=valid.device) - (used - T)  # [L]: each slot's index in the block, < 0 before it
+    if tree is None:
+        mine = j[None, :] <= torch.arange(T, device=valid.device)[:, None]  # [T, L]
+    else:
+        mine = tree.gather(2, j.clamp(0, T - 1).expand(B, T, L))  # [B, T, L]
+    return valid[:, None, :] & ((j < 0) | (mine & (j < T)))
+
+
+def split_kv_reference(q, k, v, valid, used, tree=None) -> torch.Tensor:
     """The chunked algorithm with torch ops (any device). Shapes as `split_kv_attention`."""
     B, H, T, D = q.shape
     L = k.shape[2]
@@ -63,7 +79,7 @@ def split_kv_reference(q, k, v, valid, used) -> torch.Tensor:
         k, v = (t.repeat_interleave(H // k.shape[1], dim=1) for t in (k, v))
     chunk, S = _chunks(L)
     pad = S * chunk - L
-    sees = valid if valid.dim() == 3 else valid[:, None]  # [B, T or 1, L]
+    sees = valid[:, None] if T == 1 else block_mask(valid, used, T, tree)  # [B, T or 1, L]
     ok = sees & (torch.arange(L, device=q.device) < used)
     ok = torch.nn.functional.pad(ok, (0, pad)).view(B, 1, -1, S, chunk)
     kk = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(B, H, S, chunk, D)
@@ -75,15 +91,15 @@ def split_kv_reference(q, k, v, valid, used) -> torch.Tensor:
     return merge(out, peak, p.sum(-1)).to(q.dtype)
 
 
-def split_kv_attention(q, k, v, valid, used) -> torch.Tensor:
-    """q [B, H, T, D], k/v [B, H_kv, L, D] (the whole cache), valid bool [B, L] (one token, T = 1: the real slots)
-    or [B, T, L] (a block: the slots each token sees), used long [] on the device (slots in use; the last new
-    token's is the last) -> [B, H, T, D] in q's dtype. The Triton kernels on a GPU, `split_kv_reference`
+def split_kv_attention(q, k, v, valid, used, tree=None) -> torch.Tensor:
+    """q [B, H, T, D] (T <= MAX_ROWS), k/v [B, H_kv, L, D] (the whole cache), valid bool [B, L] (the real slots),
+    used long [] on the device (slots in use: the new tokens' are the last T), tree bool [B, T, T] or None (a
+    chain): see `block_mask` -> [B, H, T, D] in q's dtype. The Triton kernels on a GPU, `split_kv_reference`
     elsewhere."""
     if triton is None or not q.is_cuda:
-        return split_kv_reference(q, k, v, valid, used)
-    if valid.dim() == 3:
-        return triton_split_kv_block(q, k, v, valid, used)
+        return split_kv_reference(q, k, v, valid, used, tree)
+    if q.shape[2] > 1:
+        return triton_split_kv_block(q, k, v, valid, used, tree)
     return triton_split_kv(q, k, v, valid, used)
 
 
@@ -109,21 +125,28 @@ def triton_split_kv(q, k, v, valid, used, splits: int = SPLITS, block_n: int = B
     return o
 
 
-def block_launch(T: int) -> tuple[int, int, int]:
-    """(block_m, num_warps, splits) for a block of T queries: `BLOCK_LAUNCH`'s row for its size."""
+def block_launch(T: int) -> tuple[int, int, int, int]:
+    """(block_m, num_warps, splits, num_stages) for a block of T queries: `BLOCK_LAUNCH`'s row for its size."""
     return next(launch for most, *launch in BLOCK_LAUNCH if most >= T)
 
 
-def triton_split_kv_block(q, k, v, valid, used, splits: int | None = None, block_n: int = BLOCK_N,
-                          block_m: int | None = None, num_warps: int | None = None) -> torch.Tensor:  # fmt: skip
-    """`split_kv_attention` of a block (valid [B, T, L], T <= MAX_ROWS) through the Triton kernel; launch settings
-    not given are `block_launch`'s."""
+def triton_split_kv_block(q, k, v, valid, used, tree=None, splits: int | None = None, block_n: int = BLOCK_N,
+                          block_m: int | None = None, num_warps: int | None = None,
+                          num_stages: int | None = None) -> torch.Tensor:  # fmt: skip
+    """`split_kv_attention` of a block (T <= MAX_ROWS) through the Triton kernel; launch settings not given are
+    `block_launch`'s."""
     B, H, T, D = q.shape
     H_kv, L = k.shape[1], k.shape[2]
     rule = block_launch(T)
-    block_m, num_warps, splits = block_m or rule[0], num_warps or rule[1], splits or rule[2]
+    block_m, num_warps = block_m or rule[0], num_warps or rule[1]
+    splits, num_stages = splits or rule[2], num_stages or rule[3]
     chunk, S = _chunks(L, splits, block_n)
     q, valid = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, valid))
+    causal = tree is None
+    if causal:
+        tree = valid  # not read: the chain's mask is computed in the kernel
+    elif tree.stride(-1) != 1:
+        tree = tree.contiguous()
     out = torch.empty(B, H, T, S, D, device=q.device, dtype=torch.float32)
     peak = torch.empty(B, H, T, S, device=q.device, dtype=torch.float32)
     total = torch.empty(B, H, T, S, device=q.device, dtype=torch.float32)
@@ -132,10 +155,11 @@ def triton_split_kv_block(q, k, v, valid, used, splits: int | None = None, block
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     # the query tiles vary fastest: the programs that read one chunk of one head run side by side (its K/V in L2)
     _split_kv_block_kernel[(triton.cdiv(T, block_m), B * H, S)](
-        q, k, v, valid, used, out, peak, total,
+        q, k, v, valid, tree, used, out, peak, total,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-        v.stride(2), valid.stride(0), valid.stride(1), T, H, H // H_kv, chunk, S, D**-0.5,
-        D=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, num_warps=num_warps,
+        v.stride(2), valid.stride(0), tree.stride(0), tree.stride(1), T, H, H // H_kv, chunk, S, D**-0.5,
+        D=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, CAUSAL=causal, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
     o = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
     _merge_kernel[(B * H * T,)](out, peak, total, o, S, D=D, SPLITS=triton.next_power_of_2(S))
@@ -181,11 +205,42 @@ if triton is not None:
         tl.store(TOTAL + row + tl.arange(0, 1), total)
 
     @triton.jit
-    def _split_kv_block_kernel(Q, K, V, MASK, USED, OUT, PEAK, TOTAL, sqb, sqh, sqt, skb, skh, skl, svb, svh, svl,
-                               smb, smt, T, H, G, CHUNK, S, scale, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-        """One program: queries [r * BLOCK_M, (r + 1) * BLOCK_M) of head h of row b against the slots of chunk s
-        below USED that each query's MASK row allows (flash attention's loop over one chunk)."""
+    def _block_tile(start, hi, first, q, m, total, acc, Kp, Vp, VALIDp, TREEp, t, rows, skl, svl, stt, scale,
+                    D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, IN_BLOCK: tl.constexpr,
+                    CAUSAL: tl.constexpr):  # fmt: skip
+        """Flash attention's step over slots [start, start + BLOCK_N) below `hi`, in log2 units (scale includes
+        log2(e)). IN_BLOCK: some of them are the block's own (from slot `first`), seen per query."""
+        n = start + tl.arange(0, BLOCK_N)
+        d = tl.arange(0, D)
+        inside = n < hi
+        ok = (tl.load(VALIDp + n, mask=inside, other=0) != 0)[None, :]  # the real slots, one row for every query
+        if IN_BLOCK:
+            j = n - first  # the slot's index in the block, < 0 before it
+            if CAUSAL:
+                mine = j[None, :] <= t[:, None]
+            else:
+                mine = tl.load(TREEp + t[:, None] * stt + j[None, :],
+                               mask=rows[:, None] & ((j >= 0) & inside)[None, :], other=0) != 0  # fmt: skip
+            ok = ok & ((j < 0)[None, :] | mine)
+        kb = tl.load(Kp + n[:, None] * skl + d[None, :], mask=inside[:, None], other=0.0)
+        # fp32: inductor hands `scale` over as a double, which would widen the loop's running max
+        score = (tl.dot(q, tl.trans(kb), input_precision=PRECISION) * scale).to(tl.float32)
+        score = tl.where(ok, score, -1.0e30)
+        m_new = tl.maximum(m, tl.max(score, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.where(ok, tl.exp2(score - m_new[:, None]), 0.0)
+        vb = tl.load(Vp + n[:, None] * svl + d[None, :], mask=inside[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
+        total = total * alpha + tl.sum(p, axis=1)
+        return m_new, total, acc
+
+    @triton.jit
+    def _split_kv_block_kernel(Q, K, V, VALID, TREE, USED, OUT, PEAK, TOTAL, sqb, sqh, sqt, skb, skh, skl, svb, svh,
+                               svl, svalid, stb, stt, T, H, G, CHUNK, S, scale, D: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                               CAUSAL: tl.constexpr):  # fmt: skip
+        """One program: queries [r * BLOCK_M, (r + 1) * BLOCK_M) of head h of row b (a block in the last T used
+        slots) against the slots of chunk s below USED that each sees (flash attention's loop over one chunk)."""
         r = tl.program_id(0)
         bh = tl.program_id(1)
         s = tl.program_id(2)
@@ -196,30 +251,27 @@ if triton is not None:
         t = r * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = t < T
         q = tl.load(Q + b * sqb + h * sqh + t[:, None] * sqt + d[None, :], mask=rows[:, None], other=0.0)
+        used = tl.load(USED)
+        first = used - T
         lo = s * CHUNK
-        hi = tl.minimum(lo + CHUNK, tl.load(USED))
+        hi = tl.minimum(lo + CHUNK, used)
+        # the iterations wholly before the block, then the rest (which may reach into it)
+        mid = lo + tl.maximum(tl.minimum(hi, first) - lo, 0) // BLOCK_N * BLOCK_N
         m = tl.full([BLOCK_M], -1.0e30, tl.float32)  # NEG
         total = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        for start in range(lo, hi, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            inside = n < hi
-            ok = tl.load(MASK + b * smb + t[:, None] * smt + n[None, :], mask=rows[:, None] & inside[None, :],
-                         other=0) != 0  # fmt: skip
-            kb = tl.load(K + b * skb + kh * skh + n[:, None] * skl + d[None, :], mask=inside[:, None], other=0.0)
-            # fp32: inductor hands `scale` over as a double, which would widen the loop's running max
-            score = (tl.dot(q, tl.trans(kb), input_precision=PRECISION) * scale).to(tl.float32)
-            score = tl.where(ok, score, -1.0e30)
-            m_new = tl.maximum(m, tl.max(score, axis=1))
-            alpha = tl.exp(m - m_new)
-            p = tl.where(ok, tl.exp(score - m_new[:, None]), 0.0)
-            vb = tl.load(V + b * svb + kh * svh + n[:, None] * svl + d[None, :], mask=inside[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
-            total = total * alpha + tl.sum(p, axis=1)
-            m = m_new
+        Kp, Vp = K + b * skb + kh * skh, V + b * svb + kh * svh
+        VALIDp, TREEp = VALID + b * svalid, TREE + b * stb
+        scale2 = scale * 1.4426950408889634  # log2(e): exp2 is the GPU's own instruction
+        for start in range(lo, mid, BLOCK_N):
+            m, total, acc = _block_tile(start, hi, first, q, m, total, acc, Kp, Vp, VALIDp, TREEp, t, rows, skl, svl,
+                                        stt, scale2, D, BLOCK_N, PRECISION, False, CAUSAL)  # fmt: skip
+        for start in range(mid, hi, BLOCK_N):
+            m, total, acc = _block_tile(start, hi, first, q, m, total, acc, Kp, Vp, VALIDp, TREEp, t, rows, skl, svl,
+                                        stt, scale2, D, BLOCK_N, PRECISION, True, CAUSAL)  # fmt: skip
         row = (bh * T + t) * S + s  # the merge's layout: [B, H, T, S]
         tl.store(OUT + row[:, None] * D + d[None, :], acc, mask=rows[:, None])
-        tl.store(PEAK + row, m, mask=rows)
+        tl.store(PEAK + row, m * 0.6931471805599453, mask=rows)  # back to natural-log units: ln(2)
         tl.store(TOTAL + row, total, mask=rows)
 
     @triton.jit

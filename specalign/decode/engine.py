@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from specalign.decode.attention import MAX_ROWS, split_kv_attention
+from specalign.decode.attention import MAX_ROWS, block_mask, split_kv_attention
 from specalign.errors import SpecalignError
 
 ATTENTIONS = ("sdpa", "split")  # how decode steps and verify blocks attend (`Engine(attention=...)`)
@@ -96,6 +96,7 @@ class _Graph:
     inputs: torch.Tensor | None = None  # a head's input features [B, T, F]
     positions: torch.Tensor | None = None
     attend: torch.Tensor | None = None
+    tree: torch.Tensor | None = None
 
 
 class Engine:
@@ -118,7 +119,8 @@ class Engine:
         index i < n_layers is decoder layer i's output, n_layers the final normed state (what the LM head reads).
         attention: how decode steps and verify blocks (chains, trees) attend: "sdpa" (torch's kernels, over every
         slot with a mask) or "split" (`decode.attention`: split-KV over the used slots only). A prompt without
-        padding (causal over itself) and any block longer than `attention.MAX_ROWS` use SDPA either way.
+        padding (causal over itself), any block longer than `attention.MAX_ROWS` and a block with its own `attend`
+        mask use SDPA either way.
         compile_blocks: also torch.compile the many-token forwards: prefill, verify chains and trees. Regional: one
         decoder layer's work before and after its attention is compiled once, with dynamic shapes and without the
         tuning, and serves every layer and every size (the weights are inputs), so it compiles in seconds where
@@ -165,14 +167,16 @@ class Engine:
 
     # ---- one forward over T new tokens at slots [start, start + T) --------------------------------------------
     def _forward(
-        self, x: torch.Tensor, start, positions=None, attend=None, causal: bool = False
+        self, x: torch.Tensor, start, positions=None, attend=None, tree=None, causal: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, T, D] embeddings written to slots [start, start + T) -> (last-layer hidden [B, T, D], the feature
         layers [B, T, F] or None).
 
         start: an int, or a tensor [] inside CUDA graphs (so they replay at any offset). positions [B, T]: by
-        default each row's next ones (padding is not counted). attend bool [B, T, max_len]: which slots each new
-        token sees (a tree: the prefix and its ancestors); default causal. causal: the block starts at slot 0 and
+        default each row's next ones (padding is not counted). Which slots each new token sees: every real slot
+        before the block, and within it its own and the earlier ones (a chain), or those `tree` bool [B, T, T] marks
+        (a verify tree: its ancestors; see `attention.block_mask`); or, given `attend` bool [B, T, max_len], the
+        real ones of those (any pattern, e.g. a head's tree expansion). causal: the block starts at slot 0 and
         every token is real (a prompt without padding), so attention runs causally over the block alone, which
         lets SDPA use its flash kernel."""
         B, T, _ = x.shape
@@ -180,16 +184,16 @@ class Engine:
         if positions is None:
             positions = self.count[:, None] + torch.arange(T, device=x.device)  # [B, T]
         cos, sin = self.lm.rotary_emb(x, positions)
-        if attend is None:  # query t sees real slots up to its own: [B, 1, T, max_len]
-            mask = (self.slot[None, None, :] <= slots[None, :, None]) & self.valid[:, None, :]
-        else:
-            mask = attend & self.valid[:, None, :]
         # split-KV attention reads only the slots in use: how many (as the kernels' int32, made once here rather than
-        # in every layer); one new token seeing every real slot before it needs no mask of its own
-        split = self.attention == "split" and not causal and T <= MAX_ROWS
+        # in every layer); it takes the real slots and the block's tree as they are, SDPA the whole mask
+        split = self.attention == "split" and not causal and T <= MAX_ROWS and attend is None
         used = (slots[-1:] + 1).int() if split else None
-        sees = self.valid if T == 1 and attend is None else mask
-        mask = mask[:, None]
+        if split:
+            mask = None
+        elif attend is not None:
+            mask = (attend & self.valid[:, None, :])[:, None]  # [B, 1, T, max_len]
+        else:
+            mask = block_mask(self.valid, start + T, T, tree)[:, None]
         # a many-token block through the compiled layer halves (inside the compiled decode step: traced whole)
         regional = self.block_layer is not None and T > 1 and not torch.compiler.is_compiling()
         project, finish = self.block_layer if regional else (self._project, self._finish)
@@ -197,7 +201,10 @@ class Engine:
         for i, layer in enumerate(self.lm.layers):
             fused = self.fused[i] if self.fused is not None else None
             q = project(layer, fused, x, cos, sin, slots, self.k[i], self.v[i])
-            o = split_kv_attention(q, self.k[i], self.v[i], sees, used) if split else self._attend(i, q, mask, causal)
+            if split:
+                o = split_kv_attention(q, self.k[i], self.v[i], self.valid, used, tree)
+            else:
+                o = self._attend(i, q, mask, causal)
             x = finish(layer, fused, x, o)
             if i in self.feature_layers:
                 kept[i] = x
@@ -252,23 +259,24 @@ class Engine:
         return F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask, enable_gqa=self.gqa)
 
     def _step(self, tokens: torch.Tensor, start, inputs: torch.Tensor | None = None,
-              positions: torch.Tensor | None = None, attend: torch.Tensor | None = None):  # fmt: skip
+              positions: torch.Tensor | None = None, attend: torch.Tensor | None = None,
+              tree: torch.Tensor | None = None):  # fmt: skip
         """-> (logits float32 [B, T, V], features [B, T, F] or None)."""
-        hidden, feats = self._forward(self.embed(tokens, inputs), start, positions, attend)
+        hidden, feats = self._forward(self.embed(tokens, inputs), start, positions, attend, tree)
         return self.head(hidden).float(), feats
 
     @torch.inference_mode()
     def run(self, tokens: torch.Tensor, inputs: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-            attend: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+            attend: torch.Tensor | None = None, tree: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Append tokens long [B, k] after the current length -> logits float32 [B, k, V]; `self.features` holds
-        their feature layers. inputs [B, k, F]: a draft head's input features; positions long [B, k] and attend
-        bool [B, k, max_len]: a tree block (see `_forward`)."""
+        their feature layers. inputs [B, k, F]: a draft head's input features; positions long [B, k] with tree
+        bool [B, k, k] (a verify tree) or attend bool [B, k, max_len] (any slots): see `_forward`."""
         B, T = tokens.shape
         if self.length + T > self.max_len:
             raise SpecalignError(f"{self.vlm.name}: {self.length + T} tokens exceed the engine's cache of "
                                  f"{self.max_len} slots (raise max_len)")  # fmt: skip
         self.valid[:, self.length : self.length + T] = True
-        extra = (inputs, positions, attend)
+        extra = (inputs, positions, attend, tree)
         plain = all(x is None for x in extra)
         step = self.decode_step if T == 1 and plain else self._step
         if self.graphs is False:
@@ -282,7 +290,7 @@ class Engine:
             with torch.cuda.device(self.device):  # a draft on a second GPU captures and replays on that GPU
                 g = self.graphs.get(key) or self._capture(key, B, T, extra)
                 g.tokens.copy_(tokens)
-                for buf, x in zip((g.inputs, g.positions, g.attend), extra, strict=True):
+                for buf, x in zip((g.inputs, g.positions, g.attend, g.tree), extra, strict=True):
                     if x is not None:
                         buf.copy_(x)
                 g.start.fill_(self.length)  # a kernel argument, not a host-to-device copy: the host never waits
@@ -300,6 +308,8 @@ class Engine:
         bufs = [None if x is None else torch.zeros_like(x, device=self.device) for x in extra]
         if bufs[1] is not None:  # positions: the next ones, as a causal block would have
             bufs[1].copy_(self.count[:, None] + torch.arange(T, device=self.device))
+        if bufs[3] is not None:  # a tree: a chain's, so that no row of the warm-up sees nothing
+            bufs[3].copy_(torch.ones(T, T, dtype=torch.bool, device=self.device).tril())
         plain = all(x is None for x in extra)
         step = self.decode_step if T == 1 and plain else self._step
         saved = self.kv.clone() if self.length else None

@@ -153,20 +153,18 @@ def verify_tree(target: Engine, last: int, proposal: Proposal) -> torch.Tensor:
     """One forward over the last accepted token and every tree node -> logits [1 + nodes, V]. Node i (block row
     i + 1) sees the prefix, the last token and its own ancestors, at position prefix + its depth."""
     T = len(proposal.tokens) + 1
-    start = target.length
     # built on the host in numpy and copied once: per-row torch ops cost milliseconds of host time at 64 nodes,
     # while the GPU waits for the block
-    attend = np.zeros((1, T, target.max_len), dtype=bool)
-    attend[0, :, :start] = True
-    tree = attend[0, :, start : start + T]  # [T, T]: row i sees the root and its own ancestors
-    tree[0, 0] = True
+    tree = np.zeros((1, T, T), dtype=bool)
+    sees = tree[0]  # [T, T]: row i sees the root and its own ancestors
+    sees[0, 0] = True
     for i, p in enumerate(proposal.parents, start=1):
-        tree[i] = tree[p + 1]
-        tree[i, i] = True
+        sees[i] = sees[p + 1]
+        sees[i, i] = True
     depths = upload(torch.tensor([0, *tree_depths(proposal.parents)]), target.device)
     block = upload(torch.tensor([[last, *proposal.tokens]]), target.device)
-    attend = upload(torch.from_numpy(attend), target.device)
-    return target.run(block, positions=target.count[:, None] + depths, attend=attend)[0]
+    tree = upload(torch.from_numpy(tree), target.device)
+    return target.run(block, positions=target.count[:, None] + depths, tree=tree)[0]
 
 
 def upload(x: torch.Tensor, device) -> torch.Tensor:

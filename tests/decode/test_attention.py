@@ -24,7 +24,7 @@ def _case(B, H, H_kv, L, D, used, seed=0):
     valid[:, used - 1] = True  # the new token's own slot
     mask = (valid & (torch.arange(L) < used))[:, None, None, :]
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H_kv < H)
-    return (q, k, v, valid, torch.tensor(used)), want
+    return (q, k, v, valid, torch.tensor(used), None), want
 
 
 # blocks: (rows, heads, kv heads, cache slots, head dim, slots in use, new tokens); a tree when the last is odd
@@ -33,7 +33,7 @@ BLOCKS = [(1, 4, 4, 300, 16, 140, 2), (2, 8, 2, 1030, 32, 1030, 17), (1, 2, 2, 2
 
 def _block(B, H, H_kv, L, D, used, T, seed=0):
     """A chain (causal over the last T slots) or, for odd T, a tree (each token sees a random set of the block's
-    earlier slots, as its ancestors)."""
+    earlier slots, as its ancestors); both see the real slots before the block."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, h, t, D, generator=g) for h, t in ((H, T), (H_kv, L), (H_kv, L)))
     slots = torch.arange(L)
@@ -41,11 +41,12 @@ def _block(B, H, H_kv, L, D, used, T, seed=0):
     valid = torch.rand(B, L, generator=g) > 0.2
     valid[:, first:used] = True
     sees = (slots[None, :] <= (first + torch.arange(T))[:, None]) & valid[:, None, :]  # [B, T, L]
+    tree = None
     if T % 2:
-        block = torch.rand(B, T, T, generator=g) > 0.5
-        sees[:, :, first:used] &= block.tril(-1) | torch.eye(T, dtype=torch.bool)
+        tree = (torch.rand(B, T, T, generator=g) > 0.5).tril(-1) | torch.eye(T, dtype=torch.bool)
+        sees[:, :, first:used] &= tree
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=sees[:, None], enable_gqa=H_kv < H)
-    return (q, k, v, sees, torch.tensor(used)), want
+    return (q, k, v, valid, torch.tensor(used), tree), want
 
 
 @pytest.mark.parametrize(("make", "shape"), [(_case, s) for s in SHAPES] + [(_block, s) for s in BLOCKS])
@@ -55,9 +56,9 @@ def test_split_kv_reference_is_sdpa_over_the_used_slots(make, shape):
     got = split_kv_reference(*args)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    q, k, v, valid, used = args
+    q, k, v, valid, used, tree = args
     k[:, :, int(used) :] = 1e4  # what lies past `used` is never read into the result
-    torch.testing.assert_close(split_kv_reference(q, k, v, valid, used), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(split_kv_reference(q, k, v, valid, used, tree), want, atol=1e-5, rtol=1e-5)
 
 
 INTERPRETED = """
@@ -66,7 +67,7 @@ from specalign.decode.attention import split_kv_reference, triton_split_kv, trit
 from tests.decode.test_attention import BLOCKS, SHAPES, _block, _case
 for shape in SHAPES[:3]:
     args, want = _case(*shape)
-    torch.testing.assert_close(triton_split_kv(*args), split_kv_reference(*args), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(triton_split_kv(*args[:5]), split_kv_reference(*args), atol=1e-5, rtol=1e-5)
 for shape in BLOCKS:
     args, want = _block(*shape)
     torch.testing.assert_close(triton_split_kv_block(*args), want, atol=1e-5, rtol=1e-5)

@@ -135,13 +135,15 @@ def test_split_kv_decode_on_cuda_graphs_matches_sdpa(dataset):
     valid = torch.ones(1, 2304, dtype=torch.bool, device="cuda")
     used = torch.tensor(2080, device="cuda")
     torch.testing.assert_close(triton_split_kv(q, k, v, valid, used), split_kv_reference(q, k, v, valid, used))
-    # a block of 65 (a 64-node tree and its root, here causal) in fp32 and in bf16
-    sees = (torch.arange(2304, device="cuda") <= 2015 + torch.arange(65, device="cuda")[:, None])[None]
+    # blocks of 65 (a 64-node tree and its root; a chain) in fp32 and in bf16
     qb = torch.randn(1, 32, 65, 128, device="cuda", generator=g)
-    want = split_kv_reference(qb, k, v, sees, used)
-    torch.testing.assert_close(triton_split_kv_block(qb, k, v, sees, used), want)
-    got = triton_split_kv_block(*(t.bfloat16() for t in (qb, k, v)), sees, used)
-    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+    tree = (torch.rand(1, 65, 65, device="cuda", generator=g) > 0.7).tril(-1) | torch.eye(65, dtype=torch.bool,
+                                                                                          device="cuda")  # fmt: skip
+    for sees in (tree, None):
+        want = split_kv_reference(qb, k, v, valid, used, sees)
+        torch.testing.assert_close(triton_split_kv_block(qb, k, v, valid, used, sees), want)
+        got = triton_split_kv_block(*(t.bfloat16() for t in (qb, k, v)), valid, used, sees)
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
     target = load_model("mini-target", device="cuda", dtype="fp32")
     prompt = target.prepare(dataset[0], "What are the key elements in this scene?")
     te = prompt_embeds(target, target.collate([prompt]))[0]
