@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from specalign.decode.engine import Engine, decode_one_token, prefill, verify  # noqa: E402
+from specalign.decode.speculative import verify_tree  # noqa: E402
 from specalign.fsutil import write_json  # noqa: E402
 from specalign.models.base import VLM  # noqa: E402
 
@@ -99,10 +100,11 @@ def decode_loop(engine: Engine, embeds, n: int, host_read: bool | str) -> float:
     return (time.perf_counter() - t) / n * 1e3
 
 
-def kernel_profile(engine: Engine, embeds, n: int = 10, top: int = 12, block: int = 1) -> dict:
+def kernel_profile(engine: Engine, embeds, n: int = 10, top: int = 12, block: int = 1, tree=None) -> dict:
     """Where one decode step's GPU time goes: torch.profiler over n eager (uncaptured) steps -> ms per step by
     kernel family, and the top kernels. A CUDA graph replays the same kernels without the launch gaps.
-    block > 1: a verify of that many tokens after the prompt instead (the engine's block step)."""
+    block > 1: a verify of that many tokens after the prompt instead (the engine's block step); tree (a
+    `Proposal`): a verify of that tree and its root (`verify_tree`)."""
     from torch.profiler import ProfilerActivity, profile
 
     graphs, engine.graphs = engine.graphs, False
@@ -110,9 +112,11 @@ def kernel_profile(engine: Engine, embeds, n: int = 10, top: int = 12, block: in
     base, tokens = engine.length, torch.zeros(1, block, dtype=torch.long, device=engine.device)
 
     def step(token):
-        if block == 1:
+        if block == 1 and tree is None:
             return decode_one_token(engine, token).argmax(-1)
         engine.rollback(base)
+        if tree is not None:
+            return verify_tree(engine, 0, tree)[-1:].argmax(-1)
         return verify(engine, tokens)[:, -1].argmax(-1)
 
     for _ in range(3):  # warm-up (and the compile, for a compiled step)
@@ -129,7 +133,7 @@ def kernel_profile(engine: Engine, embeds, n: int = 10, top: int = 12, block: in
     if DEVICE == "cuda":  # device rows are kernels and copies; CPU rows (aten ops) carry no device time of their own
         kernels = [(k, ms) for k, ms in kernels if not k.startswith(("aten::", "cuda", "Torch-Compiled"))]
     families = {  # attention first: cuDNN's SDPA kernel names contain "wmma", which the matmul keys would take
-        "attention": ("flash", "attention", "sdpa", "fmha", "softmax"),
+        "attention": ("flash", "attention", "sdpa", "fmha", "softmax", "split_kv", "merge_kernel"),
         "matmul (gemm/gemv)": ("gemm", "gemv", "sm90", "cutlass", "ampere", "matmul", "mm"),
         "fused / element-wise": ("triton", "elementwise", "vectorized", "reduce", "norm", "mul", "add", "cat"),
     }

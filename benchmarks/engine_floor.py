@@ -134,8 +134,10 @@ def measure(args, save, start: dict | None = None) -> dict:
         print(start["verify"], flush=True)
         save({**start, "note": "partial: stopped before the compiled prefill was timed"})
     if args.profile_verify and "verify_profile" not in start:  # kernel by kernel, uncaptured: a block beyond a step
+        tree = h7.forced_tree(64, h7.KEEP_PATH, h7.VOCAB, random.Random(0))
         start["verify_profile"] = {name: d7.kernel_profile(engine, embeds, block=k)
                                    for name, k in (("decode", 1), ("chain_2", 2), ("chain_16", 16))}  # fmt: skip
+        start["verify_profile"]["tree_64"] = d7.kernel_profile(engine, embeds, tree=tree)
         print({k: v["by_family_ms"] for k, v in start["verify_profile"].items()}, flush=True)
         save({**start, "note": "partial: stopped before the compiled prefill was timed"})
     if not args.smoke and "prefill_compiled_layers_ms" not in start:  # through the engine's compiled layer halves

@@ -24,7 +24,8 @@ def test_two_starts_are_summarised_against_the_goals(tmp_path):
     res = json.loads(result.read_text())
     assert len(res["starts"]) == 2
     profile = res["starts"][0]["verify_profile"]
-    assert set(profile) == {"decode", "chain_2", "chain_16"} and all(p["ms_per_step"] > 0 for p in profile.values())
+    assert set(profile) == {"decode", "chain_2", "chain_16", "tree_64"}
+    assert all(p["ms_per_step"] > 0 for p in profile.values())
     s = res["summary"]
     assert set(s["decode_ms"]) == {"graphs"}
     for row in s["decode_ms"].values():
