@@ -130,8 +130,12 @@ def kernel_profile(engine: Engine, embeds, n: int = 10, top: int = 12, block: in
     engine.graphs = graphs
     attr = "self_device_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
     kernels = [(e.key, getattr(e, attr) / 1e3 / n) for e in prof.key_averages() if getattr(e, attr) > 0]
-    if DEVICE == "cuda":  # device rows are kernels and copies; CPU rows (aten ops) carry no device time of their own
-        kernels = [(k, ms) for k, ms in kernels if not k.startswith(("aten::", "cuda", "Torch-Compiled"))]
+    if DEVICE == "cuda":  # the kernels and copies themselves: a CPU row (an aten op, or the launcher inductor names
+        # after its Triton kernel) carries its kernels' time again
+        from torch.autograd import DeviceType
+
+        kernels = [(e.key, getattr(e, attr) / 1e3 / n) for e in prof.key_averages()
+                   if e.device_type == DeviceType.CUDA and getattr(e, attr) > 0]  # fmt: skip
     families = {  # attention first: cuDNN's SDPA kernel names contain "wmma", which the matmul keys would take
         "attention": ("flash", "attention", "sdpa", "fmha", "softmax", "split_kv", "merge_kernel"),
         "matmul (gemm/gemv)": ("gemm", "gemv", "sm90", "cutlass", "ampere", "matmul", "mm"),

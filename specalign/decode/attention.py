@@ -31,10 +31,11 @@ NUM_WARPS = 2
 MAX_ROWS = 128  # longer blocks (a padded prompt) keep SDPA's tiles busy on their own: `Engine` leaves them to it
 # a verify block's launch by its size: (up to this many queries, queries per program, warps, chunks per (row, head),
 # software-pipeline stages).
-# benchmarks/split_kv.py's block sweep on an H200 (7B shape, 2,080 and 4,096 slots): for blocks of 2, 17 and 65 the
-# fastest or within 4 % of it. Longer blocks take more queries per program (each chunk's K/V read once for all of
-# them) and fewer chunks (each writes T x D partial floats that the merge reads back).
-BLOCK_LAUNCH = ((16, 16, 4, 16, 3), (32, 32, 4, 8, 3), (MAX_ROWS, 128, 8, 4, 3))
+# benchmarks/split_kv.py's block sweep on an H200 (7B shape, 2,080 and 4,096 slots): the fastest at both for blocks
+# of 17, 33 and 65 (trees), within 7 % for 2 (a chain). Longer blocks take more queries per program (each chunk's
+# K/V read once for all of them) and fewer chunks (each writes T x D partial floats that the merge reads back).
+BLOCK_LAUNCH = ((16, 16, 4, 16, 2), (64, 64, 4, 8, 2), (MAX_ROWS, 128, 8, 4, 3))
+MERGE_TILE = 32  # chunks a merge program takes (rows x chunks per row)
 NEG = -1.0e30  # "no slot yet": finite, so exp(NEG - NEG) never makes a NaN
 
 try:
@@ -121,7 +122,7 @@ def triton_split_kv(q, k, v, valid, used, splits: int = SPLITS, block_n: int = B
     )  # fmt: skip
     o = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
     # `merge` in one kernel: in torch ops it is about ten launches in every layer of a step that is not compiled
-    _merge_kernel[(B * H,)](out, peak, total, o, S, D=D, SPLITS=triton.next_power_of_2(S))
+    launch_merge(out, peak, total, o, B * H, S)
     return o
 
 
@@ -162,8 +163,16 @@ def triton_split_kv_block(q, k, v, valid, used, tree=None, splits: int | None = 
         num_stages=num_stages,
     )  # fmt: skip
     o = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
-    _merge_kernel[(B * H * T,)](out, peak, total, o, S, D=D, SPLITS=triton.next_power_of_2(S))
+    launch_merge(out, peak, total, o, B * H * T, S)
     return o
+
+
+def launch_merge(out, peak, total, o, N: int, S: int) -> None:
+    """`merge` of N rows' S chunks each into o, several rows a program: a program per row spends more time starting
+    than merging (a 65-token block has 2,080 rows of 4 chunks)."""
+    splits = triton.next_power_of_2(S)
+    rows = max(1, MERGE_TILE // splits)
+    _merge_kernel[(triton.cdiv(N, rows),)](out, peak, total, o, N, S, D=o.shape[-1], SPLITS=splits, ROWS=rows)
 
 
 if triton is not None:
@@ -275,15 +284,18 @@ if triton is not None:
         tl.store(TOTAL + row, total, mask=rows)
 
     @triton.jit
-    def _merge_kernel(OUT, PEAK, TOTAL, O, S, D: tl.constexpr, SPLITS: tl.constexpr):
-        """`merge` for one (row, head): its S chunks' partials -> O [.., D] in O's dtype."""
-        bh = tl.program_id(0)
+    def _merge_kernel(OUT, PEAK, TOTAL, O, N, S, D: tl.constexpr, SPLITS: tl.constexpr, ROWS: tl.constexpr):
+        """`merge` for ROWS of the N (row, head[, query]) rows: their S chunks' partials -> O [.., D] in O's
+        dtype."""
+        i = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         s = tl.arange(0, SPLITS)
         d = tl.arange(0, D)
-        here = s < S
-        peak = tl.load(PEAK + bh * S + s, mask=here, other=-1.0e30)
-        total = tl.load(TOTAL + bh * S + s, mask=here, other=0.0)
-        out = tl.load(OUT + (bh * S + s)[:, None] * D + d[None, :], mask=here[:, None], other=0.0)
-        w = tl.where(total > 0, tl.exp(peak - tl.max(peak, axis=0)), 0.0)  # an empty chunk weighs nothing
-        o = tl.sum(w[:, None] * out, axis=0) / tl.sum(w * total, axis=0)
-        tl.store(O + bh * D + d, o.to(O.dtype.element_ty))
+        real = i < N
+        here = real[:, None] & (s < S)[None, :]  # [ROWS, SPLITS]
+        at = i[:, None] * S + s[None, :]
+        peak = tl.load(PEAK + at, mask=here, other=-1.0e30)
+        total = tl.load(TOTAL + at, mask=here, other=0.0)
+        out = tl.load(OUT + at[:, :, None] * D + d[None, None, :], mask=here[:, :, None], other=0.0)
+        w = tl.where(total > 0, tl.exp(peak - tl.max(peak, axis=1)[:, None]), 0.0)  # an empty chunk weighs nothing
+        o = tl.sum(w[:, :, None] * out, axis=1) / tl.sum(w * total, axis=1)[:, None]
+        tl.store(O + i[:, None] * D + d[None, :], o.to(O.dtype.element_ty), mask=real[:, None])

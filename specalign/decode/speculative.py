@@ -152,19 +152,26 @@ def accept_tree(proposal: Proposal, logits: torch.Tensor) -> tuple[list[int], in
 def verify_tree(target: Engine, last: int, proposal: Proposal) -> torch.Tensor:
     """One forward over the last accepted token and every tree node -> logits [1 + nodes, V]. Node i (block row
     i + 1) sees the prefix, the last token and its own ancestors, at position prefix + its depth."""
+    block, positions, tree = tree_inputs(target, last, proposal)
+    return target.run(block, positions=positions, tree=tree)[0]
+
+
+def tree_inputs(target: Engine, last: int, proposal: Proposal) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`verify_tree`'s block on the target's device: tokens long [1, T] (the last token, then the nodes), their
+    positions long [1, T] and the tree bool [1, T, T] (`Engine.run`'s)."""
     T = len(proposal.tokens) + 1
-    # built on the host in numpy and copied once: per-row torch ops cost milliseconds of host time at 64 nodes,
-    # while the GPU waits for the block
-    tree = np.zeros((1, T, T), dtype=bool)
-    sees = tree[0]  # [T, T]: row i sees the root and its own ancestors
-    sees[0, 0] = True
+    # built on the host in numpy and copied in one piece: per-row torch ops cost milliseconds of host time at 64
+    # nodes, and each copy some microseconds, while the GPU waits for the block
+    host = np.zeros(2 * T + T * T, dtype=np.int64)  # the block's tokens, their depths, the tree
+    host[:T] = [last, *proposal.tokens]
+    host[T + 1 : 2 * T] = tree_depths(proposal.parents)
+    sees = host[2 * T :].reshape(T, T)  # row i sees the root and its own ancestors
+    sees[0, 0] = 1
     for i, p in enumerate(proposal.parents, start=1):
         sees[i] = sees[p + 1]
-        sees[i, i] = True
-    depths = upload(torch.tensor([0, *tree_depths(proposal.parents)]), target.device)
-    block = upload(torch.tensor([[last, *proposal.tokens]]), target.device)
-    tree = upload(torch.from_numpy(tree), target.device)
-    return target.run(block, positions=target.count[:, None] + depths, tree=tree)[0]
+        sees[i, i] = 1
+    dev = upload(torch.from_numpy(host), target.device)
+    return dev[:T][None], target.count[:, None] + dev[T : 2 * T], dev[2 * T :].view(1, T, T) != 0
 
 
 def upload(x: torch.Tensor, device) -> torch.Tensor:
