@@ -198,6 +198,7 @@ def summarize(starts: list[dict]) -> dict:
     out = {"prefill_ms": {k: spread(v) for k, v in values["prefill_ms"].items()},  # by path: eager, fused, compiled
            "decode_ms": {k: spread(v) for k, v in values["decode_ms"].items()},
            "verify_vs_decode": {k: spread(v) for k, v in values["verify_vs_decode"].items()}}  # fmt: skip
+
     def best(rows) -> dict:
         """The lowest median, among those over enough starts to count where there are any."""
         rows = list(rows)
@@ -258,8 +259,13 @@ def plot(result: dict, path: Path) -> Path:
         ax.vlines(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), linewidth=2, alpha=0.5)
     step = summarize(starts)["goals"]["decode_ms"]["median"]
     goal = GOALS["tree_64_vs_decode"]
-    ax.axhline(goal * step, color="#d62728", linestyle="--", linewidth=1,
-               label=f"goal for the 64-node tree: {goal} x the decode median {step:.2f} = {goal * step:.2f} ms")
+    ax.axhline(
+        goal * step,
+        color="#d62728",
+        linestyle="--",
+        linewidth=1,
+        label=f"goal for the 64-node tree: {goal} x the decode median {step:.2f} = {goal * step:.2f} ms",
+    )
     ax.set_xticks(range(len(blocks)), [b.replace("_", " ") for b in blocks], fontsize=8)
     ax.set_ylabel("ms", fontsize=9)
     lo, hi = min(min(y) for y in verify.values()), max(max(y) for y in verify.values())

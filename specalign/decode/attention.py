@@ -120,10 +120,8 @@ def triton_split_kv(q, k, v, valid, used, splits: int = SPLITS, block_n: int = B
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         valid.stride(0), H, H // H_kv, chunk, D**-0.5, D=D, BLOCK_N=block_n, num_warps=num_warps,
     )  # fmt: skip
-    o = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
     # `merge` in one kernel: in torch ops it is about ten launches in every layer of a step that is not compiled
-    launch_merge(out, peak, total, o, B * H, S)
-    return o
+    return launch_merge(out[:, :, None], peak[:, :, None], total[:, :, None], q.dtype)
 
 
 def block_launch(T: int) -> tuple[int, int, int, int]:
@@ -162,17 +160,21 @@ def triton_split_kv_block(q, k, v, valid, used, tree=None, splits: int | None = 
         D=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, CAUSAL=causal, num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
-    o = torch.empty(B, H, T, D, device=q.device, dtype=q.dtype)
-    launch_merge(out, peak, total, o, B * H * T, S)
-    return o
+    return launch_merge(out, peak, total, q.dtype)
 
 
-def launch_merge(out, peak, total, o, N: int, S: int) -> None:
-    """`merge` of N rows' S chunks each into o, several rows a program: a program per row spends more time starting
-    than merging (a 65-token block has 2,080 rows of 4 chunks)."""
+def launch_merge(out, peak, total, dtype: torch.dtype) -> torch.Tensor:
+    """`merge` on the GPU: out [B, H, T, S, D], peak and total [B, H, T, S] (contiguous) -> [B, H, T, D] in dtype.
+    Several rows a program: a program per row spends more time starting than merging (a 65-token block has 2,080
+    rows of 4 chunks). The result lies in memory as [B, T, H, D], so the layer's output projection reads it as
+    [B, T, H * D] without a copy."""
+    B, H, T, S, D = out.shape
+    o = torch.empty(B, T, H, D, device=out.device, dtype=dtype)
     splits = triton.next_power_of_2(S)
     rows = max(1, MERGE_TILE // splits)
-    _merge_kernel[(triton.cdiv(N, rows),)](out, peak, total, o, N, S, D=o.shape[-1], SPLITS=splits, ROWS=rows)
+    _merge_kernel[(triton.cdiv(B * H * T, rows),)](out, peak, total, o, B * H * T, S, H, T, D=D, SPLITS=splits,
+                                                   ROWS=rows)  # fmt: skip
+    return o.transpose(1, 2)
 
 
 if triton is not None:
@@ -284,10 +286,11 @@ if triton is not None:
         tl.store(TOTAL + row, total, mask=rows)
 
     @triton.jit
-    def _merge_kernel(OUT, PEAK, TOTAL, O, N, S, D: tl.constexpr, SPLITS: tl.constexpr, ROWS: tl.constexpr):
-        """`merge` for ROWS of the N (row, head[, query]) rows: their S chunks' partials -> O [.., D] in O's
+    def _merge_kernel(OUT, PEAK, TOTAL, O, N, S, H, T, D: tl.constexpr, SPLITS: tl.constexpr,
+                      ROWS: tl.constexpr):  # fmt: skip
+        """`merge` for ROWS of the N (row, head, query) rows: their S chunks' partials -> O [B, T, H, D] in O's
         dtype."""
-        i = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        i = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (b * H + h) * T + t
         s = tl.arange(0, SPLITS)
         d = tl.arange(0, D)
         real = i < N
@@ -298,4 +301,8 @@ if triton is not None:
         out = tl.load(OUT + at[:, :, None] * D + d[None, None, :], mask=here[:, :, None], other=0.0)
         w = tl.where(total > 0, tl.exp(peak - tl.max(peak, axis=1)[:, None]), 0.0)  # an empty chunk weighs nothing
         o = tl.sum(w[:, :, None] * out, axis=1) / tl.sum(w * total, axis=1)[:, None]
-        tl.store(O + i[:, None] * D + d[None, :], o.to(O.dtype.element_ty), mask=real[:, None])
+        t = i % T
+        h = (i // T) % H
+        b = i // (T * H)
+        dst = ((b * T + t) * H + h) * D
+        tl.store(O + dst[:, None] + d[None, :], o.to(O.dtype.element_ty), mask=real[:, None])

@@ -122,9 +122,10 @@ class Engine:
         padding (causal over itself), any block longer than `attention.MAX_ROWS` and a block with its own `attend`
         mask use SDPA either way.
         compile_blocks: also torch.compile the many-token forwards: prefill, verify chains and trees. Regional: one
-        decoder layer's work before and after its attention is compiled once, with dynamic shapes and without the
-        tuning, and serves every layer and every size (the weights are inputs), so it compiles in seconds where
-        the whole forward takes minutes; it gives up only the fusion across a layer's boundary."""
+        decoder layer's work before and after its attention is compiled for its first size, then once more with
+        the block's length dynamic, without the tuning, and serves every layer and every size (the weights are
+        inputs), so it compiles in seconds where the whole forward takes minutes; it gives up only the fusion
+        across a layer's boundary."""
         self.vlm = vlm
         self.lm, self.head = language_model(vlm)
         if fp32_head and self.head.weight.dtype != torch.float32:
@@ -157,10 +158,12 @@ class Engine:
             raise SpecalignError(f"{vlm.name}: unknown tune {tune!r}: choose {', '.join(TUNINGS)}")
         self.decode_step = torch.compile(self._step, dynamic=False, options=TUNINGS[tune]) if compile else self._step
         # no tuning here: it turns one-row matmuls into Triton reductions, and k-row blocks are cuBLAS's ground.
-        # Dynamic: prompts, chains and trees come in many sizes, and one compile serves them all.
+        # Automatic dynamic shapes: prompts, chains and trees come in many sizes, so the second size recompiles with
+        # only the length symbolic; the model's and the cache's sizes stay constants in the kernels' indexing
+        # (dynamic=True makes them symbols too, and every element-wise kernel then divides by them at run time).
         self.block_layer = None
         if compile_blocks:
-            self.block_layer = (torch.compile(self._project, dynamic=True), torch.compile(self._finish, dynamic=True))
+            self.block_layer = (torch.compile(self._project, dynamic=None), torch.compile(self._finish, dynamic=None))
         if attention not in ATTENTIONS:
             raise SpecalignError(f"{vlm.name}: unknown attention {attention!r}: choose {' or '.join(ATTENTIONS)}")
         self.attention = attention

@@ -89,8 +89,8 @@ def test_a_layers_halves_trace_whole_under_dynamic_shapes(half, tmp_path):
 
 @pytest.mark.slow  # inductor compiles on the CPU
 def test_compiled_blocks_compute_the_eager_logits_and_compile_once_for_every_layer(tmp_path):
-    """Prefill, a chain and a tree through the compiled layer halves: the eager engine's logits, and one compile of
-    each half serves every layer and every size."""
+    """Prefill, a chain and a tree through the compiled layer halves: the eager engine's logits, and the halves'
+    compiles serve every layer and every size."""
     from specalign.decode.engine import prefill, verify
     from specalign.decode.speculative import Proposal, verify_tree
 
@@ -110,5 +110,6 @@ def test_compiled_blocks_compute_the_eager_logits_and_compile_once_for_every_lay
         out[compiled] = (first, chain, tree_logits, longer)
     for eager, compiled in zip(out[False], out[True], strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
-    # not one per layer, nor per size (the first layer's K cache starts its storage: one more for that half)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
+    # not one per layer, nor per size: each half compiles for its first size, then once for any size (automatic
+    # dynamic shapes), and the first layer's K cache, which starts its storage, may take one more
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 5
