@@ -166,15 +166,15 @@ def triton_split_kv_block(q, k, v, valid, used, tree=None, splits: int | None = 
 def launch_merge(out, peak, total, dtype: torch.dtype) -> torch.Tensor:
     """`merge` on the GPU: out [B, H, T, S, D], peak and total [B, H, T, S] (contiguous) -> [B, H, T, D] in dtype.
     Several rows a program: a program per row spends more time starting than merging (a 65-token block has 2,080
-    rows of 4 chunks). The result lies in memory as [B, T, H, D], so the layer's output projection reads it as
-    [B, T, H * D] without a copy."""
+    rows of 4 chunks). A block's result lies in memory as [B, T, H, D], so the layer's output projection reads it
+    as [B, T, H * D] without a copy (for one token that is [B, H, 1, D] as it is)."""
     B, H, T, S, D = out.shape
     o = torch.empty(B, T, H, D, device=out.device, dtype=dtype)
     splits = triton.next_power_of_2(S)
     rows = max(1, MERGE_TILE // splits)
     _merge_kernel[(triton.cdiv(B * H * T, rows),)](out, peak, total, o, B * H * T, S, H, T, D=D, SPLITS=splits,
                                                    ROWS=rows)  # fmt: skip
-    return o.transpose(1, 2)
+    return o.transpose(1, 2) if T > 1 else o.view(B, H, 1, D)
 
 
 if triton is not None:

@@ -153,7 +153,6 @@ class Engine:
         self.length = 0  # slots in use (same for every row)
         self.count = torch.zeros(batch, dtype=torch.long, device=self.device)  # real tokens per row = next position
         self.graphs: dict | bool = {} if self.device.type == "cuda" else False
-        self.slot = torch.arange(max_len, device=self.device)
         if tune not in TUNINGS:
             raise SpecalignError(f"{vlm.name}: unknown tune {tune!r}: choose {', '.join(TUNINGS)}")
         self.decode_step = torch.compile(self._step, dynamic=False, options=TUNINGS[tune]) if compile else self._step
