@@ -128,14 +128,14 @@ def kernel_profile(engine: Engine, embeds, n: int = 10, top: int = 12, block: in
             token = step(token)
         sync()
     engine.graphs = graphs
-    attr = "self_device_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
-    kernels = [(e.key, getattr(e, attr) / 1e3 / n) for e in prof.key_averages() if getattr(e, attr) > 0]
-    if DEVICE == "cuda":  # the kernels and copies themselves: a CPU row (an aten op, or the launcher inductor names
-        # after its Triton kernel) carries its kernels' time again
-        from torch.autograd import DeviceType
+    from torch.autograd import DeviceType
 
-        kernels = [(e.key, getattr(e, attr) / 1e3 / n) for e in prof.key_averages()
-                   if e.device_type == DeviceType.CUDA and getattr(e, attr) > 0]  # fmt: skip
+    attr = "self_device_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
+    # on a GPU the kernels and copies themselves: a CPU row (an aten op, or the launcher inductor names after its
+    # Triton kernel) carries its kernels' time again
+    rows = DeviceType.CUDA if DEVICE == "cuda" else DeviceType.CPU
+    kernels = [(e.key, getattr(e, attr) / 1e3 / n) for e in prof.key_averages()
+               if e.device_type == rows and getattr(e, attr) > 0]  # fmt: skip
     families = {  # attention first: cuDNN's SDPA kernel names contain "wmma", which the matmul keys would take
         "attention": ("flash", "attention", "sdpa", "fmha", "softmax", "split_kv", "merge_kernel"),
         "matmul (gemm/gemv)": ("gemm", "gemv", "sm90", "cutlass", "ampere", "matmul", "mm"),

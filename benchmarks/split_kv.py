@@ -98,7 +98,7 @@ def measure_block(context: int, rows: int, k: list, v: list, sweep: dict, row, d
     layers = len(k)
     g = torch.Generator(device=device).manual_seed(rows)
     q = torch.randn(1, heads, rows, dim, device=device, dtype=k[0].dtype, generator=g)
-    valid = torch.arange(slots, device=device) < context
+    valid = (torch.arange(slots, device=device) < context)[None]
     tree = None
     if rows % 2:  # each node under a random earlier one (the root: the block's first token)
         parents = [int(torch.randint(i, (1,), generator=g, device=device)) for i in range(1, rows)]
@@ -106,7 +106,6 @@ def measure_block(context: int, rows: int, k: list, v: list, sweep: dict, row, d
         for i, p in enumerate(parents, start=1):
             tree[i] |= tree[p]
         tree = tree[None]
-    valid = valid[None]
     used = torch.tensor(context, device=device)
     mask = attention.block_mask(valid, context, rows, tree)[:, None]
     out = {"sdpa_masked": row(per_call_us(lambda i: F.scaled_dot_product_attention(q, k[i], v[i], attn_mask=mask),
