@@ -38,11 +38,11 @@ DEVICE = "cuda"
 # --variants: compiled decode steps -> (result row, fuse, tune, fp32_head). Fused: q/k/v and gate/up as one matmul
 # each; tuned: inductor's coordinate-descent tuning (which also swaps cuBLAS GEMVs for tuned Triton reductions);
 # fp32 head: what `speculate`'s default fp32 LM head costs at this shape
-VARIANTS = {"plain": ("engine_compiled_cuda_graphs", False, "none", False),
-            "fused": ("engine_compiled_fused_cuda_graphs", True, "none", False),
-            "tuned": ("engine_compiled_tuned_cuda_graphs", False, "coordinate", False),
-            "fused_tuned": ("engine_compiled_fused_tuned_cuda_graphs", True, "coordinate", False),
-            "tuned_fp32_head": ("engine_compiled_tuned_fp32_head_cuda_graphs", False, "coordinate", True)}  # fmt: skip
+VARIANTS = {"plain": ("engine_compiled_cuda_graphs", "none", "none", False),
+            "fused": ("engine_compiled_fused_cuda_graphs", "all", "none", False),
+            "tuned": ("engine_compiled_tuned_cuda_graphs", "none", "coordinate", False),
+            "fused_tuned": ("engine_compiled_fused_tuned_cuda_graphs", "all", "coordinate", False),
+            "tuned_fp32_head": ("engine_compiled_tuned_fp32_head_cuda_graphs", "none", "coordinate", True)}  # fmt: skip
 
 
 def sync() -> None:

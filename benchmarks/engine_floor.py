@@ -107,7 +107,7 @@ def measure(args, save, start: dict | None = None) -> dict:
         plain = Engine(target, max_len)
         start["prefill_ms"] = round(d7.sync_time(lambda: prefill(plain, embeds), REPEATS) * 1e3, 2)
         # q/k/v and gate/up as one matmul each: wider GEMMs for 2,080 rows (that engine's weight copies go with it)
-        fused = functools.partial(prefill, Engine(target, max_len, fuse=True), embeds)
+        fused = functools.partial(prefill, Engine(target, max_len, fuse="all"), embeds)
         start["prefill_fused_ms"] = round(d7.sync_time(fused, REPEATS) * 1e3, 2)
         del plain, fused
     start.setdefault("decode_ms", {})
@@ -132,6 +132,7 @@ def measure(args, save, start: dict | None = None) -> dict:
         step = decode_ms(engine, embeds, args.tokens)
         # the blocks attend as the setting's decode step does (`Engine(attention=...)`)
         start["verify"] = {"setting": best, "block_attention": engine.attention, "compile_blocks": not args.smoke,
+                           "fuse": engine.fuse,
                            "decode_ms": round(step, 3),
                            **verify_ratios(engine, embeds, step)}  # fmt: skip
         print(start["verify"], flush=True)

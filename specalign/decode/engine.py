@@ -32,6 +32,10 @@ from specalign.decode.attention import MAX_ROWS, block_mask, split_kv_attention
 from specalign.errors import SpecalignError
 
 ATTENTIONS = ("sdpa", "split")  # how decode steps and verify blocks attend (`Engine(attention=...)`)
+# which forwards run q/k/v and gate/up as one matmul each (`Engine(fuse=...)`): "blocks" of 2..MAX_ROWS tokens
+# (verify chains and trees: weight-bound GEMMs, where one wide GEMM beats three narrow ones; engine_floor.py),
+# "all" (also the one-token step and prefills: neither measured faster so, decode_7b.py) or "none"
+FUSINGS = ("none", "blocks", "all")
 # inductor's options for the compiled one-token step (`Engine(tune=...)`): coordinate-descent tuning is gpt-fast's
 # setting; "autotune" is torch.compile's mode "max-autotune-no-cudagraphs" (we capture our own graphs), which also
 # widens the configs its one-row reductions are tuned over (benchmarks/block_matmul.py)
@@ -73,17 +77,45 @@ class FusedWeights:
 
 
 def fused_weights(layer) -> FusedWeights:
-    """A Llama decoder layer's projections as two matmuls (at batch 1 each matmul is one pass over its weight
-    with a fixed cost on top: fewer, larger ones waste less)."""
+    """A Llama decoder layer's projections as two matmuls (a GEMM of a few rows is one pass over its weight with a
+    fixed cost on top: fewer, wider ones waste less). Memory-neutral: the layer's own projections become views
+    into the concatenated weights, so both read the same memory (a second engine on the model finds them joined)."""
     attn, mlp = layer.self_attn, layer.mlp
     if getattr(mlp, "gate_proj", None) is None:
         raise SpecalignError("fuse: this MLP has no gate_proj/up_proj (not a Llama MLP)")
-    proj = (attn.q_proj, attn.k_proj, attn.v_proj)
-    w = torch.cat([p.weight for p in proj]).detach()
-    b = torch.cat([p.bias for p in proj]).detach() if proj[0].bias is not None else None
-    gu = (mlp.gate_proj, mlp.up_proj)
-    gb = torch.cat([p.bias for p in gu]).detach() if gu[0].bias is not None else None
-    return FusedWeights((w, b), [p.weight.shape[0] for p in proj], (torch.cat([p.weight for p in gu]).detach(), gb))
+    proj, gu = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
+    return FusedWeights(_joined(proj), [p.weight.shape[0] for p in proj], _joined(gu))
+
+
+def _joined(linears) -> tuple:
+    """(weight, bias or None) of nn.Linear layers stacked along their outputs. Each layer's own parameters are
+    re-pointed to their rows of the stack, unless they already lie so, one after the other in one buffer."""
+    out = []
+    for name in ("weight", "bias"):
+        params = [getattr(m, name) for m in linears]
+        if params[0] is None:
+            out.append(None)
+            continue
+        parts = [p.detach() for p in params]
+        first = parts[0]
+        if _adjacent(parts):
+            size = (sum(p.shape[0] for p in parts), *first.shape[1:])
+            out.append(first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), size, first.stride()))
+            continue
+        with torch.no_grad():
+            joined = torch.cat(parts)
+        for p, rows in zip(params, joined.split([p.shape[0] for p in parts]), strict=True):
+            p.data = rows  # the old tensor goes once nothing else holds it
+        out.append(joined)
+    return tuple(out)
+
+
+def _adjacent(parts: list[torch.Tensor]) -> bool:
+    """Contiguous tensors that follow one another in one buffer."""
+    buffer = parts[0].untyped_storage().data_ptr()
+    return all(p.is_contiguous() and p.untyped_storage().data_ptr() == buffer for p in parts) and all(
+        b.storage_offset() == a.storage_offset() + a.numel() for a, b in zip(parts, parts[1:], strict=False)
+    )
 
 
 @dataclass
@@ -102,7 +134,7 @@ class _Graph:
 class Engine:
     """One model's language side with a static KV cache of `max_len` slots for `batch` rows."""
 
-    def __init__(self, vlm, max_len: int, batch: int = 1, compile: bool = False, fuse: bool = False,
+    def __init__(self, vlm, max_len: int, batch: int = 1, compile: bool = False, fuse: str = "blocks",
                  tune: str = "coordinate", fp32_head: bool = False, features: tuple[int, ...] = (),
                  attention: str = "sdpa", compile_blocks: bool = False):  # fmt: skip
         """compile: torch.compile the one-token decode step (fuses the element-wise work between the weight
@@ -110,8 +142,8 @@ class Engine:
         tune: with compile, how inductor tunes the step (`TUNINGS`): "coordinate" (coordinate-descent tuning,
         gpt-fast's setting: it also turns each one-row matmul into a Triton reduction tuned for memory bandwidth
         instead of a cuBLAS GEMV), "autotune" (that, over more configs; compiles longer) or "none".
-        fuse: one q/k/v and one gate/up matmul per layer instead of three and two (engine-owned copies of those
-        weights: costs their memory again, so it is off by default; benchmarks/decode_7b.py measures it).
+        fuse: which forwards run one q/k/v and one gate/up matmul per layer instead of three and two (`FUSINGS`).
+        It costs no memory: the layers' own projections become views into the joined weights.
         fp32_head: logits from an fp32 copy of the LM head. bf16 logits keep 8 bits of mantissa, so the top two tie
         exactly now and then (7 of 48 mini-target answers, scripts/logit_margins.py), and a one-row decode step and
         a k-row verify may break the tie apart on a GPU: greedy SD then leaves the target-alone answer.
@@ -131,7 +163,10 @@ class Engine:
         if fp32_head and self.head.weight.dtype != torch.float32:
             weight = self.head.weight.detach().float()
             self.head = lambda h: F.linear(h.float(), weight)
-        self.fused = [fused_weights(layer) for layer in self.lm.layers] if fuse else None
+        if fuse not in FUSINGS:
+            raise SpecalignError(f"{vlm.name}: unknown fuse {fuse!r}: choose {', '.join(FUSINGS)}")
+        self.fuse = fuse
+        self.fused = [fused_weights(layer) for layer in self.lm.layers] if fuse != "none" else None
         n_layers = len(self.lm.layers)
         if any(not 0 <= i <= n_layers for i in features):
             raise SpecalignError(f"{vlm.name}: feature layers {list(features)} outside 0..{n_layers} "
@@ -199,9 +234,10 @@ class Engine:
         # a many-token block through the compiled layer halves (inside the compiled decode step: traced whole)
         regional = self.block_layer is not None and T > 1 and not torch.compiler.is_compiling()
         project, finish = self.block_layer if regional else (self._project, self._finish)
+        fuse = self.fused is not None and (self.fuse == "all" or 1 < T <= MAX_ROWS)
         kept = {}
         for i, layer in enumerate(self.lm.layers):
-            fused = self.fused[i] if self.fused is not None else None
+            fused = self.fused[i] if fuse else None
             q = project(layer, fused, x, cos, sin, slots, self.k[i], self.v[i])
             if split:
                 o = split_kv_attention(q, self.k[i], self.v[i], self.valid, used, tree)

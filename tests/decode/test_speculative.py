@@ -242,11 +242,11 @@ def test_compiled_decode_step_gives_the_same_tokens(minis, dataset):
 
 
 def test_fused_projections_give_the_same_tokens(minis, dataset):
-    """Engine(fuse=True): q/k/v and gate/up as one matmul each compute the same answer."""
+    """Engine(fuse="all"): q/k/v and gate/up as one matmul each compute the same answer."""
     target = minis[0]
     te = embeds(target, dataset[0], QUESTIONS[0])
     ref, _ = target_generate(Engine(target, 700), te, 24, target.eos_token_id)
-    fused = Engine(target, 700, fuse=True)
+    fused = Engine(target, 700, fuse="all")
     out, _ = target_generate(fused, te, 24, target.eos_token_id)
     assert out == ref
     a, b = Engine(target, 700), fused
