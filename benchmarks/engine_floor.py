@@ -50,10 +50,12 @@ SETTINGS = {
     "compiled_tuned": {"compile": True, "tune": "coordinate"},
     "compiled_tuned_split": {"compile": True, "tune": "coordinate", "attention": "split"},
     "compiled_autotune_split": {"compile": True, "tune": "autotune", "attention": "split"},
+    # the same, with its verify blocks' q/k/v and gate/up as one GEMM each (the one-token step as above)
+    "compiled_autotune_split_fused": {"compile": True, "tune": "autotune", "attention": "split", "fuse": "blocks"},
 }
 # what one run times unless --settings says otherwise: the candidates for the goal, so that a run (each tuned step
 # compiles for a minute or more) fits one machine start
-DEFAULT_SETTINGS = "compiled_tuned_split,compiled_autotune_split"
+DEFAULT_SETTINGS = "compiled_tuned_split,compiled_autotune_split_fused"
 CHAINS = (2, 4, 8, 16)
 REPEATS = 20
 
@@ -165,15 +167,19 @@ def launch() -> dict:
 
 
 def attended(start: dict) -> str:
-    """How a start's verify blocks attended (the first starts, before the split-KV blocks, through SDPA)."""
-    return start["verify"].get("block_attention", "sdpa")
+    """How a start's verify blocks attended (the first starts, before the split-KV blocks, through SDPA), and
+    whether their projections were fused."""
+    verify = start["verify"]
+    return verify.get("block_attention", "sdpa") + (", fused" if verify.get("fuse", "none") != "none" else "")
 
 
 def series(starts: list[dict]) -> dict:
     """Each number's values over the starts that have it: {"decode_ms": {setting: [..]}, "prefill_ms": {"eager": [..],
     "eager_fused": [..], "compiled": [..]}, "verify_vs_decode" and "verify_ms": {"<block> <attention>": [..]}}."""
     # compiled_whole: the whole forward as one graph (the first starts); compiled: the engine's compiled layer halves
+    # (compiled with every size symbolic in the starts before they took automatic dynamic shapes)
     fills = {"eager": "prefill_ms", "eager_fused": "prefill_fused_ms", "compiled_whole": "prefill_compiled_ms",
+             "compiled_all_symbolic": "prefill_compiled_layers_all_symbolic_ms",
              "compiled": "prefill_compiled_layers_ms"}  # fmt: skip
     # each block by how it attends ("tree_64 split")
     blocks = [{f"{k} {attended(s)}": v for k, v in s["verify"].items() if isinstance(v, dict)}
@@ -227,7 +233,7 @@ def plot(result: dict, path: Path) -> Path:
 
     starts = result["starts"]
     values = series(starts)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), gridspec_kw={"width_ratios": [4, 2, 5]})
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [4, 2.6, 5]})
     for ax, title, rows, goal in (
         (axes[0], "decode, ms/token", values["decode_ms"], GOALS["decode_ms"]),
         (axes[1], "prefill of the prompt, ms", values["prefill_ms"], GOALS["prefill_ms"]),

@@ -32,9 +32,9 @@ from specalign.decode.attention import MAX_ROWS, block_mask, split_kv_attention
 from specalign.errors import SpecalignError
 
 ATTENTIONS = ("sdpa", "split")  # how decode steps and verify blocks attend (`Engine(attention=...)`)
-# which forwards run q/k/v and gate/up as one matmul each (`Engine(fuse=...)`): "blocks" of 2..MAX_ROWS tokens
-# (verify chains and trees: weight-bound GEMMs, where one wide GEMM beats three narrow ones; engine_floor.py),
-# "all" (also the one-token step and prefills: neither measured faster so, decode_7b.py) or "none"
+# which forwards run q/k/v and gate/up as one matmul each (`Engine(fuse=...)`): "none", "blocks" of 2..MAX_ROWS
+# tokens (verify chains and trees: weight-bound GEMMs, where one wide GEMM beats three narrow ones) or "all" (also
+# the one-token step and prefills, which measured no faster so); benchmarks/engine_floor.py and decode_7b.py
 FUSINGS = ("none", "blocks", "all")
 # inductor's options for the compiled one-token step (`Engine(tune=...)`): coordinate-descent tuning is gpt-fast's
 # setting; "autotune" is torch.compile's mode "max-autotune-no-cudagraphs" (we capture our own graphs), which also
@@ -78,44 +78,16 @@ class FusedWeights:
 
 def fused_weights(layer) -> FusedWeights:
     """A Llama decoder layer's projections as two matmuls (a GEMM of a few rows is one pass over its weight with a
-    fixed cost on top: fewer, wider ones waste less). Memory-neutral: the layer's own projections become views
-    into the concatenated weights, so both read the same memory (a second engine on the model finds them joined)."""
+    fixed cost on top: fewer, wider ones waste less). Copies: the layer's own weights stay as they are."""
     attn, mlp = layer.self_attn, layer.mlp
     if getattr(mlp, "gate_proj", None) is None:
         raise SpecalignError("fuse: this MLP has no gate_proj/up_proj (not a Llama MLP)")
-    proj, gu = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
-    return FusedWeights(_joined(proj), [p.weight.shape[0] for p in proj], _joined(gu))
-
-
-def _joined(linears) -> tuple:
-    """(weight, bias or None) of nn.Linear layers stacked along their outputs. Each layer's own parameters are
-    re-pointed to their rows of the stack, unless they already lie so, one after the other in one buffer."""
-    out = []
-    for name in ("weight", "bias"):
-        params = [getattr(m, name) for m in linears]
-        if params[0] is None:
-            out.append(None)
-            continue
-        parts = [p.detach() for p in params]
-        first = parts[0]
-        if _adjacent(parts):
-            size = (sum(p.shape[0] for p in parts), *first.shape[1:])
-            out.append(first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), size, first.stride()))
-            continue
-        with torch.no_grad():
-            joined = torch.cat(parts)
-        for p, rows in zip(params, joined.split([p.shape[0] for p in parts]), strict=True):
-            p.data = rows  # the old tensor goes once nothing else holds it
-        out.append(joined)
-    return tuple(out)
-
-
-def _adjacent(parts: list[torch.Tensor]) -> bool:
-    """Contiguous tensors that follow one another in one buffer."""
-    buffer = parts[0].untyped_storage().data_ptr()
-    return all(p.is_contiguous() and p.untyped_storage().data_ptr() == buffer for p in parts) and all(
-        b.storage_offset() == a.storage_offset() + a.numel() for a, b in zip(parts, parts[1:], strict=False)
-    )
+    proj = (attn.q_proj, attn.k_proj, attn.v_proj)
+    w = torch.cat([p.weight for p in proj]).detach()
+    b = torch.cat([p.bias for p in proj]).detach() if proj[0].bias is not None else None
+    gu = (mlp.gate_proj, mlp.up_proj)
+    gb = torch.cat([p.bias for p in gu]).detach() if gu[0].bias is not None else None
+    return FusedWeights((w, b), [p.weight.shape[0] for p in proj], (torch.cat([p.weight for p in gu]).detach(), gb))
 
 
 @dataclass
@@ -134,7 +106,7 @@ class _Graph:
 class Engine:
     """One model's language side with a static KV cache of `max_len` slots for `batch` rows."""
 
-    def __init__(self, vlm, max_len: int, batch: int = 1, compile: bool = False, fuse: str = "blocks",
+    def __init__(self, vlm, max_len: int, batch: int = 1, compile: bool = False, fuse: str = "none",
                  tune: str = "coordinate", fp32_head: bool = False, features: tuple[int, ...] = (),
                  attention: str = "sdpa", compile_blocks: bool = False):  # fmt: skip
         """compile: torch.compile the one-token decode step (fuses the element-wise work between the weight
@@ -143,7 +115,10 @@ class Engine:
         gpt-fast's setting: it also turns each one-row matmul into a Triton reduction tuned for memory bandwidth
         instead of a cuBLAS GEMV), "autotune" (that, over more configs; compiles longer) or "none".
         fuse: which forwards run one q/k/v and one gate/up matmul per layer instead of three and two (`FUSINGS`).
-        It costs no memory: the layers' own projections become views into the joined weights.
+        The joined weights are the engine's own copies: they cost those weights' memory again (9 GB at 7B), so
+        the default is "none". "blocks" suits an engine that verifies (a speculating target): at 7B shape its
+        64-node tree verify took 5.6 ms instead of 6.0. (Views into the joined weights would save the memory, but
+        the compiled one-token step read through them measured 4.95 ms/token against 4.73.)
         fp32_head: logits from an fp32 copy of the LM head. bf16 logits keep 8 bits of mantissa, so the top two tie
         exactly now and then (7 of 48 mini-target answers, scripts/logit_margins.py), and a one-row decode step and
         a k-row verify may break the tie apart on a GPU: greedy SD then leaves the target-alone answer.

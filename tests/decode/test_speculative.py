@@ -6,7 +6,7 @@ import torch
 
 from specalign.align.token_adapter import TokenAdapter, TokenAdapterConfig
 from specalign.data import open_dataset
-from specalign.decode.engine import Engine, decode_one_token, prefill, prompt_embeds
+from specalign.decode.engine import Engine, decode_one_token, language_model, prefill, prompt_embeds, verify
 from specalign.decode.sources import AdaptedDraft, FixedDraft, VLMDraft, shared_vocabulary
 from specalign.decode.speculative import (
     Proposal,
@@ -252,6 +252,25 @@ def test_fused_projections_give_the_same_tokens(minis, dataset):
     a, b = Engine(target, 700), fused
     la, lb = prefill(a, te), prefill(b, te)
     torch.testing.assert_close(lb, la, atol=1e-3, rtol=1e-3)
+
+
+def test_fusing_blocks_only_changes_no_answer_and_leaves_the_model_alone(minis, dataset):
+    """Engine(fuse="blocks"): a verify block reads the joined weights, a one-token step the layers' own, which
+    stay the tensors they were."""
+    target = minis[0]
+    te = embeds(target, dataset[0], QUESTIONS[0])
+    q_proj = language_model(target)[0].layers[0].self_attn.q_proj
+    before = q_proj.weight.data_ptr()
+    plain, blocks = Engine(target, 700), Engine(target, 700, fuse="blocks")
+    assert q_proj.weight.data_ptr() == before
+    chain = torch.tensor([[5, 6, 7, 8]])
+    for e in (plain, blocks):
+        prefill(e, te)
+    torch.testing.assert_close(verify(blocks, chain), verify(plain, chain), atol=1e-3, rtol=1e-3)
+    ref, _ = target_generate(plain, te, 12, target.eos_token_id)
+    assert target_generate(blocks, te, 12, target.eos_token_id)[0] == ref
+    with pytest.raises(SpecalignError, match="unknown fuse 'yes'"):
+        Engine(target, 700, fuse="yes")
 
 
 def test_divergence_points_at_the_first_difference_and_the_targets_margin(minis, dataset):
