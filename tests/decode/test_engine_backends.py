@@ -88,21 +88,25 @@ def test_a_layers_halves_trace_whole_under_dynamic_shapes(half, tmp_path):
 
 
 @pytest.mark.slow  # inductor compiles on the CPU
-def test_compiled_blocks_compute_the_eager_logits_and_compile_once_for_every_layer(tmp_path):
+@pytest.mark.parametrize("fuse", ["none", "blocks"])
+def test_compiled_blocks_compute_the_eager_logits_and_compile_once_for_every_layer(tmp_path, fuse):
     """Prefill, a chain and a tree through the compiled layer halves: the eager engine's logits, and the halves'
-    compiles serve every layer and every size."""
+    compiles serve every layer and every size. fuse="blocks": a prompt longer than a block runs the layers' own
+    weights, the blocks the joined ones, both through the same halves."""
+    from specalign.decode.attention import MAX_ROWS
     from specalign.decode.engine import prefill, verify
     from specalign.decode.speculative import Proposal, verify_tree
 
     vlm = load_video_llava(write_tiny_video_llava(tmp_path / "v"))
     vlm.model.requires_grad_(False)
-    embeds = torch.randn(1, 20, vlm.model.config.text_config.hidden_size, dtype=vlm.dtype)
+    prompt = 20 if fuse == "none" else MAX_ROWS + 20
+    embeds = torch.randn(1, prompt, vlm.model.config.text_config.hidden_size, dtype=vlm.dtype)
     tree = Proposal([5, 6, 7, 8, 9], parents=[-1, -1, 0, 1, 1])
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     out = {}
     for compiled in (False, True):
-        engine = Engine(vlm, 64, compile_blocks=compiled)
+        engine = Engine(vlm, prompt + 44, compile_blocks=compiled, fuse=fuse)
         first = prefill(engine, embeds)
         chain = verify(engine, torch.tensor([[3, 4, 5]]))
         tree_logits = verify_tree(engine, 2, tree)
@@ -111,5 +115,6 @@ def test_compiled_blocks_compute_the_eager_logits_and_compile_once_for_every_lay
     for eager, compiled in zip(out[False], out[True], strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     # not one per layer, nor per size: each half compiles for its first size, then once for any size (automatic
-    # dynamic shapes), and the first layer's K cache, which starts its storage, may take one more
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 5
+    # dynamic shapes), and the first layer's K cache, which starts its storage, may take one more; with fused
+    # blocks the prompt's unfused weights take one more per half
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= (5 if fuse == "none" else 7)

@@ -125,8 +125,8 @@ def test_head_chains_and_trees_replay_as_cuda_graphs_losslessly(dataset):
 
 def test_split_kv_decode_on_cuda_graphs_matches_sdpa(dataset):
     """The Triton split-KV kernels inside CUDA-graph decode steps and verify blocks: the reference's numbers, the
-    same greedy tokens alone and through SD (and compiled, with compiled verify blocks, the same again), and a
-    tree's logits as SDPA's."""
+    same greedy tokens alone and through SD (and compiled, with compiled and fused verify blocks, the same again),
+    and a tree's logits as SDPA's."""
     from specalign.decode.attention import split_kv_reference, triton_split_kv, triton_split_kv_block
     from specalign.decode.speculative import Proposal, verify_tree
 
@@ -150,8 +150,9 @@ def test_split_kv_decode_on_cuda_graphs_matches_sdpa(dataset):
     ref, _ = target_generate(Engine(target, 700), te, 40, target.eos_token_id)
     draft = load_model("mini-draft", device="cuda", dtype="fp32")
     de = prompt_embeds(draft, draft.collate([draft.prepare(dataset[0], "What are the key elements in this scene?")]))[0]
-    for compile in (False, True):  # compiled: the verify blocks too (compile_blocks)
-        engine = Engine(target, 700, attention="split", compile=compile, compile_blocks=compile, tune="none")
+    for compile in (False, True):  # compiled: the verify blocks too (compile_blocks), their projections fused
+        engine = Engine(target, 700, attention="split", compile=compile, compile_blocks=compile, tune="none",
+                        fuse="blocks" if compile else "none")  # fmt: skip
         assert target_generate(engine, te, 40, target.eos_token_id)[0] == ref
         out, _ = speculative_decode(engine, te, VLMDraft(Engine(draft, 400), de), 4, 40, target.eos_token_id)
         assert out == ref
