@@ -118,7 +118,7 @@ class Engine:
         The joined weights are the engine's own copies: they cost those weights' memory again (9 GB at 7B), so
         the default is "none". "blocks" suits an engine that verifies (a speculating target): at 7B shape its
         64-node tree verify took 5.6 ms instead of 6.0. (Views into the joined weights would save the memory, but
-        the compiled one-token step read through them measured 4.96 ms/token against 4.74.)
+        the compiled one-token step read through them measured 4.96 ms/token against 4.74 in one A/B.)
         fp32_head: logits from an fp32 copy of the LM head. bf16 logits keep 8 bits of mantissa, so the top two tie
         exactly now and then (7 of 48 mini-target answers, scripts/logit_margins.py), and a one-row decode step and
         a k-row verify may break the tie apart on a GPU: greedy SD then leaves the target-alone answer.
