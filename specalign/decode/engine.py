@@ -209,10 +209,10 @@ class Engine:
         # a many-token block through the compiled layer halves (inside the compiled decode step: traced whole)
         regional = self.block_layer is not None and T > 1 and not torch.compiler.is_compiling()
         project, finish = self.block_layer if regional else (self._project, self._finish)
-        fuse = self.fused is not None and (self.fuse == "all" or 1 < T <= MAX_ROWS)
+        joined = self.fuse == "all" or (self.fuse == "blocks" and 1 < T <= MAX_ROWS)
         kept = {}
         for i, layer in enumerate(self.lm.layers):
-            fused = self.fused[i] if fuse else None
+            fused = self.fused[i] if joined else None
             q = project(layer, fused, x, cos, sin, slots, self.k[i], self.v[i])
             if split:
                 o = split_kv_attention(q, self.k[i], self.v[i], self.valid, used, tree)
