@@ -2,8 +2,9 @@
 
 Video-LLaVA-7B's language model (Llama-7B, vocab 32,064, bf16, batch 1, random weights: right timing, no meaning)
 after a 2,080-token prompt. Each run measures, on one start:
-- decode ms/token for each engine setting (`SETTINGS`: CUDA graphs, torch.compile with inductor's tuning, and the
-  one-token attention through SDPA or the split-KV kernel over the used slots);
+- decode ms/token for each engine setting (`SETTINGS`: CUDA graphs, torch.compile with inductor's tuning or the
+  hand-written GEMV layers of `decode.gemv`, and the one-token attention through SDPA or the split-KV kernel over
+  the used slots);
 - prefill of the 2,080 tokens (a prompt without padding attends causally, SDPA's flash kernel): eager, eager over
   fused q/k/v and gate/up matmuls (`fuse`), and through the compiled layer halves (`compile_blocks`); the
   vision encode of 8 frames separately;
@@ -52,10 +53,12 @@ SETTINGS = {
     "compiled_autotune_split": {"compile": True, "tune": "autotune", "attention": "split"},
     # the same, with its verify blocks' q/k/v and gate/up as one GEMM each (the one-token step as above)
     "compiled_autotune_split_fused": {"compile": True, "tune": "autotune", "attention": "split", "fuse": "blocks"},
+    # the one-token step's layers as decode.gemv's Triton kernels (no compile), verify blocks as above
+    "gemv_split_fused": {"gemv": True, "attention": "split", "fuse": "blocks"},
 }
 # what one run times unless --settings says otherwise: the candidates for the goal, so that a run (each tuned step
 # compiles for a minute or more) fits one machine start
-DEFAULT_SETTINGS = "compiled_tuned_split,compiled_autotune_split_fused"
+DEFAULT_SETTINGS = "compiled_autotune_split_fused,gemv_split_fused"
 CHAINS = (2, 4, 8, 16)
 REPEATS = 20
 

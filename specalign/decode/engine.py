@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from specalign.decode.attention import MAX_ROWS, block_mask, split_kv_attention
+from specalign.decode.gemv import check_layer, decode_layer, runs_on
 from specalign.errors import SpecalignError
 
 ATTENTIONS = ("sdpa", "split")  # how decode steps and verify blocks attend (`Engine(attention=...)`)
@@ -108,7 +109,7 @@ class Engine:
 
     def __init__(self, vlm, max_len: int, batch: int = 1, compile: bool = False, fuse: str = "none",
                  tune: str = "coordinate", fp32_head: bool = False, features: tuple[int, ...] = (),
-                 attention: str = "sdpa", compile_blocks: bool = False):  # fmt: skip
+                 attention: str = "sdpa", compile_blocks: bool = False, gemv: bool = False):  # fmt: skip
         """compile: torch.compile the one-token decode step (fuses the element-wise work between the weight
         reads; on a GPU the compiled step is then captured as a CUDA graph like the others).
         tune: with compile, how inductor tunes the step (`TUNINGS`): "coordinate" (coordinate-descent tuning,
@@ -132,7 +133,12 @@ class Engine:
         decoder layer's work before and after its attention is compiled for its first size, then once more with
         the block's length dynamic, without the tuning, and serves every layer and every size (the weights are
         inputs), so it compiles in seconds where the whole forward takes minutes; it gives up only the fusion
-        across a layer's boundary."""
+        across a layer's boundary.
+        gemv: the one-token step runs each decoder layer as `decode.gemv`'s Triton kernels (four matrix-vector
+        products with the norms, rotary, cache write, SiLU gate and residuals fused in) instead of the model's
+        modules: at 7B shape they read the weights faster than inductor's tuned reductions. Needs attention="split",
+        batch 1 and Llama layers, and replaces `compile` (inductor's graph of the step made the kernels read out of
+        bounds). Off a GPU the step keeps the model's modules (the kernels run there only in Triton's interpreter)."""
         self.vlm = vlm
         self.lm, self.head = language_model(vlm)
         if fp32_head and self.head.weight.dtype != torch.float32:
@@ -176,6 +182,13 @@ class Engine:
         if attention not in ATTENTIONS:
             raise SpecalignError(f"{vlm.name}: unknown attention {attention!r}: choose {' or '.join(ATTENTIONS)}")
         self.attention = attention
+        if gemv:
+            if attention != "split" or batch != 1 or compile:
+                raise SpecalignError(f"{vlm.name}: gemv needs attention='split', batch 1 and no compile (got "
+                                     f"{attention!r}, batch {batch}, compile={compile})")  # fmt: skip
+            for layer in self.lm.layers:
+                check_layer(layer, vlm.name)
+        self.gemv = gemv
 
     # ---- one forward over T new tokens at slots [start, start + T) --------------------------------------------
     def _forward(
@@ -210,15 +223,19 @@ class Engine:
         regional = self.block_layer is not None and T > 1 and not torch.compiler.is_compiling()
         project, finish = self.block_layer if regional else (self._project, self._finish)
         joined = self.fuse == "all" or (self.fuse == "blocks" and 1 < T <= MAX_ROWS)
+        kernels = self.gemv and split and T == 1 and runs_on(x)
         kept = {}
         for i, layer in enumerate(self.lm.layers):
-            fused = self.fused[i] if joined else None
-            q = project(layer, fused, x, cos, sin, slots, self.k[i], self.v[i])
-            if split:
-                o = split_kv_attention(q, self.k[i], self.v[i], self.valid, used, tree)
+            if kernels:
+                x = decode_layer(layer, x, cos, sin, slots, self.k[i], self.v[i], self.valid, used)
             else:
-                o = self._attend(i, q, mask, causal)
-            x = finish(layer, fused, x, o)
+                fused = self.fused[i] if joined else None
+                q = project(layer, fused, x, cos, sin, slots, self.k[i], self.v[i])
+                if split:
+                    o = split_kv_attention(q, self.k[i], self.v[i], self.valid, used, tree)
+                else:
+                    o = self._attend(i, q, mask, causal)
+                x = finish(layer, fused, x, o)
             if i in self.feature_layers:
                 kept[i] = x
         kept[len(self.lm.layers)] = x = self.lm.norm(x)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from specalign.data import open_dataset
-from specalign.decode.engine import Engine, prefill, prompt_embeds
+from specalign.decode.engine import Engine, decode_one_token, prefill, prompt_embeds
 from specalign.decode.sources import VLMDraft
 from specalign.decode.speculative import speculative_decode, target_generate
 from specalign.models import load_model
@@ -172,3 +172,26 @@ def test_autotuned_decode_step_gives_the_same_tokens(dataset):
     )[0]
     ref, _ = target_generate(Engine(target, 700), te, 40, target.eos_token_id)
     assert target_generate(Engine(target, 700, compile=True, tune="autotune"), te, 40, target.eos_token_id)[0] == ref
+
+
+def test_gemv_decode_step_gives_the_same_tokens_and_sd_stays_lossless(dataset):
+    """Engine(gemv=True): the one-token step through `decode.gemv`'s kernels on CUDA graphs gives the target-alone
+    tokens, alone and through SD; in bf16 its logits are the model step's within bf16 rounding."""
+    target = load_model("mini-target", device="cuda", dtype="fp32")
+    q = "What are the key elements in this scene?"
+    te = prompt_embeds(target, target.collate([target.prepare(dataset[0], q)]))[0]
+    ref, _ = target_generate(Engine(target, 700), te, 40, target.eos_token_id)
+    draft = load_model("mini-draft", device="cuda", dtype="fp32")
+    de = prompt_embeds(draft, draft.collate([draft.prepare(dataset[0], q)]))[0]
+    engine = Engine(target, 700, attention="split", gemv=True)
+    assert target_generate(engine, te, 40, target.eos_token_id)[0] == ref
+    out, _ = speculative_decode(engine, te, VLMDraft(Engine(draft, 400), de), 4, 40, target.eos_token_id)
+    assert out == ref
+    target = load_model("mini-target", device="cuda", dtype="bf16")
+    te = te.bfloat16()
+    logits = []
+    for gemv in (False, True):
+        engine = Engine(target, 700, attention="split", gemv=gemv)
+        prefill(engine, te)
+        logits.append(torch.stack([decode_one_token(engine, torch.tensor([t], device="cuda")) for t in ref[:8]]))
+    torch.testing.assert_close(logits[1], logits[0], atol=0.1, rtol=0.05)
