@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decode_7b as d7  # noqa: E402 (llama_7b, sync_time, decode_loop, vision_ms: one place for the 7B setup)
 import heads_7b as h7  # noqa: E402 (forced_tree: the tree blocks heads_7b times)
 
-from specalign.decode import attention  # noqa: E402
+from specalign.decode import attention, gemv  # noqa: E402
 from specalign.decode.engine import Engine, prefill, verify  # noqa: E402
 from specalign.decode.speculative import tree_inputs, verify_tree  # noqa: E402
 from specalign.fsutil import read_json, write_json  # noqa: E402
@@ -107,6 +107,7 @@ def measure(args, save, start: dict | None = None) -> dict:
     start = start or {"gpu": torch.cuda.get_device_name() if d7.DEVICE == "cuda" else "cpu (smoke run)",
                       "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                       "settings": args.settings.split(","), "split_kv_launch": launch(),
+                      "gemv_launch": {"pairs": gemv.PAIRS, "block_k": gemv.BLOCK_K, "num_warps": gemv.NUM_WARPS},
                       "vision_encode_ms": d7.vision_ms() if not args.smoke else {}}  # fmt: skip
     if "prefill_ms" not in start:
         plain = Engine(target, max_len)

@@ -187,7 +187,7 @@ class Engine:
                 raise SpecalignError(f"{vlm.name}: gemv needs attention='split', batch 1 and no compile (got "
                                      f"{attention!r}, batch {batch}, compile={compile})")  # fmt: skip
             for layer in self.lm.layers:
-                check_layer(layer, vlm.name)
+                check_layer(layer, self.head_dim, vlm.name)
         self.gemv = gemv
 
     # ---- one forward over T new tokens at slots [start, start + T) --------------------------------------------

@@ -32,10 +32,11 @@ import torch
 from specalign.decode.attention import split_kv_attention
 from specalign.errors import SpecalignError
 
-# benchmarks/engine_floor.py's GEMV sweep on an H200 (7B shapes, bf16): rows a program, then the columns it reads
-# at a time; whole-row chunks of 2,048 columns kept the most bytes in flight
-PAIRS = 1  # row pairs a program (2 rows)
-BLOCK_K = 2048
+# a sweep of the 7B-shaped step on an H200 (benchmarks/engine_floor.json's experiments): 2 pairs (4 rows, against
+# which each program's reads of x and the norm weight are small) in chunks of 1,024 columns, 4 warps, took 4.09-4.19
+# ms/token; 1 pair in chunks of 2,048 took 4.91
+PAIRS = 2  # row pairs a program
+BLOCK_K = 1024  # columns a program reads at a time
 NUM_WARPS = 4
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read when the kernels are defined
 
@@ -46,7 +47,7 @@ except ImportError:  # the CPU install: the engine's model path only
     triton = None
 
 
-def check_layer(layer, name: str) -> None:
+def check_layer(layer, head_dim: int, name: str) -> None:
     """Refuse, in one line, a decoder layer these kernels do not compute."""
     attn, mlp = layer.self_attn, layer.mlp
     projections = [getattr(attn, p, None) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
@@ -58,6 +59,9 @@ def check_layer(layer, name: str) -> None:
     for norm in (layer.input_layernorm, layer.post_attention_layernorm):
         if not hasattr(norm, "variance_epsilon") or getattr(norm, "bias", None) is not None:
             raise SpecalignError(f"{name}: gemv needs RMS norms, not {type(norm).__name__}")
+    if head_dim % (2 * PAIRS):  # a program's rotary pairs lie in one head
+        raise SpecalignError(f"{name}: gemv takes {PAIRS} rotary pairs a program: head_dim {head_dim} must divide by "
+                             f"{2 * PAIRS}")  # fmt: skip
 
 
 def runs_on(x: torch.Tensor) -> bool:
@@ -88,9 +92,9 @@ def decode_layer(layer, x, cos, sin, slot, k_cache, v_cache, valid, used) -> tor
     inter = mlp.gate_proj.weight.shape[0]
     h = torch.empty(inter, device=x.device, dtype=x.dtype)
     norm = layer.post_attention_layernorm
-    _gate_up_kernel[(inter // PAIRS,)](x, norm.weight, mlp.gate_proj.weight, mlp.up_proj.weight, h,
-                                       norm.variance_epsilon, D, PAIRS=PAIRS, BLOCK_K=BLOCK_K,
-                                       num_warps=NUM_WARPS)  # fmt: skip
+    _gate_up_kernel[(triton.cdiv(inter, PAIRS),)](x, norm.weight, mlp.gate_proj.weight, mlp.up_proj.weight, h,
+                                                  norm.variance_epsilon, inter, D, PAIRS=PAIRS, BLOCK_K=BLOCK_K,
+                                                  FULL=inter % PAIRS == 0, num_warps=NUM_WARPS)  # fmt: skip
     return _residual(mlp.down_proj.weight, h, x).view(B, T, D)
 
 
@@ -98,15 +102,18 @@ def _residual(w: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor
     """x + w @ v: w [N, K], v [K], x [N] -> [N]."""
     N, K = w.shape
     y = torch.empty_like(x)
-    _residual_kernel[(N // (2 * PAIRS),)](w, v, x, y, K, PAIRS=PAIRS, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+    _residual_kernel[(triton.cdiv(N, 2 * PAIRS),)](w, v, x, y, N, K, PAIRS=PAIRS, BLOCK_K=BLOCK_K,
+                                                   FULL=N % (2 * PAIRS) == 0, num_warps=NUM_WARPS)  # fmt: skip
     return y
 
 
 if triton is not None:
 
     @triton.jit
-    def _pair_products(A, B, X, G, K, ra, rb, P: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
-        """(A[ra] @ x', B[rb] @ x', sum of x^2): A/B [N, K] row-major, rows ra/rb [P], x' = G * X (NORM) or X."""
+    def _pair_products(A, B, X, G, N, K, ra, rb, P: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+                       FULL: tl.constexpr):  # fmt: skip
+        """(A[ra] @ x', B[rb] @ x', sum of x^2): A/B [N, K] row-major, rows ra/rb [P], x' = G * X (NORM) or X.
+        FULL: every row is below N; otherwise those past it read as 0."""
         acc_a = tl.zeros([P, BLOCK_K], tl.float32)
         acc_b = tl.zeros([P, BLOCK_K], tl.float32)
         squares = tl.zeros([BLOCK_K], tl.float32)
@@ -114,10 +121,11 @@ if triton is not None:
             c = k0 + tl.arange(0, BLOCK_K)
             inside = c < K
             # the weights are read once a step: keep them from pushing x and the cache out of L2
-            wa = tl.load(A + ra[:, None] * K + c[None, :], mask=inside[None, :], other=0.0,
-                         eviction_policy="evict_first")  # fmt: skip
-            wb = tl.load(B + rb[:, None] * K + c[None, :], mask=inside[None, :], other=0.0,
-                         eviction_policy="evict_first")  # fmt: skip
+            mask_a, mask_b = inside[None, :], inside[None, :]
+            if not FULL:
+                mask_a, mask_b = mask_a & (ra < N)[:, None], mask_b & (rb < N)[:, None]
+            wa = tl.load(A + ra[:, None] * K + c[None, :], mask=mask_a, other=0.0, eviction_policy="evict_first")
+            wb = tl.load(B + rb[:, None] * K + c[None, :], mask=mask_b, other=0.0, eviction_policy="evict_first")
             x = tl.load(X + c, mask=inside, other=0.0).to(tl.float32)
             if NORM:
                 squares += x * x
@@ -141,7 +149,7 @@ if triton is not None:
             W, h = WK, head - H
         else:
             W, h = WV, head - H - HKV
-        lo, hi, squares = _pair_products(W, W, X, G, K, h * HD + j, h * HD + half + j, PAIRS, BLOCK_K, True)
+        lo, hi, squares = _pair_products(W, W, X, G, 0, K, h * HD + j, h * HD + half + j, PAIRS, BLOCK_K, True, True)
         r = 1.0 / tl.sqrt(squares / K + eps)
         lo, hi = lo * r, hi * r
         if head < H + HKV:  # rotary: (lo, hi) -> (lo cos - hi sin, hi cos + lo sin), as rotate_half does
@@ -162,18 +170,21 @@ if triton is not None:
             tl.store(at + half, hi.to(VC.dtype.element_ty))
 
     @triton.jit
-    def _gate_up_kernel(X, G, WG, WU, OUT, eps, K, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr):
-        """PAIRS rows of SiLU(gate(x')) * up(x') with x' = rms_norm(X) * G, into OUT."""
+    def _gate_up_kernel(X, G, WG, WU, OUT, eps, N, K, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr,
+                        FULL: tl.constexpr):  # fmt: skip
+        """PAIRS of the N rows of SiLU(gate(x')) * up(x') with x' = rms_norm(X) * G, into OUT."""
         i = tl.program_id(0) * PAIRS + tl.arange(0, PAIRS)
-        gate, up, squares = _pair_products(WG, WU, X, G, K, i, i, PAIRS, BLOCK_K, True)
+        gate, up, squares = _pair_products(WG, WU, X, G, N, K, i, i, PAIRS, BLOCK_K, True, FULL)
         r = 1.0 / tl.sqrt(squares / K + eps)
         gate, up = gate * r, up * r
-        tl.store(OUT + i, (gate * tl.sigmoid(gate) * up).to(OUT.dtype.element_ty))
+        tl.store(OUT + i, (gate * tl.sigmoid(gate) * up).to(OUT.dtype.element_ty), mask=i < N)
 
     @triton.jit
-    def _residual_kernel(W, V, X, Y, K, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr):
-        """2 * PAIRS rows of Y = X + W @ V."""
+    def _residual_kernel(W, V, X, Y, N, K, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr, FULL: tl.constexpr):
+        """2 * PAIRS of the N rows of Y = X + W @ V."""
         i = tl.program_id(0) * 2 * PAIRS + tl.arange(0, PAIRS)
-        a, b, _ = _pair_products(W, W, V, V, K, i, i + PAIRS, PAIRS, BLOCK_K, False)
-        tl.store(Y + i, (tl.load(X + i).to(tl.float32) + a).to(Y.dtype.element_ty))
-        tl.store(Y + i + PAIRS, (tl.load(X + i + PAIRS).to(tl.float32) + b).to(Y.dtype.element_ty))
+        a, b, _ = _pair_products(W, W, V, V, N, K, i, i + PAIRS, PAIRS, BLOCK_K, False, FULL)
+        x = tl.load(X + i, mask=i < N, other=0.0).to(tl.float32)
+        tl.store(Y + i, (x + a).to(Y.dtype.element_ty), mask=i < N)
+        x = tl.load(X + i + PAIRS, mask=i + PAIRS < N, other=0.0).to(tl.float32)
+        tl.store(Y + i + PAIRS, (x + b).to(Y.dtype.element_ty), mask=i + PAIRS < N)
