@@ -137,8 +137,9 @@ class Engine:
         gemv: the one-token step runs each decoder layer as `decode.gemv`'s Triton kernels (four matrix-vector
         products with the norms, rotary, cache write, SiLU gate and residuals fused in) instead of the model's
         modules: at 7B shape they read the weights faster than inductor's tuned reductions. Needs attention="split",
-        batch 1 and Llama layers, and replaces `compile` (inductor's graph of the step made the kernels read out of
-        bounds). Off a GPU the step keeps the model's modules (the kernels run there only in Triton's interpreter)."""
+        batch 1 and Llama layers, and replaces `compile` (compiled by inductor, the step hit an illegal memory access
+        on the GPU). Off a GPU the step keeps the model's modules (the kernels run there only in Triton's
+        interpreter)."""
         self.vlm = vlm
         self.lm, self.head = language_model(vlm)
         if fp32_head and self.head.weight.dtype != torch.float32:

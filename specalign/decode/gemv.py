@@ -120,10 +120,10 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             c = k0 + tl.arange(0, BLOCK_K)
             inside = c < K
-            # the weights are read once a step: keep them from pushing x and the cache out of L2
             mask_a, mask_b = inside[None, :], inside[None, :]
             if not FULL:
                 mask_a, mask_b = mask_a & (ra < N)[:, None], mask_b & (rb < N)[:, None]
+            # the weights are read once a step: keep them from pushing x and the cache out of L2
             wa = tl.load(A + ra[:, None] * K + c[None, :], mask=mask_a, other=0.0, eviction_policy="evict_first")
             wb = tl.load(B + rb[:, None] * K + c[None, :], mask=mask_b, other=0.0, eviction_policy="evict_first")
             x = tl.load(X + c, mask=inside, other=0.0).to(tl.float32)

@@ -58,3 +58,7 @@ def test_gemv_refuses_what_its_kernels_do_not_compute(tmp_path):
     attn.q_proj.bias = torch.nn.Parameter(torch.zeros(attn.q_proj.out_features))
     with pytest.raises(SpecalignError, match="no biases"):
         Engine(vlm, 16, attention="split", gemv=True)
+    attn.q_proj.bias = None
+    vlm.model.model.language_model.layers[0].mlp.act_fn = torch.nn.GELU()
+    with pytest.raises(SpecalignError, match="needs a SiLU MLP, not GELU"):
+        Engine(vlm, 16, attention="split", gemv=True)
