@@ -226,28 +226,36 @@ class Engine:
         joined = self.fuse == "all" or (self.fuse == "blocks" and 1 < T <= MAX_ROWS)
         kernels = self.gemv and split and T == 1 and runs_on(x)
         kept = {}
+        delta = None  # the last layer's MLP output, not yet added to x: the next norm adds it in the same kernel
         for i, layer in enumerate(self.lm.layers):
             if kernels:
                 x = decode_layer(layer, x, cos, sin, slots, self.k[i], self.v[i], self.valid, used)
             else:
                 fused = self.fused[i] if joined else None
-                q = project(layer, fused, x, cos, sin, slots, self.k[i], self.v[i])
+                q, x = project(layer, fused, x, delta, cos, sin, slots, self.k[i], self.v[i])
                 if split:
                     o = split_kv_attention(q, self.k[i], self.v[i], self.valid, used, tree)
                 else:
                     o = self._attend(i, q, mask, causal)
-                x = finish(layer, fused, x, o)
+                x, delta = finish(layer, fused, x, o)
             if i in self.feature_layers:
+                x, delta = x if delta is None else x + delta, None
                 kept[i] = x
+        if delta is not None:
+            x = x + delta
         kept[len(self.lm.layers)] = x = self.lm.norm(x)
         feats = torch.cat([kept[i] for i in self.feature_layers], dim=-1) if self.feature_layers else None
         return x, feats
 
-    def _project(self, layer, fused: FusedWeights | None, x, cos, sin, slots, k_cache, v_cache) -> torch.Tensor:
-        """A decoder layer up to its attention: x [B, T, D] -> q [B, H, T, head_dim] (rotated); the new tokens'
-        keys and values go into the layer's cache k_cache/v_cache [B, H_kv, max_len, head_dim] at `slots` [T]."""
+    def _project(self, layer, fused: FusedWeights | None, x, delta, cos, sin, slots, k_cache,
+                 v_cache) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """A decoder layer up to its attention: x [B, T, D] plus delta (the previous layer's MLP output, or None)
+        -> (q [B, H, T, head_dim] rotated, x + delta: the layer's input); the new tokens' keys and values go into
+        the layer's cache k_cache/v_cache [B, H_kv, max_len, head_dim] at `slots` [T]."""
         B, T, _ = x.shape
         attn = layer.self_attn
+        if delta is not None:
+            x = x + delta
         h = layer.input_layernorm(x)
         if fused is None:
             q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
@@ -259,19 +267,21 @@ class Engine:
         q, k = apply_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype))
         k_cache.index_copy_(2, slots, k)
         v_cache.index_copy_(2, slots, v)
-        return q
+        return q, x
 
-    def _finish(self, layer, fused: FusedWeights | None, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-        """A decoder layer after its attention: x [B, T, D] (the layer's input), o [B, H, T, head_dim] -> its
-        output [B, T, D]."""
+    def _finish(self, layer, fused: FusedWeights | None, x: torch.Tensor,
+                o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """A decoder layer after its attention: x [B, T, D] (the layer's input), o [B, H, T, head_dim] -> (x plus
+        the attention's output, the MLP's output [B, T, D]): their sum is the layer's output, left to the next
+        layer's norm (compiled by halves, the sum is then no kernel of its own)."""
         B, T, _ = x.shape
         mlp = layer.mlp
         x = x + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
         h = layer.post_attention_layernorm(x)
         if fused is None:
-            return x + mlp(h)
+            return x, mlp(h)
         gate, up = F.linear(h, *fused.gate_up).chunk(2, dim=-1)
-        return x + mlp.down_proj(mlp.act_fn(gate) * up)
+        return x, mlp.down_proj(mlp.act_fn(gate) * up)
 
     def embed(self, tokens: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> the first layer's input [B, T, D]: the token embeddings, or for a draft head its
