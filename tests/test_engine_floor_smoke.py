@@ -31,10 +31,31 @@ def test_two_starts_are_summarised_against_the_goals(tmp_path):
     for row in s["decode_ms"].values():
         assert row["starts"] == 2 and row["min"] <= row["median"] <= row["max"]
     blocks = ("chain_2", "chain_4", "chain_8", "chain_16", "tree_16", "tree_32", "tree_64")
-    assert set(s["verify_vs_decode"]) == {f"{b} sdpa" for b in blocks}  # named by how the blocks attend
+    # named by how the blocks attend and whose decode step they divide by
+    assert set(s["verify_vs_decode"]) == {f"{b} sdpa; graphs step" for b in blocks}
     assert set(s["goals"]) == {"decode_ms", "prefill_ms", "tree_64_vs_decode"}
     assert all(g["starts"] == 2 and g["met"] is False for g in s["goals"].values())  # two starts are not enough
     assert result.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the picture beside the numbers
+    assert (tmp_path / "engine_floor_profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the profile's
+
+
+def test_the_tree_goal_is_judged_in_steps_of_the_decode_goals_setting():
+    """A slow decode step makes any verify look cheap in steps: the tree goal takes the tree series of the setting
+    whose decode median holds the decode goal, not the best ratio of any setting."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import engine_floor
+
+    def start(setting: str, step: float, tree: float) -> dict:
+        return {"decode_ms": {setting: step}, "prefill_ms": 60.0,
+                "verify": {"setting": setting, "block_attention": "split", "fuse": "blocks", "decode_ms": step,
+                           "tree_64": {"ms": tree, "vs_decode": round(tree / step, 3)}}}  # fmt: skip
+
+    starts = [start("slow", 4.6, 5.5), start("slow", 4.7, 5.6), start("slow", 4.5, 5.4)]
+    starts += [start("fast", 4.1, 5.8), start("fast", 4.2, 5.7), start("fast", 4.15, 5.9)]
+    goals = engine_floor.summarize(starts)["goals"]
+    assert goals["decode_ms"] == {"goal": 4.2, "median": 4.15, "starts": 3, "met": True}
+    assert goals["tree_64_vs_decode"]["median"] == pytest.approx(5.8 / 4.1, abs=1e-3)  # the fast step's trees
+    assert goals["tree_64_vs_decode"]["met"] is False  # though the slow step's trees are 1.2 of theirs
 
 
 def test_resume_keeps_a_partial_start_and_refuses_a_complete_one(tmp_path):

@@ -7,11 +7,11 @@ memory bandwidth the matmul kernels reach. A plain GEMV (each program a few whol
 chunks) reaches more of it than inductor's reductions, which also recompute the RMS norm in every program
 (benchmarks/engine_floor.py). The layer's kernels:
 
-1. `_qkv_kernel`: input norm, q/k/v projections, rotary embedding, and k/v written into the cache slot;
+1. `_gemv_qkv_kernel`: input norm, q/k/v projections, rotary embedding, and k/v written into the cache slot;
 2. split-KV attention over the used slots (`decode.attention`: a kernel and its merge);
-3. `_residual_kernel`: o projection plus the residual;
-4. `_gate_up_kernel`: post-attention norm, gate and up projections and SiLU(gate) * up;
-5. `_residual_kernel`: down projection plus the residual.
+3. `_gemv_residual_kernel`: o projection plus the residual;
+4. `_gemv_gate_up_kernel`: post-attention norm, gate and up projections and SiLU(gate) * up;
+5. `_gemv_residual_kernel`: down projection plus the residual.
 
 RMS norm folds into the product: W @ (g * x * r) = r * (W @ (g * x)) with r = rsqrt(mean(x^2) + eps) a scalar that
 each program sums up from the same chunks of x it multiplies, so no program reads x twice. A program takes rows in
@@ -81,7 +81,7 @@ def decode_layer(layer, x, cos, sin, slot, k_cache, v_cache, valid, used) -> tor
     x = x.reshape(D)
     q = torch.empty(H * hd, device=x.device, dtype=x.dtype)
     rows = (H + 2 * Hkv) * hd
-    _qkv_kernel[(rows // (2 * PAIRS),)](
+    _gemv_qkv_kernel[(rows // (2 * PAIRS),)](
         x, layer.input_layernorm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
         cos.reshape(hd), sin.reshape(hd), q, k_cache, v_cache, slot.reshape(1), layer.input_layernorm.variance_epsilon,
         D, H, Hkv, k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
@@ -92,7 +92,7 @@ def decode_layer(layer, x, cos, sin, slot, k_cache, v_cache, valid, used) -> tor
     inter = mlp.gate_proj.weight.shape[0]
     h = torch.empty(inter, device=x.device, dtype=x.dtype)
     norm = layer.post_attention_layernorm
-    _gate_up_kernel[(triton.cdiv(inter, PAIRS),)](x, norm.weight, mlp.gate_proj.weight, mlp.up_proj.weight, h,
+    _gemv_gate_up_kernel[(triton.cdiv(inter, PAIRS),)](x, norm.weight, mlp.gate_proj.weight, mlp.up_proj.weight, h,
                                                   norm.variance_epsilon, inter, D, PAIRS=PAIRS, BLOCK_K=BLOCK_K,
                                                   FULL=inter % PAIRS == 0, num_warps=NUM_WARPS)  # fmt: skip
     return _residual(mlp.down_proj.weight, h, x).view(B, T, D)
@@ -102,7 +102,7 @@ def _residual(w: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor
     """x + w @ v: w [N, K], v [K], x [N] -> [N]."""
     N, K = w.shape
     y = torch.empty_like(x)
-    _residual_kernel[(triton.cdiv(N, 2 * PAIRS),)](w, v, x, y, N, K, PAIRS=PAIRS, BLOCK_K=BLOCK_K,
+    _gemv_residual_kernel[(triton.cdiv(N, 2 * PAIRS),)](w, v, x, y, N, K, PAIRS=PAIRS, BLOCK_K=BLOCK_K,
                                                    FULL=N % (2 * PAIRS) == 0, num_warps=NUM_WARPS)  # fmt: skip
     return y
 
@@ -135,7 +135,7 @@ if triton is not None:
         return tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1), tl.sum(squares, axis=0)
 
     @triton.jit
-    def _qkv_kernel(X, G, WQ, WK, WV, COS, SIN, Q, KC, VC, SLOT, eps, K, H, HKV, skh, skl, svh, svl,
+    def _gemv_qkv_kernel(X, G, WQ, WK, WV, COS, SIN, Q, KC, VC, SLOT, eps, K, H, HKV, skh, skl, svh, svl,
                     HD: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
         """PAIRS rotary pairs (j, j + HD/2) of one head of q, k or v: rms_norm(X) * G through the projection, rotated
         (q, k), and stored: q into Q [H * HD], k/v into the caches' slot SLOT."""
@@ -170,7 +170,7 @@ if triton is not None:
             tl.store(at + half, hi.to(VC.dtype.element_ty))
 
     @triton.jit
-    def _gate_up_kernel(X, G, WG, WU, OUT, eps, N, K, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr,
+    def _gemv_gate_up_kernel(X, G, WG, WU, OUT, eps, N, K, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr,
                         FULL: tl.constexpr):  # fmt: skip
         """PAIRS of the N rows of SiLU(gate(x')) * up(x') with x' = rms_norm(X) * G, into OUT."""
         i = tl.program_id(0) * PAIRS + tl.arange(0, PAIRS)
@@ -180,7 +180,7 @@ if triton is not None:
         tl.store(OUT + i, (gate * tl.sigmoid(gate) * up).to(OUT.dtype.element_ty), mask=i < N)
 
     @triton.jit
-    def _residual_kernel(W, V, X, Y, N, K, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr, FULL: tl.constexpr):
+    def _gemv_residual_kernel(W, V, X, Y, N, K, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr, FULL: tl.constexpr):
         """2 * PAIRS of the N rows of Y = X + W @ V."""
         i = tl.program_id(0) * 2 * PAIRS + tl.arange(0, PAIRS)
         a, b, _ = _pair_products(W, W, V, V, N, K, i, i + PAIRS, PAIRS, BLOCK_K, False, FULL)
