@@ -92,9 +92,10 @@ def decode_layer(layer, x, cos, sin, slot, k_cache, v_cache, valid, used) -> tor
     inter = mlp.gate_proj.weight.shape[0]
     h = torch.empty(inter, device=x.device, dtype=x.dtype)
     norm = layer.post_attention_layernorm
-    _gemv_gate_up_kernel[(triton.cdiv(inter, PAIRS),)](x, norm.weight, mlp.gate_proj.weight, mlp.up_proj.weight, h,
-                                                  norm.variance_epsilon, inter, D, PAIRS=PAIRS, BLOCK_K=BLOCK_K,
-                                                  FULL=inter % PAIRS == 0, num_warps=NUM_WARPS)  # fmt: skip
+    _gemv_gate_up_kernel[(triton.cdiv(inter, PAIRS),)](
+        x, norm.weight, mlp.gate_proj.weight, mlp.up_proj.weight, h, norm.variance_epsilon, inter, D, PAIRS=PAIRS,
+        BLOCK_K=BLOCK_K, FULL=inter % PAIRS == 0, num_warps=NUM_WARPS,
+    )  # fmt: skip
     return _residual(mlp.down_proj.weight, h, x).view(B, T, D)
 
 
@@ -102,8 +103,9 @@ def _residual(w: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor
     """x + w @ v: w [N, K], v [K], x [N] -> [N]."""
     N, K = w.shape
     y = torch.empty_like(x)
-    _gemv_residual_kernel[(triton.cdiv(N, 2 * PAIRS),)](w, v, x, y, N, K, PAIRS=PAIRS, BLOCK_K=BLOCK_K,
-                                                   FULL=N % (2 * PAIRS) == 0, num_warps=NUM_WARPS)  # fmt: skip
+    _gemv_residual_kernel[(triton.cdiv(N, 2 * PAIRS),)](
+        w, v, x, y, N, K, PAIRS=PAIRS, BLOCK_K=BLOCK_K, FULL=N % (2 * PAIRS) == 0, num_warps=NUM_WARPS,
+    )  # fmt: skip
     return y
 
 
@@ -136,7 +138,7 @@ if triton is not None:
 
     @triton.jit
     def _gemv_qkv_kernel(X, G, WQ, WK, WV, COS, SIN, Q, KC, VC, SLOT, eps, K, H, HKV, skh, skl, svh, svl,
-                    HD: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                         HD: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
         """PAIRS rotary pairs (j, j + HD/2) of one head of q, k or v: rms_norm(X) * G through the projection, rotated
         (q, k), and stored: q into Q [H * HD], k/v into the caches' slot SLOT."""
         half: tl.constexpr = HD // 2
@@ -171,7 +173,7 @@ if triton is not None:
 
     @triton.jit
     def _gemv_gate_up_kernel(X, G, WG, WU, OUT, eps, N, K, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr,
-                        FULL: tl.constexpr):  # fmt: skip
+                             FULL: tl.constexpr):  # fmt: skip
         """PAIRS of the N rows of SiLU(gate(x')) * up(x') with x' = rms_norm(X) * G, into OUT."""
         i = tl.program_id(0) * PAIRS + tl.arange(0, PAIRS)
         gate, up, squares = _pair_products(WG, WU, X, G, N, K, i, i, PAIRS, BLOCK_K, True, FULL)
