@@ -42,6 +42,21 @@ FUSINGS = ("none", "blocks", "all")
 # widens the configs its one-row reductions are tuned over (benchmarks/block_matmul.py)
 TUNINGS = {"none": {}, "coordinate": {"coordinate_descent_tuning": True},
            "autotune": {"max_autotune": True, "coordinate_descent_tuning": True}}  # fmt: skip
+# named settings for a speculating target (`speculate --engine`; docs/benchmarks.md times them at 7B shape):
+# "graphs" replays the model's modules in CUDA graphs, attention through SDPA; "split" attends through the split-KV
+# kernels and runs verify blocks with q/k/v and gate/up fused (engine-owned copies of those weights) and compiled;
+# "gemv" also runs the one-token step as decode.gemv's Triton kernels (batch 1, Llama layers)
+ENGINES = {"graphs": {}, "split": {"attention": "split", "fuse": "blocks", "compile_blocks": True},
+           "gemv": {"gemv": True, "attention": "split", "fuse": "blocks", "compile_blocks": True}}  # fmt: skip
+
+
+def engine_options(name: str, device: torch.device) -> dict:
+    """`Engine` keyword arguments of the setting `name` (`ENGINES`) on `device`: off a GPU the blocks are not
+    compiled (inductor's CPU compile would outlast the answers)."""
+    options = dict(ENGINES[name])
+    if device.type != "cuda":
+        options.pop("compile_blocks", None)
+    return options
 
 
 def language_model(vlm):

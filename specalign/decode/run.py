@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from specalign.decode.engine import Engine, prompt_embeds
+from specalign.decode.engine import ENGINES, Engine, engine_options, prompt_embeds
 from specalign.decode.ngram import NgramDraft, NgramTable
 from specalign.decode.sources import AdaptedDraft, VLMDraft, shared_ids, shared_vocabulary
 from specalign.decode.speculative import Clock, divergence, speculative_decode, target_generate
@@ -119,6 +119,12 @@ class SpeculateConfig:
         help="the target's logits from an fp32 LM head: bf16 logits tie now and then, and a tie may break "
         "differently in a verify than in a decode step on a GPU",
     )
+    engine: str = option(
+        "graphs",
+        help="the target's engine (`decode.engine.ENGINES`): graphs (CUDA graphs over the model's modules), split "
+        "(split-KV attention, verify blocks fused and compiled) or gemv (split, and the one-token step as Triton "
+        "GEMV kernels: Llama layers); the fastest at 7B shape is gemv (docs/benchmarks.md)",
+    )
     overwrite: bool = option(False, help=OVERWRITE_HELP)
 
     def __post_init__(self):
@@ -131,6 +137,8 @@ class SpeculateConfig:
             require_positive("prefill_draft", self.prefill_draft, 2)  # its first token is only a guess
             if not self.hide_prefill:
                 raise SpecalignError("--prefill-draft: sets what the draft drafts under --hide-prefill; add it")
+        if self.engine not in ENGINES:
+            raise SpecalignError(f"--engine: unknown {self.engine!r}: choose {', '.join(ENGINES)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise SpecalignError(f"--seed: must be an integer in [0, 2^32), got {self.seed!r}")
         if not self.temperature >= 0 or math.isinf(self.temperature):  # also refuses NaN
@@ -413,7 +421,8 @@ def _decode_all(cfg: SpeculateConfig, inputs: Inputs, target, draft, adapter, he
         nodes = tree.nodes if tree else cfg.gamma
         need_t = te.shape[1] + cfg.max_new_tokens + nodes + 2
         if t_engine is None or t_engine.max_len < need_t:
-            t_engine = Engine(target, need_t + 64, fp32_head=cfg.fp32_head, features=t_features)
+            t_engine = Engine(target, need_t + 64, fp32_head=cfg.fp32_head, features=t_features,
+                              **engine_options(cfg.engine, target.device))  # fmt: skip
         if de is not None and (d_engine is None or d_engine.max_len < de.shape[1] + cfg.max_new_tokens + 2 * cfg.gamma):
             d_layers = (len(language_model(draft)[0].layers),) if kind == "feature-adapter" else ()
             d_engine = Engine(draft, de.shape[1] + cfg.max_new_tokens + 2 * cfg.gamma + 64, features=d_layers)

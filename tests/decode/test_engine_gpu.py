@@ -87,6 +87,18 @@ def test_draft_on_a_second_gpu_is_lossless_and_hides_its_prefill(dataset, tmp_pa
     assert res["lossless"] and res["totals"]["answers"] == 2
 
 
+@pytest.mark.parametrize("engine", ["split", "gemv"])
+def test_speculate_on_the_faster_engines_is_lossless(dataset, tmp_path, engine):
+    """`speculate --engine split|gemv` on the GPU: split-KV attention, compiled fused verify blocks (and the GEMV
+    step), a head's trees verified against the target alone on that same engine."""
+    from specalign.decode.run import SpeculateConfig, run_speculate
+
+    res = run_speculate(SpeculateConfig(dataset=str(dataset.root), out=str(tmp_path / "run"), max_samples=2,
+                                        draft_head="mini-head", tree="6,6,32", max_new_tokens=40, engine=engine,
+                                        dtype="fp32", hf_baseline=False, repeats=1), progress=False)  # fmt: skip
+    assert res["lossless"] and res["totals"]["answers"] == 2 and res["totals"]["tau"] > 2, res["totals"]
+
+
 def test_head_chains_and_trees_replay_as_cuda_graphs_losslessly(dataset):
     """A draft head on the engine: its feed, chain and tree-expansion steps and the target's tree verify run as
     CUDA graphs (input widths and masks differ between captures) and give the target's greedy tokens; the tree

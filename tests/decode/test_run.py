@@ -132,6 +132,7 @@ VALUES = [  # (config fields, the one-line message)
     ({"prefill_draft": 1, "hide_prefill": True}, "--prefill-draft: must be at least 2, got 1"),
     ({"prefill_draft": 4}, "--prefill-draft: sets what the draft drafts under --hide-prefill; add it"),
     ({"seed": -1}, "--seed: must be an integer in [0, 2^32), got -1"),
+    ({"engine": "fast"}, "--engine: unknown 'fast': choose graphs, split, gemv"),
     ({"dtype": "fp8"}, "--dtype: unknown precision 'fp8'"),
     ({"device": "gpu"}, "--device: 'gpu' is not a device; use cuda, cuda:N or cpu"),
     ({"token_adapter": " "}, "--token-adapter: empty path"),
@@ -283,6 +284,14 @@ def test_the_bundled_head_drafts_most_of_the_answer(split, tmp_path):
                         progress=False)  # fmt: skip
     assert res["verdict"]["token_identical"]
     assert res["totals"]["tau"] > 3.5, res["totals"]
+
+
+def test_the_gemv_engine_drafts_losslessly_and_is_recorded(split, tmp_path):
+    """--engine gemv: the target's engine takes the setting (off a GPU its kernels' model path and the split-KV
+    reference, blocks uncompiled), a head's tree stays lossless, and the result names the engine."""
+    res = run_speculate(config(split, tmp_path / "out", draft_head="mini-head", tree="3,3,8", engine="gemv"),
+                        progress=False)  # fmt: skip
+    assert res["verdict"]["token_identical"] and res["config"]["engine"] == "gemv"
 
 
 def test_hide_prefill_with_a_head_is_the_hybrid(split, tmp_path):
