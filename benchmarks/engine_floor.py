@@ -92,8 +92,8 @@ def verify_ratios(engine: Engine, embeds, step_ms: float) -> dict:
         tree = h7.forced_tree(nodes, min(h7.KEEP_PATH, nodes), h7.VOCAB, rng)
         t = timed(lambda tree=tree: verify_tree(engine, 0, tree))
         # the forward alone, its inputs already on the device: what is left is the host building and copying them
-        block, positions, sees = tree_inputs(engine, 0, tree)
-        forward = timed(lambda b=block, p=positions, s=sees: engine.run(b, positions=p, tree=s))
+        block, parents = (x.to(engine.device) for x in tree_inputs(0, tree))
+        forward = timed(lambda b=block, p=parents: engine.run(b, parents=p))
         out[f"tree_{nodes}"] = {"ms": round(t, 3), "vs_decode": round(t / step_ms, 3), "forward_ms": round(forward, 3)}
     return out
 

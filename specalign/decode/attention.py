@@ -72,6 +72,43 @@ def block_mask(valid: torch.Tensor, used, T: int, tree: torch.Tensor | None = No
     return valid[:, None, :] & ((j < 0) | (mine & (j < T)))
 
 
+def ancestors(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A verify tree's mask and depths from its parents, on their device: parents long [B, T] (each block row's
+    parent row, before it; -1 for the root) -> (tree bool [B, T, T]: row t sees itself and its ancestors, as
+    `block_mask` takes it; depth long [B, T]: each row's ancestors, the root's 0). Built on the device, a CUDA
+    graph builds the tree itself: a verify then needs no [T, T] mask from the host (built there row by row, it
+    cost 0.1-0.3 ms of host time a 64-node verify). The Triton kernel on a GPU for T <= MAX_ROWS,
+    `ancestors_reference` elsewhere."""
+    if triton is None or not parents.is_cuda or parents.shape[1] > MAX_ROWS:
+        return ancestors_reference(parents)
+    return triton_ancestors(parents)
+
+
+def _rounds(T: int) -> int:
+    """Squarings of the "itself or its parent" relation that reach every ancestor in a T-row tree."""
+    return (T - 1).bit_length()  # 2**rounds >= T - 1, the deepest a T-row tree goes
+
+
+def ancestors_reference(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ancestors` with torch ops (any device): the closure by repeated squaring, in fp32 (exact for 0/1)."""
+    T = parents.shape[1]
+    t = torch.arange(T, device=parents.device)
+    closure = ((t[:, None] == t) | (parents[..., None] == t)).float()  # itself and its parent, [B, T, T]
+    for _ in range(_rounds(T)):
+        closure = (closure @ closure).clamp_(max=1)
+    return closure > 0, closure.sum(-1).long() - 1
+
+
+def triton_ancestors(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ancestors` in one Triton program per row of the batch (T <= MAX_ROWS; also in Triton's interpreter)."""
+    B, T = parents.shape
+    tree = torch.empty(B, T, T, dtype=torch.bool, device=parents.device)
+    depth = torch.empty(B, T, dtype=torch.long, device=parents.device)
+    block = max(16, triton.next_power_of_2(T))  # a tensor-core product takes 16 rows at least
+    _ancestors_kernel[(B,)](parents.contiguous(), tree.view(torch.int8), depth, T, ROUNDS=_rounds(T), BLOCK=block)
+    return tree, depth
+
+
 def split_kv_reference(q, k, v, valid, used, tree=None) -> torch.Tensor:
     """The chunked algorithm with torch ops (any device). Shapes as `split_kv_attention`."""
     B, H, T, D = q.shape
@@ -284,6 +321,22 @@ if triton is not None:
         tl.store(OUT + row[:, None] * D + d[None, :], acc, mask=rows[:, None])
         tl.store(PEAK + row, m * 0.6931471805599453, mask=rows)  # back to natural-log units: ln(2)
         tl.store(TOTAL + row, total, mask=rows)
+
+    @triton.jit
+    def _ancestors_kernel(PARENTS, TREE, DEPTH, T, ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
+        """`ancestors` of batch row b: the [T, T] closure in one tile, squared ROUNDS times on the tensor cores
+        (0/1 entries in fp16, sums of at most BLOCK of them in fp32: exact)."""
+        b = tl.program_id(0)
+        i = tl.arange(0, BLOCK)
+        real = i < T
+        parent = tl.load(PARENTS + b * T + i, mask=real, other=-1)
+        closure = ((i[:, None] == i[None, :]) | (parent[:, None] == i[None, :])) & real[:, None]
+        closure = closure.to(tl.float16)
+        for _ in tl.static_range(ROUNDS):
+            closure = tl.minimum(tl.dot(closure, closure), 1.0).to(tl.float16)
+        both = real[:, None] & real[None, :]
+        tl.store(TREE + b * T * T + i[:, None] * T + i[None, :], (closure > 0).to(tl.int8), mask=both)
+        tl.store(DEPTH + b * T + i, tl.sum(closure.to(tl.int64), axis=1) - 1, mask=real)
 
     @triton.jit
     def _merge_kernel(OUT, PEAK, TOTAL, O, N, S, H, T, D: tl.constexpr, SPLITS: tl.constexpr,

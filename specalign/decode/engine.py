@@ -8,7 +8,7 @@ what the transformers model computes, but keeps the KV cache in preallocated ten
     logits = decode_one_token(engine, token)      # token [B, 1] -> [B, V]; the CUDA-graph path on a GPU
     logits = verify(engine, tokens)               # tokens [B, k] -> [B, k, V]: one forward over k positions
     engine.rollback(length)                       # drop rejected tokens: just a length (stale slots are masked)
-    logits = verify_tree(engine, tokens, parents) # a draft tree in one forward (each token sees its ancestors)
+    logits = engine.run(tokens, parents=parents)  # a draft tree in one forward (each token sees its ancestors)
     engine.keep(start, path)                      # keep the accepted path's keys and values, drop the rest
 
 `Engine(vlm, features=(layer, ...))` also keeps, after every forward, the hidden states a draft head reads
@@ -28,10 +28,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from specalign.decode.attention import MAX_ROWS, block_mask, split_kv_attention
+from specalign.decode.attention import MAX_ROWS, ancestors, block_mask, split_kv_attention
 from specalign.decode.gemv import check_layer, decode_layer, runs_on
 from specalign.errors import SpecalignError
 
+BLOCK_LENGTHS = 32  # verify lengths that each get their own compiled layer halves (`Engine(compile_blocks=True)`)
 ATTENTIONS = ("sdpa", "split")  # how decode steps and verify blocks attend (`Engine(attention=...)`)
 # which forwards run q/k/v and gate/up as one matmul each (`Engine(fuse=...)`): "none", "blocks" of 2..MAX_ROWS
 # tokens (verify chains and trees: weight-bound GEMMs, where one wide GEMM beats three narrow ones) or "all" (also
@@ -116,7 +117,7 @@ class _Graph:
     inputs: torch.Tensor | None = None  # a head's input features [B, T, F]
     positions: torch.Tensor | None = None
     attend: torch.Tensor | None = None
-    tree: torch.Tensor | None = None
+    parents: torch.Tensor | None = None
 
 
 class Engine:
@@ -145,10 +146,13 @@ class Engine:
         padding (causal over itself), any block longer than `attention.MAX_ROWS` and a block with its own `attend`
         mask use SDPA either way.
         compile_blocks: also torch.compile the many-token forwards: prefill, verify chains and trees. Regional: one
-        decoder layer's work before and after its attention is compiled for its first size, then once more with
-        the block's length dynamic, without the tuning, and serves every layer and every size (the weights are
-        inputs), so it compiles in seconds where the whole forward takes minutes; it gives up only the fusion
-        across a layer's boundary.
+        decoder layer's work before and after its attention is compiled, without the tuning, and serves every
+        layer (the weights are inputs), so it compiles in seconds where the whole forward takes minutes; it gives
+        up only the fusion across a layer's boundary. Prefills compile for their first length, then once more with
+        the length dynamic (prompts come in many lengths); verify blocks compile for each length (up to
+        BLOCK_LENGTHS of them; a few in use, each captured as its own CUDA graph anyway): static sizes let inductor
+        fit each length's kernels (at 7B shape a 64-node tree's graph took 5.15 ms against 5.22 through the dynamic
+        ones).
         gemv: the one-token step runs each decoder layer as `decode.gemv`'s Triton kernels (four matrix-vector
         products with the norms, rotary, cache write, SiLU gate and residuals fused in) instead of the model's
         modules: at 7B shape they read the weights faster than inductor's tuned reductions. Needs attention="split",
@@ -192,9 +196,14 @@ class Engine:
         # Automatic dynamic shapes: prompts, chains and trees come in many sizes, so the second size recompiles with
         # only the length symbolic; the model's and the cache's sizes stay constants in the kernels' indexing
         # (dynamic=True makes them symbols too, and every element-wise kernel then divides by them at run time).
-        self.block_layer = None
+        self.fill_layer = self.block_layer = None
         if compile_blocks:
-            self.block_layer = (torch.compile(self._project, dynamic=None), torch.compile(self._finish, dynamic=None))
+            self.fill_layer = (torch.compile(self._project, dynamic=None), torch.compile(self._finish, dynamic=None))
+            self.block_layer = (torch.compile(self._project_block, dynamic=False),
+                                torch.compile(self._finish_block, dynamic=False))  # fmt: skip
+            # torch.compile's limit is 8 compiles a function; a length takes two of the project half (the first
+            # layer has no MLP output pending), and past the limit a length would run uncompiled
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * BLOCK_LENGTHS)
         if attention not in ATTENTIONS:
             raise SpecalignError(f"{vlm.name}: unknown attention {attention!r}: choose {' or '.join(ATTENTIONS)}")
         self.attention = attention
@@ -208,7 +217,7 @@ class Engine:
 
     # ---- one forward over T new tokens at slots [start, start + T) --------------------------------------------
     def _forward(
-        self, x: torch.Tensor, start, positions=None, attend=None, tree=None, causal: bool = False
+        self, x: torch.Tensor, start, positions=None, attend=None, tree=None, causal: bool = False, fill: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [B, T, D] embeddings written to slots [start, start + T) -> (last-layer hidden [B, T, D], the feature
         layers [B, T, F] or None).
@@ -219,7 +228,8 @@ class Engine:
         (a verify tree: its ancestors; see `attention.block_mask`); or, given `attend` bool [B, T, max_len], the
         real ones of those (any pattern, e.g. a head's tree expansion). causal: the block starts at slot 0 and
         every token is real (a prompt without padding), so attention runs causally over the block alone, which
-        lets SDPA use its flash kernel."""
+        lets SDPA use its flash kernel. fill: a prefill (with compile_blocks, through the halves compiled for any
+        length)."""
         B, T, _ = x.shape
         slots = start + torch.arange(T, device=x.device)  # [T]
         if positions is None:
@@ -237,7 +247,7 @@ class Engine:
             mask = block_mask(self.valid, start + T, T, tree)[:, None]
         # a many-token block through the compiled layer halves (inside the compiled decode step: traced whole)
         regional = self.block_layer is not None and T > 1 and not torch.compiler.is_compiling()
-        project, finish = self.block_layer if regional else (self._project, self._finish)
+        project, finish = (self.fill_layer if fill else self.block_layer) if regional else (self._project, self._finish)
         joined = self.fuse == "all" or (self.fuse == "blocks" and 1 < T <= MAX_ROWS)
         kernels = self.gemv and split and T == 1 and runs_on(x)
         kept = {}
@@ -298,6 +308,14 @@ class Engine:
         gate, up = F.linear(h, *fused.gate_up).chunk(2, dim=-1)
         return x, mlp.down_proj(mlp.act_fn(gate) * up)
 
+    # the same halves under code objects of their own: torch.compile keeps its compiles (and their limit) per code
+    # object, so the blocks' compiles per length stay apart from the prefills' dynamic one
+    def _project_block(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._project(*args)
+
+    def _finish_block(self, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._finish(*args)
+
     def embed(self, tokens: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> the first layer's input [B, T, D]: the token embeddings, or for a draft head its
         `inputs` over its input features [B, T, F] (and the per-prompt context, e.g. event tokens)."""
@@ -316,28 +334,36 @@ class Engine:
 
     def _step(self, tokens: torch.Tensor, start, inputs: torch.Tensor | None = None,
               positions: torch.Tensor | None = None, attend: torch.Tensor | None = None,
-              tree: torch.Tensor | None = None):  # fmt: skip
+              parents: torch.Tensor | None = None):  # fmt: skip
         """-> (logits float32 [B, T, V], features [B, T, F] or None)."""
+        # the new slots are real: marked here, inside the graph, a host launch fewer before each replay
+        self.valid.index_fill_(1, start + torch.arange(tokens.shape[1], device=self.device), True)
+        tree = None
+        if parents is not None:  # a verify tree: its mask and positions made here, inside the block's graph
+            tree, depth = ancestors(parents)
+            positions = self.count[:, None] + depth
         hidden, feats = self._forward(self.embed(tokens, inputs), start, positions, attend, tree)
         return self.head(hidden).float(), feats
 
     @torch.inference_mode()
     def run(self, tokens: torch.Tensor, inputs: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-            attend: torch.Tensor | None = None, tree: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+            attend: torch.Tensor | None = None, parents: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Append tokens long [B, k] after the current length -> logits float32 [B, k, V]; `self.features` holds
-        their feature layers. inputs [B, k, F]: a draft head's input features; positions long [B, k] with tree
-        bool [B, k, k] (a verify tree) or attend bool [B, k, max_len] (any slots): see `_forward`."""
+        their feature layers. inputs [B, k, F]: a draft head's input features; parents long [B, k] (a verify
+        tree: each token's parent in the block, -1 for the root; it sees its ancestors, at the next position plus
+        its depth: `attention.ancestors`); or positions long [B, k] with attend bool [B, k, max_len] (any slots):
+        see `_forward`."""
         B, T = tokens.shape
         if self.length + T > self.max_len:
             raise SpecalignError(f"{self.vlm.name}: {self.length + T} tokens exceed the engine's cache of "
                                  f"{self.max_len} slots (raise max_len)")  # fmt: skip
-        self.valid[:, self.length : self.length + T] = True
-        extra = (inputs, positions, attend, tree)
+        extra = (inputs, positions, attend, parents)
         plain = all(x is None for x in extra)
         step = self.decode_step if T == 1 and plain else self._step
         if self.graphs is False:
             # compiled: a tensor on the device, as inside CUDA graphs, so one compile serves both
             start = torch.tensor(self.length, device=self.device) if step is not self._step else self.length
+            extra = [x if x is None else x.to(self.device) for x in extra]
             logits, feats = step(tokens.to(self.device), start, *extra)
         else:
             # a head's input width differs between the target's features and its own outputs: part of the key
@@ -345,10 +371,11 @@ class Engine:
             key = (B, T) if plain else (B, T, *(x is not None for x in extra), width)
             with torch.cuda.device(self.device):  # a draft on a second GPU captures and replays on that GPU
                 g = self.graphs.get(key) or self._capture(key, B, T, extra)
-                g.tokens.copy_(tokens)
-                for buf, x in zip((g.inputs, g.positions, g.attend, g.tree), extra, strict=True):
+                # non-blocking: inputs from the host (a tree's tokens and parents) go without waiting for the GPU
+                g.tokens.copy_(tokens, non_blocking=True)
+                for buf, x in zip((g.inputs, g.positions, g.attend, g.parents), extra, strict=True):
                     if x is not None:
-                        buf.copy_(x)
+                        buf.copy_(x, non_blocking=True)
                 g.start.fill_(self.length)  # a kernel argument, not a host-to-device copy: the host never waits
                 g.graph.replay()
                 logits = g.logits.clone()  # the next replay overwrites the graph's output buffers
@@ -364,8 +391,8 @@ class Engine:
         bufs = [None if x is None else torch.zeros_like(x, device=self.device) for x in extra]
         if bufs[1] is not None:  # positions: the next ones, as a causal block would have
             bufs[1].copy_(self.count[:, None] + torch.arange(T, device=self.device))
-        if bufs[3] is not None:  # a tree: a chain's, so that no row of the warm-up sees nothing
-            bufs[3].copy_(torch.ones(T, T, dtype=torch.bool, device=self.device).tril())
+        if bufs[3] is not None:  # a tree: a chain's (any tree would do)
+            bufs[3].copy_(torch.arange(-1, T - 1, device=self.device))
         plain = all(x is None for x in extra)
         step = self.decode_step if T == 1 and plain else self._step
         saved = self.kv.clone() if self.length else None
@@ -431,7 +458,7 @@ def _fill(engine: Engine, embeds: torch.Tensor, real: torch.Tensor, offset: int)
     x = embeds.to(engine.device, engine.dtype)
     if not x.is_inference():  # one kind of tensor into the compiled layers (their guards tell the two apart)
         x = x.clone()
-    hidden, engine.features = engine._forward(x, 0, positions, causal=causal)
+    hidden, engine.features = engine._forward(x, 0, positions, causal=causal, fill=True)
     engine.length = T
     engine.count.copy_(offset + real.sum(dim=1))  # in place: captured graphs read this tensor
     return engine.head(hidden[:, -1]).float()

@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from specalign.decode.engine import Engine, decode_one_token, prefill, verify
@@ -152,33 +151,16 @@ def accept_tree(proposal: Proposal, logits: torch.Tensor) -> tuple[list[int], in
 def verify_tree(target: Engine, last: int, proposal: Proposal) -> torch.Tensor:
     """One forward over the last accepted token and every tree node -> logits [1 + nodes, V]. Node i (block row
     i + 1) sees the prefix, the last token and its own ancestors, at position prefix + its depth."""
-    block, positions, tree = tree_inputs(target, last, proposal)
-    return target.run(block, positions=positions, tree=tree)[0]
+    tokens, parents = tree_inputs(last, proposal)
+    return target.run(tokens, parents=parents)[0]
 
 
-def tree_inputs(target: Engine, last: int, proposal: Proposal) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`verify_tree`'s block on the target's device: tokens long [1, T] (the last token, then the nodes), their
-    positions long [1, T] and the tree bool [1, T, T] (`Engine.run`'s)."""
-    T = len(proposal.tokens) + 1
-    # built on the host in numpy and copied in one piece: per-row torch ops cost milliseconds of host time at 64
-    # nodes, and each copy some microseconds, while the GPU waits for the block
-    host = np.zeros(2 * T + T * T, dtype=np.int64)  # the block's tokens, their depths, the tree
-    host[:T] = [last, *proposal.tokens]
-    host[T + 1 : 2 * T] = tree_depths(proposal.parents)
-    sees = host[2 * T :].reshape(T, T)  # row i sees the root and its own ancestors
-    sees[0, 0] = 1
-    for i, p in enumerate(proposal.parents, start=1):
-        sees[i] = sees[p + 1]
-        sees[i, i] = 1
-    dev = upload(torch.from_numpy(host), target.device)
-    return dev[:T][None], target.count[:, None] + dev[T : 2 * T], dev[2 * T :].view(1, T, T) != 0
-
-
-def upload(x: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor onto `device` without waiting for the device: a plain copy to a GPU first waits for its
-    queue to drain, so the GPU would idle while the host prepares the next block. From pageable memory the copy
-    is staged before this returns, so `x` may go at once."""
-    return x.to(device, non_blocking=True)
+def tree_inputs(last: int, proposal: Proposal) -> tuple[torch.Tensor, torch.Tensor]:
+    """`verify_tree`'s block, on the host: tokens long [1, T] (the last token, then the nodes) and each one's parent
+    row in the block, long [1, T] (-1 for the last token, the root). `Engine.run` copies them into its graph's
+    inputs without waiting for the GPU, and makes the tree's mask and positions there (`attention.ancestors`)."""
+    host = torch.tensor([[last, *proposal.tokens], [-1, *(p + 1 for p in proposal.parents)]])
+    return host[:1], host[1:]
 
 
 @torch.inference_mode()
@@ -291,7 +273,7 @@ def speculative_decode(target: Engine, embeds: torch.Tensor, draft: DraftSource,
         with Clock(target.device, stats.seconds, "verify"):
             # the cache holds prompt + out[:-1]: feed the last emitted token and the proposals together
             if proposal.parents is None:
-                block = torch.tensor([[out[-1], *proposal.tokens]], device=target.device)
+                block = torch.tensor([[out[-1], *proposal.tokens]])  # `Engine.run` copies it without a wait
                 logits = verify(target, block)[0]  # [g + 1, V]
                 if sampling.greedy:
                     n, nxt = accept_greedy(proposal.tokens, logits)

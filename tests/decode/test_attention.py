@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from specalign.decode.attention import split_kv_reference
+from specalign.decode.attention import ancestors_reference, split_kv_reference
 
 # (rows, heads, kv heads, cache slots, head dim, slots in use)
 SHAPES = [(1, 4, 4, 300, 16, 137), (2, 8, 2, 1030, 32, 1030), (3, 4, 4, 64, 16, 1), (1, 2, 1, 4096, 8, 4000)]
@@ -61,10 +61,41 @@ def test_split_kv_reference_is_sdpa_over_the_used_slots(make, shape):
     torch.testing.assert_close(split_kv_reference(q, k, v, valid, used, tree), want, atol=1e-5, rtol=1e-5)
 
 
+def _tree(B: int, T: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random trees of T rows (each row's parent an earlier row, the root's -1) -> (parents long [B, T], and by
+    walking each row's parent chain: the ancestor mask bool [B, T, T], the depths long [B, T])."""
+    g = torch.Generator().manual_seed(seed)
+    parents = torch.stack([torch.cat([torch.tensor([-1]), (torch.rand(T - 1, generator=g) * torch.arange(1, T)).long()])
+                           for _ in range(B)])  # fmt: skip
+    parents[-1] = torch.arange(-1, T - 1)  # the last row a chain: the deepest tree
+    tree = torch.zeros(B, T, T, dtype=torch.bool)
+    for b in range(B):
+        for t in range(T):
+            node = t
+            while node >= 0:
+                tree[b, t, node] = True
+                node = int(parents[b, node])
+    return parents, tree, tree.sum(-1) - 1
+
+
+TREES = [(1, 1), (2, 2), (3, 17), (2, 65), (2, 128), (2, 200)]
+
+
+@pytest.mark.parametrize("shape", TREES)
+def test_ancestors_are_each_rows_parent_chain(shape):
+    parents, tree, depth = _tree(*shape)
+    got_tree, got_depth = ancestors_reference(parents)
+    assert torch.equal(got_tree, tree) and torch.equal(got_depth, depth)
+
+
 INTERPRETED = """
 import torch
-from specalign.decode.attention import split_kv_reference, triton_split_kv, triton_split_kv_block
-from tests.decode.test_attention import BLOCKS, SHAPES, _block, _case
+from specalign.decode.attention import split_kv_reference, triton_ancestors, triton_split_kv, triton_split_kv_block
+from tests.decode.test_attention import BLOCKS, SHAPES, TREES, _block, _case, _tree
+for shape in TREES[:-1]:  # up to MAX_ROWS
+    parents, tree, depth = _tree(*shape)
+    got_tree, got_depth = triton_ancestors(parents)
+    assert torch.equal(got_tree, tree) and torch.equal(got_depth, depth), shape
 for shape in SHAPES[:3]:
     args, want = _case(*shape)
     torch.testing.assert_close(triton_split_kv(*args[:5]), split_kv_reference(*args), atol=1e-5, rtol=1e-5)
