@@ -59,6 +59,10 @@ SETTINGS = {
 # what one run times unless --settings says otherwise: the candidates for the goal, so that a run (each tuned step
 # compiles for a minute or more) fits one machine start
 DEFAULT_SETTINGS = "compiled_autotune_split_fused,gemv_split_fused"
+# how this version of the engine runs verify blocks, recorded with each start so that its numbers form their own
+# series: the tree's mask and positions built on the device from its parents, the blocks' layer halves compiled for
+# each length (earlier starts: the mask from the host, then the halves' dynamic compile)
+BLOCKS = "device tree, per length"
 CHAINS = (2, 4, 8, 16)
 REPEATS = 20
 
@@ -138,7 +142,7 @@ def measure(args, save, start: dict | None = None) -> dict:
         step = decode_ms(engine, embeds, args.tokens)
         # the blocks attend as the setting's decode step does (`Engine(attention=...)`)
         start["verify"] = {"setting": best, "block_attention": engine.attention, "compile_blocks": not args.smoke,
-                           "fuse": engine.fuse,
+                           "fuse": engine.fuse, "blocks": BLOCKS,
                            "decode_ms": round(step, 3),
                            **verify_ratios(engine, embeds, step)}  # fmt: skip
         print(start["verify"], flush=True)
@@ -175,7 +179,8 @@ def attended(start: dict) -> str:
     their projections were fused, and the setting whose decode step their ratios divide by."""
     verify = start["verify"]
     fused = ", fused" if verify.get("fuse", "none") != "none" else ""
-    return f"{verify.get('block_attention', 'sdpa')}{fused}; {verify.get('setting', '?')} step"
+    blocks = f", {verify['blocks']}" if "blocks" in verify else ""
+    return f"{verify.get('block_attention', 'sdpa')}{fused}{blocks}; {verify.get('setting', '?')} step"
 
 
 def series(starts: list[dict]) -> dict:
