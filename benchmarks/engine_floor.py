@@ -272,10 +272,13 @@ def plot(result: dict, path: Path) -> Path:
     for s in starts:
         if "verify" in s:
             steps.setdefault(attended(s), []).append(s["verify"]["decode_ms"])
-    for kind in dict.fromkeys(k.split(" ", 1)[1] for k in verify):
+    kinds = list(dict.fromkeys(k.split(" ", 1)[1] for k in verify))
+    for i, kind in enumerate(kinds):
         xs = [x for x, b in enumerate(blocks) if f"{b} {kind}" in verify]
         ys = [verify[f"{blocks[x]} {kind}"] for x in xs]
-        line = ax.plot(xs, [statistics.median(y) for y in ys], marker="o", markersize=4,
+        # a colour each (more lines than the default cycle has), the latest engine's drawn bold
+        line = ax.plot(xs, [statistics.median(y) for y in ys], marker="o", markersize=4, color=plt.cm.tab20(i % 20),
+                       linewidth=2.5 if kind == kinds[-1] else 1.2,
                        label=f"{kind}: {len(steps[kind])} start{'s' * (len(steps[kind]) > 1)}, "
                              f"step {'/'.join(f'{ms:.2f}' for ms in steps[kind])} ms")[0]  # fmt: skip
         ax.vlines(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), linewidth=2, alpha=0.5)
