@@ -87,15 +87,17 @@ def test_draft_on_a_second_gpu_is_lossless_and_hides_its_prefill(dataset, tmp_pa
     assert res["lossless"] and res["totals"]["answers"] == 2
 
 
-@pytest.mark.parametrize("engine", ["split", "gemv"])
-def test_speculate_on_the_faster_engines_is_lossless(dataset, tmp_path, engine):
+@pytest.mark.parametrize(("engine", "hide_prefill"), [("split", False), ("gemv", False), ("gemv", True)])
+def test_speculate_on_the_faster_engines_is_lossless(dataset, tmp_path, engine, hide_prefill):
     """`speculate --engine split|gemv` on the GPU: split-KV attention, compiled fused verify blocks (and the GEMV
-    step), a head's trees verified against the target alone on that same engine."""
+    step), a head's trees verified against the target alone on that same engine; hide_prefill: the draft VLM
+    drafts the first round on its own stream while the target prefills (the hybrid draft)."""
     from specalign.decode.run import SpeculateConfig, run_speculate
 
     res = run_speculate(SpeculateConfig(dataset=str(dataset.root), out=str(tmp_path / "run"), max_samples=2,
                                         draft_head="mini-head", tree="6,6,32", max_new_tokens=40, engine=engine,
-                                        dtype="fp32", hf_baseline=False, repeats=1), progress=False)  # fmt: skip
+                                        hide_prefill=hide_prefill, dtype="fp32", hf_baseline=False, repeats=1),
+                        progress=False)  # fmt: skip
     assert res["lossless"] and res["totals"]["answers"] == 2 and res["totals"]["tau"] > 2, res["totals"]
 
 
