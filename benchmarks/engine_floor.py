@@ -60,9 +60,9 @@ SETTINGS = {
 # compiles for a minute or more) fits one machine start
 DEFAULT_SETTINGS = "compiled_autotune_split_fused,gemv_split_fused"
 # how this version of the engine runs verify blocks, recorded with each start so that its numbers form their own
-# series: the tree's mask and positions built on the device from its parents, the blocks' layer halves compiled for
-# each length (earlier starts: the mask from the host, then the halves' dynamic compile)
-BLOCKS = "device tree, per length"
+# series: the tree's mask and positions built on the device from its parents and, compiled, the blocks' layer
+# halves compiled for each length (earlier starts: the mask from the host, then the halves' dynamic compile)
+BLOCKS = ("device tree", "per length")
 CHAINS = (2, 4, 8, 16)
 REPEATS = 20
 
@@ -142,7 +142,8 @@ def measure(args, save, start: dict | None = None) -> dict:
         step = decode_ms(engine, embeds, args.tokens)
         # the blocks attend as the setting's decode step does (`Engine(attention=...)`)
         start["verify"] = {"setting": best, "block_attention": engine.attention, "compile_blocks": not args.smoke,
-                           "fuse": engine.fuse, "blocks": BLOCKS,
+                           "fuse": engine.fuse,
+                           "blocks": ", ".join(BLOCKS if engine.block_layer is not None else BLOCKS[:1]),
                            "decode_ms": round(step, 3),
                            **verify_ratios(engine, embeds, step)}  # fmt: skip
         print(start["verify"], flush=True)
