@@ -76,9 +76,8 @@ def ancestors(parents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A verify tree's mask and depths from its parents, on their device: parents long [B, T] (each block row's
     parent row, before it; -1 for the root) -> (tree bool [B, T, T]: row t sees itself and its ancestors, as
     `block_mask` takes it; depth long [B, T]: each row's ancestors, the root's 0). Built on the device, a CUDA
-    graph builds the tree itself: a verify then needs no [T, T] mask from the host (built there row by row, it
-    cost 0.1-0.3 ms of host time a 64-node verify). The Triton kernel on a GPU for T <= MAX_ROWS,
-    `ancestors_reference` elsewhere."""
+    graph builds the tree itself: a verify then needs no [T, T] mask from the host, where building it row by row
+    is host time the GPU waits for. The Triton kernel on a GPU for T <= MAX_ROWS, `ancestors_reference` elsewhere."""
     if triton is None or not parents.is_cuda or parents.shape[1] > MAX_ROWS:
         return ancestors_reference(parents)
     return triton_ancestors(parents)
